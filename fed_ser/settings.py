@@ -1,0 +1,104 @@
+"""Run settings shared by the ServerApp and ClientApp, from Hydra or from Flower's run config.
+
+Flower's run config is flat (``"fl.algorithm" = "fedsgd"``, values bool/int/float/str only), the
+Hydra config is nested (``fl.algorithm=fedsgd``). :class:`RunSettings` is the one typed view of
+both: :meth:`from_run_config` reads the flat keys, :meth:`to_run_config` writes them, and the
+Hydra CLI builds the flat keys from its config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+ALGORITHMS = ("fedsgd", "fedavg")
+
+
+class ConfigError(ValueError):
+    """A wrong configuration value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    prepared: str  # path of the prepared FederatedData .npz
+    algorithm: str = "fedsgd"
+    rounds: int = 200
+    fraction: float = 0.1
+    lr: float = 0.1  # FedSGD: server step size; FedAvg: client learning rate
+    local_epochs: int = 1
+    batch_size: int = 20
+    optimizer: str = "adam"  # FedAvg clients' optimiser
+    dropout: float = 0.2
+    eval_every: int = 20
+    eval_fraction: float = 1.0
+    min_available: int = 0  # 0: wait for every client of the data set
+    recorder_dir: str = ""  # empty: no recording
+    recorder_layers: str = "all"  # "all" or comma-separated layer names, e.g. "dense1"
+    recorder_float16: bool = False
+    out_dir: str = ""
+    resume: bool = True
+    seed: int = 0
+
+    _KEYS = {
+        "prepared": "data.prepared", "algorithm": "fl.algorithm", "rounds": "fl.rounds",
+        "fraction": "fl.fraction", "lr": "fl.lr", "local_epochs": "fl.local_epochs",
+        "batch_size": "fl.batch_size", "optimizer": "fl.optimizer", "dropout": "model.dropout",
+        "eval_every": "fl.eval_every", "eval_fraction": "fl.eval_fraction",
+        "min_available": "fl.min_available", "recorder_dir": "recorder.dir",
+        "recorder_layers": "recorder.layers", "recorder_float16": "recorder.float16",
+        "out_dir": "out_dir", "resume": "resume", "seed": "seed",
+    }
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"fl.algorithm: {self.algorithm!r} is not one of {ALGORITHMS}")
+        if self.rounds < 1:
+            raise ConfigError(f"fl.rounds: must be >= 1, got {self.rounds}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fl.fraction: must be in (0, 1], got {self.fraction}")
+        if not self.lr > 0:
+            raise ConfigError(f"fl.lr: must be > 0, got {self.lr}")
+        if self.batch_size < 1 or self.local_epochs < 1:
+            raise ConfigError("fl.batch_size and fl.local_epochs must be >= 1")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"fl.optimizer: {self.optimizer!r} is not 'sgd' or 'adam'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        if self.eval_every < 1:
+            raise ConfigError(f"fl.eval_every: must be >= 1, got {self.eval_every}")
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any]) -> "RunSettings":
+        """Read Flower's flat run config; unknown keys are an error naming them."""
+        inverse = {v: k for k, v in cls._KEYS.items()}
+        unknown = sorted(set(cfg) - set(inverse))
+        if unknown:
+            raise ConfigError(f"unknown run-config keys {unknown}; known: {sorted(inverse)}")
+        types = {f.name: f.type for f in fields(cls)}
+        kwargs = {}
+        for key, value in cfg.items():
+            name = inverse[key]
+            kwargs[name] = _coerce(value, types[name], key)
+        if "prepared" not in kwargs:
+            raise ConfigError("run config lacks 'data.prepared' (the prepared data set path)")
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        return {self._KEYS[k]: v for k, v in asdict(self).items()}
+
+    def layers(self) -> list[str] | None:
+        return None if self.recorder_layers in ("", "all") else [x.strip() for x in self.recorder_layers.split(",")]
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    t = {"str": str, "int": int, "float": float, "bool": bool}.get(str(typ), typ)
+    if t is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false"):
+                raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+            return value.lower() == "true"
+        return bool(value)
+    try:
+        return t(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot read {value!r} as {t.__name__}") from exc

@@ -1,0 +1,225 @@
+"""Append-only on-disk store of recorded client updates (no Flower import: attacks read it).
+
+Layout of a store directory::
+
+    updates.bin    framed records: MAGIC | header length | payload length | CRC32 | header | payload
+    index.jsonl    one JSON line per record: round, node, partition, n_k, steps, lr, kind, layers
+
+Each record holds what an observer of the traffic learns from one client reply:
+
+* ``kind="gradient"`` (FedSGD): the client's gradient of one batch;
+* ``kind="delta"`` (FedAvg): ``theta(t) - theta_k(t)``, the global parameters the client started
+  from minus the parameters it returned, with the round's global parameters stored once as a
+  ``kind="global"`` record (node ``-1``), so the returned parameters are ``global - delta`` and
+  the pseudo-gradient is ``delta / (lr * T)``.
+
+Appends write the frame, fsync, then the index line. A run killed mid-write leaves a partial
+frame at the end; :class:`UpdateStore` drops it (and repairs the index) on open, so the store
+reads back whole up to the last complete update and a resumed run appends after it.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from fed_ser.io import atomic_write_text
+
+MAGIC = b"FSU1"
+_FRAME = struct.Struct("<4sIQI")  # magic, header length, payload length, crc32
+
+
+@dataclass(frozen=True)
+class UpdateInfo:
+    """Index entry of one recorded update."""
+
+    round: int
+    node: int
+    partition: int
+    num_examples: int
+    steps: int
+    lr: float
+    kind: str  # "gradient" | "delta" | "global"
+    dtype: str
+    layers: dict[str, list[int]]
+    offset: int = field(default=0, compare=False)  # payload offset in updates.bin
+    start: int = field(default=0, compare=False)  # frame offset in updates.bin
+    position: int = 0  # record number in the store
+
+    def to_json(self) -> str:
+        d = {k: getattr(self, k) for k in ("round", "node", "partition", "num_examples", "steps", "lr", "kind", "dtype", "layers", "offset")}
+        return json.dumps(d, separators=(",", ":"))
+
+
+class UpdateStore:
+    """Read and append recorded updates in ``path`` (a directory, created if missing)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.data_path = self.path / "updates.bin"
+        self.index_path = self.path / "index.jsonl"
+        self.records: list[UpdateInfo] = []
+        self.recovered_bytes = 0
+        self._recover()
+        self._mm: mmap.mmap | None = None
+        self._mm_size = 0
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        """Scan frames, drop an incomplete or corrupt tail, and make the index match."""
+        if not self.data_path.exists():
+            self.data_path.touch()
+        size = self.data_path.stat().st_size
+        good_end = 0
+        with open(self.data_path, "rb") as fh:
+            while good_end + _FRAME.size <= size:
+                fh.seek(good_end)
+                magic, hlen, plen, crc = _FRAME.unpack(fh.read(_FRAME.size))
+                end = good_end + _FRAME.size + hlen + plen
+                if magic != MAGIC or end > size:
+                    break
+                header = fh.read(hlen)
+                payload = fh.read(plen)
+                if zlib.crc32(payload, zlib.crc32(header)) != crc:
+                    break
+                meta = json.loads(header)
+                self.records.append(
+                    UpdateInfo(**{**meta, "offset": good_end + _FRAME.size + hlen, "start": good_end, "position": len(self.records)})
+                )
+                good_end = end
+        if good_end < size:
+            self.recovered_bytes = size - good_end
+            with open(self.data_path, "r+b") as fh:
+                fh.truncate(good_end)
+        index_lines = self.index_path.read_text().splitlines() if self.index_path.exists() else []
+        if len(index_lines) != len(self.records) or self.recovered_bytes:
+            atomic_write_text(self.index_path, "".join(r.to_json() + "\n" for r in self.records))
+
+    # ------------------------------------------------------------------ writing
+    def append(
+        self,
+        arrays: dict[str, np.ndarray],
+        *,
+        round: int,
+        node: int,
+        partition: int = -1,
+        num_examples: int = 0,
+        steps: int = 1,
+        lr: float = 0.0,
+        kind: str = "gradient",
+        float16: bool = False,
+    ) -> UpdateInfo:
+        """Append one update durably and return its index entry."""
+        if kind not in ("gradient", "delta", "global"):
+            raise ValueError(f"unknown record kind {kind!r}")
+        dtype = np.float16 if float16 else np.float32
+        parts = [np.ascontiguousarray(np.asarray(a, dtype=dtype)) for a in arrays.values()]
+        payload = b"".join(p.tobytes() for p in parts)
+        meta = dict(round=int(round), node=int(node), partition=int(partition), num_examples=int(num_examples),
+                    steps=int(steps), lr=float(lr), kind=kind, dtype=np.dtype(dtype).name,
+                    layers={k: list(np.shape(a)) for k, a in arrays.items()})
+        header = json.dumps(meta, separators=(",", ":")).encode()
+        crc = zlib.crc32(payload, zlib.crc32(header))
+        with open(self.data_path, "ab") as fh:
+            start = fh.tell()
+            fh.write(_FRAME.pack(MAGIC, len(header), len(payload), crc) + header + payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        info = UpdateInfo(**meta, offset=start + _FRAME.size + len(header), start=start, position=len(self.records))
+        self.records.append(info)
+        with open(self.index_path, "a") as fh:
+            fh.write(info.to_json() + "\n")
+        return info
+
+    def truncate_after_round(self, last_round: int) -> int:
+        """Drop every record of a round after ``last_round`` (a resumed run redoes those rounds).
+
+        Returns how many records were dropped.
+        """
+        keep = [r for r in self.records if r.round <= last_round]
+        dropped = len(self.records) - len(keep)
+        if dropped:
+            cut = self.records[len(keep)].start
+            self.close()
+            with open(self.data_path, "r+b") as fh:
+                fh.truncate(cut)
+            self.records = keep
+            atomic_write_text(self.index_path, "".join(r.to_json() + "\n" for r in keep))
+        return dropped
+
+    # ------------------------------------------------------------------ reading
+    def _map(self) -> mmap.mmap:
+        size = self.data_path.stat().st_size
+        if self._mm is None or self._mm_size != size:
+            if self._mm is not None:
+                self._mm.close()
+            with open(self.data_path, "rb") as fh:
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm_size = size
+        return self._mm
+
+    def read(self, info: UpdateInfo, layers: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The arrays of one record as float32 (only ``layers`` if given)."""
+        mm = self._map()
+        dtype = np.dtype(info.dtype)
+        out: dict[str, np.ndarray] = {}
+        offset = info.offset
+        for name, shape in info.layers.items():
+            count = int(np.prod(shape)) if shape else 1
+            if layers is None or name in layers:
+                a = np.frombuffer(mm, dtype=dtype, count=count, offset=offset)
+                out[name] = a.reshape(shape).astype(np.float32)
+            offset += count * dtype.itemsize
+        return out
+
+    def updates(self, kind: str | None = None) -> list[UpdateInfo]:
+        """Client updates (not the per-round global records), optionally of one kind."""
+        return [r for r in self.records if r.kind != "global" and (kind is None or r.kind == kind)]
+
+    def global_record(self, round: int) -> UpdateInfo | None:
+        for r in self.records:
+            if r.kind == "global" and r.round == round:
+                return r
+        return None
+
+    def attack_input(self, info: UpdateInfo, layers: list[str] | None = None) -> dict[str, np.ndarray]:
+        """What the attack consumes: the gradient, or the pseudo-gradient ``delta / (lr * T)``."""
+        arrays = self.read(info, layers)
+        if info.kind == "delta":
+            scale = 1.0 / (info.lr * max(info.steps, 1))
+            arrays = {k: v * scale for k, v in arrays.items()}
+        return arrays
+
+    def bytes_per_update(self) -> float:
+        """Mean on-disk bytes per client update (frames of global records excluded)."""
+        ups = self.updates()
+        if not ups:
+            return 0.0
+        total = 0
+        for r in ups:
+            count = sum(int(np.prod(s)) for s in r.layers.values())
+            total += count * np.dtype(r.dtype).itemsize + _FRAME.size + len(r.to_json())
+        return total / len(ups)
+
+    def last_round(self) -> int:
+        return max((r.round for r in self.records), default=0)
+
+    def __len__(self) -> int:
+        return len(self.updates())
+
+    def __iter__(self) -> Iterator[UpdateInfo]:
+        return iter(self.updates())
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None

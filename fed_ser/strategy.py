@@ -1,0 +1,126 @@
+"""FedSGD / FedAvg on Flower's message-based FedAvg, with an eavesdropping recorder.
+
+:class:`FedSerStrategy` subclasses :class:`flwr.serverapp.strategy.FedAvg` and keeps Flower's
+sampling and messaging. Before aggregating, every valid client reply is handed to the
+:class:`Recorder`, which stores exactly what an observer of the traffic sees (see
+:mod:`fed_ser.store`). Aggregation:
+
+* FedSGD: ``theta <- theta - lr * sum_k (n_k / N) g_k`` (Flower's weighted average of the
+  gradients, then one server step);
+* FedAvg: ``theta <- sum_k (n_k / N) theta_k`` (Flower's weighted average as is).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fed_ser.store import UpdateStore
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _select(arrays: dict[str, np.ndarray], layers: list[str] | None) -> dict[str, np.ndarray]:
+    if layers is None:
+        return arrays
+    return {k: v for k, v in arrays.items() if k.split(".")[0] in layers}
+
+
+@dataclass
+class Recorder:
+    """The eavesdropping hook: stores every client update of every round."""
+
+    store: UpdateStore
+    algorithm: str
+    lr: float
+    layers: list[str] | None = None
+    float16: bool = False
+    _globals_written: set[int] = field(default_factory=set)
+
+    def record(self, server_round: int, reply: Message, global_arrays: dict[str, np.ndarray]) -> None:
+        content = reply.content
+        arrays = arrays_to_numpy(content.array_records["arrays"])
+        metrics = content.metric_records["metrics"]
+        meta = dict(round=server_round, node=reply.metadata.src_node_id,
+                    partition=int(metrics.get("partition-id", -1)), num_examples=int(metrics["num-examples"]),
+                    steps=int(metrics.get("local-steps", 1)), lr=self.lr, float16=self.float16)
+        if self.algorithm == "fedsgd":
+            self.store.append(_select(arrays, self.layers), kind="gradient", **meta)
+            return
+        if server_round not in self._globals_written:
+            self.store.append(_select(global_arrays, self.layers), kind="global", round=server_round, node=-1, lr=self.lr)
+            self._globals_written.add(server_round)
+        delta = {k: global_arrays[k] - arrays[k] for k in arrays}
+        self.store.append(_select(delta, self.layers), kind="delta", **meta)
+
+
+def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Sample-weighted mean training loss and the number of replies (ids are not averaged)."""
+    ms = [next(iter(r.metric_records.values())) for r in records]
+    w = np.array([float(m[weight_key]) for m in ms])
+    loss = np.array([float(m.get("train-loss", np.nan)) for m in ms])
+    return MetricRecord({"train-loss": float(np.sum(w * loss) / w.sum()), "replies": len(ms)})
+
+
+class FedSerStrategy(FedAvg):
+    """FedAvg from Flower plus FedSGD's server step, a recorder and a round offset for resuming."""
+
+    def __init__(self, *, algorithm: str, lr: float, recorder: Recorder | None = None, eval_every: int = 1,
+                 num_rounds: int = 1, round_offset: int = 0, on_round_end=None, **kwargs):
+        kwargs.setdefault("train_metrics_aggr_fn", _train_metrics)
+        super().__init__(**kwargs)
+        if algorithm not in ("fedsgd", "fedavg"):
+            raise ValueError(f"fl.algorithm: unknown {algorithm!r}")
+        self.algorithm = algorithm
+        self.lr = lr
+        self.recorder = recorder
+        self.eval_every = eval_every
+        self.num_rounds = num_rounds
+        self.round_offset = round_offset
+        self.on_round_end = on_round_end
+        self._global: dict[str, np.ndarray] = {}
+        self.replies_per_round: dict[int, int] = {}
+        self.sampled_per_round: dict[int, int] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = arrays_to_numpy(arrays)
+        config["lr"] = self.lr
+        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+        self.sampled_per_round[server_round + self.round_offset] = len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.round_offset
+        replies = list(replies)
+        valid = [m for m in replies if not m.has_error()]
+        self.replies_per_round[rnd] = len(valid)
+        if self.recorder is not None:
+            for reply in valid:
+                self.recorder.record(rnd, reply, self._global)
+        agg, metrics = super().aggregate_train(rnd, replies)
+        if agg is not None and self.algorithm == "fedsgd":
+            grad = arrays_to_numpy(agg)
+            agg = numpy_to_arrays({k: (self._global[k] - self.lr * grad[k]).astype(np.float32) for k in self._global})
+        if self.on_round_end is not None:
+            self.on_round_end(rnd, agg if agg is not None else numpy_to_arrays(self._global), metrics)
+        return agg, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        rnd = server_round + self.round_offset
+        if not self.is_eval_round(rnd):
+            return []
+        return super().configure_evaluate(rnd, arrays, config, grid)
+
+    def is_eval_round(self, rnd: int) -> bool:
+        return rnd % self.eval_every == 0 or rnd == self.num_rounds
