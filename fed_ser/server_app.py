@@ -26,6 +26,15 @@ from fed_ser.strategy import FedSerStrategy, Recorder, arrays_to_numpy, numpy_to
 from fed_ser.training import evaluate
 
 
+def run_fingerprint(s: RunSettings) -> str:
+    """What must match for a checkpoint to be resumed: everything but rounds, paths and flags."""
+    cfg = s.to_run_config()
+    for key in ("fl.rounds", "out_dir", "resume", "recorder.dir", "fl.eval_every", "fl.eval_fraction"):
+        cfg.pop(key)
+    cfg["data.prepared"] = Path(s.prepared).name  # content-hashed name; the folder may move
+    return json.dumps(cfg, sort_keys=True)
+
+
 def run_federated(grid: Grid, s: RunSettings) -> dict:
     """Train for ``s.rounds`` rounds on the nodes of ``grid``; return the results dict."""
     data = FederatedData.load(s.prepared)
@@ -33,10 +42,16 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
     model = build_model(data.X.shape[1], s.dropout, s.seed)
     start_round, history = 0, []
     ckpt = out / "checkpoint.npz" if out else None
+    fingerprint = run_fingerprint(s)
     if s.resume and ckpt is not None and ckpt.exists():
         with np.load(ckpt) as z:
+            if str(z["__fingerprint__"]) != fingerprint:
+                raise RuntimeError(
+                    f"{out} holds a run with different settings (checkpoint.npz); refusing to resume or overwrite it. "
+                    "Choose another out_dir, or set resume=false to start over there."
+                )
             start_round = int(z["__round__"])
-            model.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files if k != "__round__"})
+            model.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files if not k.startswith("__")})
         prev = out / "results.json"
         if prev.exists():
             history = [r for r in json.loads(prev.read_text()).get("rounds", []) if r["round"] <= start_round]
@@ -64,7 +79,8 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)
         history.append(row)
         if ckpt is not None:
-            atomic_save_npz(ckpt, __round__=np.array(rnd), **arrays_to_numpy(arrays))
+            atomic_save_npz(ckpt, __round__=np.array(rnd), __fingerprint__=np.array(fingerprint),
+                            **arrays_to_numpy(arrays))
 
     remaining = s.rounds - start_round
     n_avail = s.min_available or data.num_clients

@@ -109,7 +109,7 @@ def extract_features(
     index = {p: i for i, p in enumerate(paths)}
     jobs = [(p, str(cache_dir), factory) for p in paths]
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
-    bar = tqdm(total=len(paths), desc=desc, unit="utt", mininterval=1.0, disable=None)
+    bar = tqdm(total=len(paths), desc=desc, unit="utt", mininterval=5.0)
     if workers == 1:
         _WORKER["ex"] = probe
         results = map(_extract_one, jobs)

@@ -1,0 +1,174 @@
+"""One-command attribute inference experiment (the paper's Section 4-5).
+
+``fed-ser-experiment private=iemocap features=emobase fl=fedsgd`` runs, for each configured
+fold: private FL training on the private corpus (recorded), shadow FL training on the other
+corpora with 80% of their data (recorded), attack training on the shadow updates labelled with
+the shadow clients' gender, and evaluation on the private updates: fused ASR, per-layer ASR and
+ASR with several rounds pooled. ``-m`` sweeps comma-separated overrides (the paper's grid).
+
+Results: ``<out_dir>/results.json``, ``results.csv``, ``report.md`` and ``asr.png``; a multirun
+also writes ``<grid_dir>/grid.csv`` and ``grid_report.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from attacks.data import UpdateDataset, labelled_updates
+from attacks.evaluate import attack_success_rate
+from attacks.train import AttackConfig, predict, train_attack
+from fed_ser.cli import load_config, run_fl
+from fed_ser.data.federated import FederatedData
+from fed_ser.data.synthetic import CORPORA
+from fed_ser.io import atomic_write_json, atomic_write_text
+from fed_ser.pipeline import prepare
+from fed_ser.report import write_grid_report, write_run_report
+from fed_ser.store import UpdateStore
+
+
+def _attack_config(cfg: DictConfig) -> AttackConfig:
+    a = cfg.attack
+    return AttackConfig(layers=list(a.layers), lr=float(a.lr), weight_decay=float(a.weight_decay),
+                        batch_size=int(a.batch_size), max_epochs=int(a.max_epochs), patience=int(a.patience),
+                        val_share=float(a.val_share), channels=tuple(a.channels), kernel=int(a.kernel),
+                        pools=tuple(a.pools), first_stride=int(a.first_stride), dropout=float(a.dropout), max_updates=int(a.max_updates), seed=int(a.seed))
+
+
+def _fl_done(out: Path, rounds: int) -> dict | None:
+    path = out / "results.json"
+    if path.exists():
+        res = json.loads(path.read_text())
+        if res.get("final", {}).get("round") == rounds:
+            return res
+    return None
+
+
+def _train_recorded(cfg: DictConfig, prepared: Path, out: Path) -> dict:
+    """Run (or reuse a finished) recorded FL run."""
+    return _fl_done(out, int(cfg.fl.rounds)) or run_fl(cfg, prepared, str(out), str(out / "updates"))
+
+
+def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict:
+    """Private training, shadow training, attack training and evaluation for one fold."""
+    private = str(cfg.private)
+    if private not in CORPORA:
+        raise ValueError(f"private: unknown corpus {private!r}; expected one of {CORPORA}")
+    shadow = sorted(cfg.shadow) if cfg.shadow else [c for c in CORPORA if c != private]
+    if private in shadow:
+        raise ValueError(f"shadow: {shadow} must not contain the private corpus {private!r}")
+    t0 = time.perf_counter()
+    priv_data_path = prepare(cfg, [private], fold)
+    priv_fl = _train_recorded(cfg, priv_data_path, out / f"fold{fold}" / "private")
+    shadow_data_path = prepare(cfg, shadow, fold, train_share=float(cfg.shadow_share), tag="shadow-" + "+".join(shadow))
+    shadow_fl = _train_recorded(cfg, shadow_data_path, out / f"fold{fold}" / "shadow")
+    t_fl = time.perf_counter() - t0
+
+    acfg = _attack_config(cfg)
+    shadow_store = UpdateStore(out / f"fold{fold}" / "shadow" / "updates")
+    shadow_data = FederatedData.load(shadow_data_path)
+    s_updates, s_labels = labelled_updates(shadow_store, shadow_data.client_gender)
+    if cfg.attack.control:  # shuffled client genders: nothing left to learn but chance
+        rng = np.random.default_rng(int(cfg.attack.seed) + 99)
+        perm = dict(zip(np.unique([u.partition for u in s_updates]).tolist(),
+                        rng.permutation([shadow_data.client_gender[p] for p in np.unique([u.partition for u in s_updates])])))
+        s_labels = np.array([1 if perm[u.partition] == "F" else 0 for u in s_updates])
+    print(f"[attack] training on {len(s_updates)} shadow updates ({', '.join(shadow)}), "
+          f"layers {acfg.layers}", flush=True)
+    trained = train_attack(shadow_store, s_updates, s_labels, acfg)
+
+    priv_store = UpdateStore(out / f"fold{fold}" / "private" / "updates")
+    priv_data = FederatedData.load(priv_data_path)
+    p_updates, p_labels = labelled_updates(priv_store, priv_data.client_gender)
+    ds = UpdateDataset(priv_store, p_updates, p_labels, acfg.layers, trained.stats)
+    fused, per_layer = predict(trained.model, ds)
+    clients = np.array([u.partition for u in p_updates])
+    trials, seed = int(cfg.attack.trials), int(cfg.attack.seed)
+    result = {
+        "fold": fold, "private": private, "shadow": shadow, "algorithm": cfg.fl.algorithm,
+        "features": cfg.features.name, "control": bool(cfg.attack.control),
+        "ser": {"test_acc": priv_fl["selected"]["test_acc"], "test_uar": priv_fl["selected"]["test_uar"],
+                "final_test_uar": priv_fl["final"]["test_uar"]},
+        "shadow_ser_uar": shadow_fl["final"]["test_uar"],
+        "private_clients": int(len(np.unique(clients))), "private_updates": len(p_updates),
+        "shadow_updates": len(s_updates),
+        "asr": attack_success_rate(fused, clients, p_labels, trials, 1, seed),
+        "asr_per_layer": {l: attack_success_rate(per_layer[l], clients, p_labels, trials, 1, seed) for l in acfg.layers},
+        "asr_pooled": {str(k): attack_success_rate(fused, clients, p_labels, trials, int(k), seed)
+                       for k in cfg.attack.pool_rounds},
+        "fusion_weights": dict(zip(acfg.layers, trained.model.fusion_weights.tolist())),
+        "attack_history": trained.history,
+        "seconds": {"fl": t_fl, "total": time.perf_counter() - t0},
+    }
+    print(f"[attack] fold {fold}: ASR {result['asr']:.3f} per layer "
+          + " ".join(f"{l} {v:.3f}" for l, v in result["asr_per_layer"].items())
+          + " pooled " + " ".join(f"k={k}: {v:.3f}" for k, v in result["asr_pooled"].items()), flush=True)
+    return result
+
+
+def run_experiment(cfg: DictConfig) -> dict:
+    """All configured folds of one (private corpus, features, algorithm) cell, with its report."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    t0 = time.perf_counter()
+    folds = []
+    for fold in cfg.folds:
+        folds.append(run_fold(cfg, int(fold), out))
+        atomic_write_json(out / "results.json", {"folds": folds})  # partial results survive a crash
+    summary = {
+        "private": cfg.private, "algorithm": cfg.fl.algorithm, "features": cfg.features.name,
+        "control": bool(cfg.attack.control), "folds": folds, "wall_seconds": time.perf_counter() - t0,
+        "mean": {
+            "asr": float(np.mean([f["asr"] for f in folds])),
+            "ser_uar": float(np.mean([f["ser"]["test_uar"] for f in folds])),
+            "ser_acc": float(np.mean([f["ser"]["test_acc"] for f in folds])),
+            "asr_per_layer": {l: float(np.mean([f["asr_per_layer"][l] for f in folds])) for l in folds[0]["asr_per_layer"]},
+            "asr_pooled": {k: float(np.mean([f["asr_pooled"][k] for f in folds])) for k in folds[0]["asr_pooled"]},
+        },
+    }
+    atomic_write_json(out / "results.json", summary)
+    write_run_report(out, summary)
+    print(f"[fed-ser] report: {out / 'report.md'}  figure: {out / 'asr.png'}  data: {out / 'results.csv'}", flush=True)
+    return summary
+
+
+def _expand(overrides: list[str]) -> list[list[str]]:
+    """Cartesian product of comma-separated override values (``a=x,y b=z`` -> 2 runs)."""
+    choices = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if "," in value and not value.startswith("["):
+            choices.append([f"{key}={v}" for v in value.split(",")])
+        else:
+            choices.append([o])
+    return [list(c) for c in itertools.product(*choices)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``fed-ser-experiment [-m] key=value ...``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    multirun = bool(args) and args[0] in ("-m", "--multirun")
+    if multirun:
+        args = args[1:]
+    runs = _expand(args) if multirun else [args]
+    summaries = []
+    for i, overrides in enumerate(runs, 1):
+        if multirun:
+            print(f"[fed-ser] multirun {i}/{len(runs)}: {' '.join(overrides)}", flush=True)
+        cfg = load_config(overrides, "experiment")
+        summaries.append(run_experiment(cfg))
+    if multirun:
+        grid_dir = Path(load_config(runs[0], "experiment").grid_dir)
+        write_grid_report(grid_dir, summaries)
+        print(f"[fed-ser] grid report: {grid_dir / 'grid_report.md'}")
+
+
+if __name__ == "__main__":
+    main()

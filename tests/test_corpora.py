@@ -1,0 +1,104 @@
+"""Loaders on synthetic trees laid out like the real corpora, including their label syntax."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fed_ser.data.corpora import CorpusError, load_crema_d, load_iemocap, load_msp_improv
+from fed_ser.data.synthetic import generate
+
+
+def test_crema_d_speakers_genders_and_emotions(corpora):
+    df, issues = load_crema_d(corpora / "crema_d")
+    assert issues == []
+    assert df.speaker.nunique() == 91
+    assert df.groupby("gender").speaker.nunique().to_dict() == {"F": 43, "M": 48}
+    assert set(df.emotion) == {"neutral", "happy", "sad", "angry"}
+    # fear/disgust files exist on disk but are not in the manifest
+    on_disk = {p.stem.split("_")[2] for p in (corpora / "crema_d" / "AudioWAV").glob("*.wav")}
+    assert {"FEA", "DIS"} & on_disk
+    assert not df.utt_id.str.contains("_FEA_|_DIS_").any()
+
+
+def test_iemocap_improvised_only_exc_merged_speaker_from_turn(corpora):
+    root = corpora / "iemocap"
+    df, issues = load_iemocap(root)
+    assert issues == []
+    assert sorted(df.speaker.unique()) == [f"Ses0{s}{g}" for s in range(1, 6) for g in "FM"]
+    assert df.utt_id.str.contains("_impro").all()
+    assert (root / "Session1" / "dialog" / "EmoEvaluation").glob("*script*")
+    # the turn letter, not the dialog letter, names the speaker
+    row = df[df.utt_id.str.startswith("Ses01F_impro") & df.utt_id.str.contains("_M0")].iloc[0]
+    assert row.speaker == "Ses01M" and row.gender == "M"
+    labels = "".join(p.read_text() for p in root.glob("Session*/dialog/EmoEvaluation/*impro*.txt"))
+    n_exc = labels.count("\texc\t")
+    assert n_exc > 0  # exc utterances are present in the labels and counted as happy
+    assert (df.emotion == "happy").sum() >= n_exc
+
+
+def test_msp_improv_drops_read_condition_and_other_labels(corpora):
+    root = corpora / "msp_improv"
+    df, issues = load_msp_improv(root)
+    assert issues == []
+    assert df.speaker.nunique() == 12 and set(df.gender) == {"F", "M"}
+    conditions = df.session.str.split(":").str[1]
+    assert set(conditions) <= {"T", "S"}
+    text = (root / "Evaluation.txt").read_text()
+    assert "-R-" in text or "-P-" in text  # such utterances exist but are dropped
+    assert not df.utt_id.str.contains("-R-|-P-").any()
+
+
+def test_generation_is_deterministic(tmp_path):
+    a = generate(tmp_path / "a", "iemocap", scale=0.01, seed=5)
+    b = generate(tmp_path / "b", "iemocap", scale=0.01, seed=5, workers=1)
+    fa = sorted(p.relative_to(a) for p in a.rglob("*.wav"))
+    assert fa == sorted(p.relative_to(b) for p in b.rglob("*.wav"))
+    wa, _ = sf.read(a / fa[0])
+    wb, _ = sf.read(b / fa[0])
+    np.testing.assert_array_equal(wa, wb)
+
+
+def test_bad_labels_are_reported_with_the_file_and_the_rest_loads(tmp_path, corpora):
+    root = tmp_path / "crema_d"
+    shutil.copytree(corpora / "crema_d", root)
+    wav = next((root / "AudioWAV").glob("1001_*.wav"))
+    shutil.copy(wav, root / "AudioWAV" / "1001_IEO_XYZ_HI.wav")  # unknown emotion code
+    shutil.copy(wav, root / "AudioWAV" / "1999_IEO_ANG_HI.wav")  # actor without demographics
+    df, issues = load_crema_d(root)
+    reasons = {i.path.split("/")[-1]: i.reason for i in issues}
+    assert "unknown emotion code 'XYZ'" in reasons["1001_IEO_XYZ_HI.wav"]
+    assert "speaker 1999 has no Sex" in reasons["1999_IEO_ANG_HI.wav"]
+    assert df.speaker.nunique() == 91
+
+    (root / "VideoDemographics.csv").unlink()
+    with pytest.raises(CorpusError, match="VideoDemographics.csv"):
+        load_crema_d(root)
+
+
+def test_iemocap_missing_audio_and_unknown_code(tmp_path, corpora):
+    root = tmp_path / "iemocap"
+    shutil.copytree(corpora / "iemocap", root)
+    label = next(root.glob("Session1/dialog/EmoEvaluation/*impro*.txt"))
+    text = label.read_text()
+    first = next(line for line in text.splitlines() if line.startswith("["))
+    utt = first.split("\t")[1]
+    label.write_text(text.replace(first, first.replace(f"\t{first.split(chr(9))[2]}\t", "\tzzz\t")))
+    other = next(line for line in label.read_text().splitlines() if line.startswith("[") and utt not in line)
+    missing = other.split("\t")[1]
+    next(root.glob(f"Session1/sentences/wav/*/{missing}.wav")).unlink()
+    df, issues = load_iemocap(root)
+    text_issues = " ".join(f"{i.path} {i.reason}" for i in issues)
+    assert f"{utt}: unknown emotion code 'zzz'" in text_issues
+    assert f"{missing}.wav" in text_issues and "missing" in text_issues
+    assert utt not in set(df.utt_id) and missing not in set(df.utt_id)
+    assert len(df) > 0
+
+
+def test_msp_missing_label_file(tmp_path):
+    (tmp_path / "session1").mkdir()
+    with pytest.raises(CorpusError, match="Evaluation.txt"):
+        load_msp_improv(tmp_path)

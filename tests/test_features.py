@@ -1,0 +1,69 @@
+"""Emo-Base extraction: dimensions, caching, atomic cache writes, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fed_ser.data.corpora import load_iemocap
+from fed_ser.features.emobase import emobase_factory
+from fed_ser.features.extract import cache_path, extract_features, file_digest
+from fed_ser.features.normalize import speaker_znorm
+
+
+def test_extraction_caches_by_content_and_reports_bad_files(tmp_path, corpora, feature_cache):
+    df, _ = load_iemocap(corpora / "iemocap")
+    paths = df.path.tolist()[:6]
+    good = sf.read(paths[0])[0]
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio")
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), 16000)
+    wrong_rate = tmp_path / "rate.wav"
+    sf.write(wrong_rate, good, 8000)
+    batch = paths + [str(corrupt), str(empty), str(wrong_rate)]
+    X, ok, failures = extract_features(batch, emobase_factory, feature_cache, workers=2)
+    assert X.shape == (9, 988)
+    assert ok.tolist() == [True] * 6 + [False] * 3
+    reasons = {f.path: f.reason for f in failures}
+    assert "cannot decode" in reasons[str(corrupt)]
+    assert "empty audio" in reasons[str(empty)]
+    assert "8000 Hz, expected 16000" in reasons[str(wrong_rate)]
+    assert np.isfinite(X[:6]).all() and np.abs(X[:6]).sum() > 0
+
+    # second pass reads the cache: identical values, even if the extractor would now differ
+    ex = emobase_factory()
+    target = cache_path(feature_cache, ex, file_digest(paths[0]))
+    assert target.exists()
+    np.save(target, np.full(988, 7.0, dtype=np.float32))
+    X2, ok2, _ = extract_features(paths[:2], emobase_factory, feature_cache, workers=1)
+    assert ok2.all() and (X2[0] == 7.0).all() and np.allclose(X2[1], X[1])
+    # no temporary files left behind by the atomic writes
+    assert not list(feature_cache.rglob("*.part"))
+
+
+def test_nan_features_are_a_failure_naming_the_file(tmp_path, corpora):
+    class NanExtractor:
+        name, version, dim = "nan", "1", 3
+
+        def __call__(self, wave, rate):
+            return np.array([1.0, np.nan, 2.0])
+
+    df, _ = load_iemocap(corpora / "iemocap")
+    X, ok, failures = extract_features(df.path.tolist()[:2], NanExtractor, tmp_path, workers=1)
+    assert not ok.any()
+    assert "NaN" in failures[0].reason and failures[0].path == df.path.iloc[0]
+
+
+def test_speaker_znorm_zero_mean_unit_std_per_speaker():
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(5, 3, (50, 4)), rng.normal(-2, 0.5, (40, 4))])
+    spk = np.array(["a"] * 50 + ["b"] * 40)
+    Z = speaker_znorm(X, spk)
+    for s in "ab":
+        np.testing.assert_allclose(Z[spk == s].mean(0), 0, atol=1e-5)
+        np.testing.assert_allclose(Z[spk == s].std(0), 1, atol=1e-3)
+    X[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"rows \[3\]"):
+        speaker_znorm(X, spk)

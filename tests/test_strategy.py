@@ -1,0 +1,97 @@
+"""FedSGD/FedAvg arithmetic and the recorder, tested with mocked Flower replies (no simulation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fed_ser.model import build_model
+from fed_ser.store import UpdateStore
+from fed_ser.strategy import FedSerStrategy, Recorder, arrays_to_numpy, numpy_to_arrays
+from fed_ser.training import local_update
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+
+
+class FakeGrid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def _reply(to: Message, arrays: dict, n: int, pid: int, steps: int = 1) -> Message:
+    metrics = MetricRecord({"num-examples": n, "partition-id": pid, "local-steps": steps, "train-loss": 1.0})
+    return Message(RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": metrics}), reply_to=to)
+
+
+THETA = {"w": np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32), "b": np.array([0.5, -0.5], dtype=np.float32)}
+
+
+def _round(strategy, rnd, grid, updates):
+    msgs = list(strategy.configure_train(rnd, numpy_to_arrays(THETA), ConfigRecord({}), grid))
+    replies = [_reply(m, updates[i][0], updates[i][1], i) for i, m in enumerate(msgs)]
+    agg, _ = strategy.aggregate_train(rnd, replies)
+    return arrays_to_numpy(agg), msgs
+
+
+def test_fedsgd_server_step_matches_hand_computation(tmp_path):
+    g1 = {"w": np.ones((2, 2), np.float32), "b": np.array([1.0, 2.0], np.float32)}
+    g2 = {"w": np.full((2, 2), 4.0, np.float32), "b": np.array([-2.0, 0.0], np.float32)}
+    s = FedSerStrategy(algorithm="fedsgd", lr=0.1, fraction_train=1.0, min_available_nodes=2, min_train_nodes=2)
+    new, _ = _round(s, 1, FakeGrid([11, 22]), [(g1, 10), (g2, 30)])
+    # theta - lr * (10/40 g1 + 30/40 g2)
+    np.testing.assert_allclose(new["w"], THETA["w"] - 0.1 * (0.25 * 1 + 0.75 * 4), rtol=1e-6)
+    np.testing.assert_allclose(new["b"], THETA["b"] - 0.1 * np.array([0.25 * 1 - 0.75 * 2, 0.25 * 2]), rtol=1e-6)
+
+
+def test_fedavg_is_sample_weighted_mean_of_client_parameters():
+    t1 = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+    t2 = {"w": np.full((2, 2), 8.0, np.float32), "b": np.full(2, 4.0, np.float32)}
+    s = FedSerStrategy(algorithm="fedavg", lr=5e-4, fraction_train=1.0, min_available_nodes=2, min_train_nodes=2)
+    new, _ = _round(s, 1, FakeGrid([1, 2]), [(t1, 30), (t2, 10)])
+    np.testing.assert_allclose(new["w"], np.full((2, 2), 2.0))
+    np.testing.assert_allclose(new["b"], np.full(2, 1.0))
+
+
+def test_recorder_holds_selected_clients_times_rounds(tmp_path):
+    store = UpdateStore(tmp_path / "u")
+    nodes = list(range(100, 120))
+    s = FedSerStrategy(algorithm="fedsgd", lr=0.1, fraction_train=0.1, min_available_nodes=20, min_train_nodes=1,
+                       recorder=Recorder(store, "fedsgd", 0.1, layers=["w"]))
+    seen = []
+    for rnd in range(1, 6):
+        _, msgs = _round(s, rnd, FakeGrid(nodes), [(THETA, 5)] * 2)
+        seen += [(rnd, m.metadata.dst_node_id) for m in msgs]
+    assert len(seen) == 10  # 10% of 20 clients, 5 rounds
+    assert [(r.round, r.node) for r in store.updates()] == seen
+    assert all(list(r.layers) == ["w"] for r in store.updates())  # only the chosen layer
+
+
+def test_fedavg_pseudo_gradient_equals_true_gradient_for_one_sgd_step(tmp_path):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20, 6)).astype(np.float32), rng.integers(0, 4, 20)
+    model = build_model(6, 0.0, seed=1)
+    theta = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    grad = local_update(build_model(6, 0.0, seed=1), X, y, algorithm="fedsgd", batch_size=20).arrays
+    local = local_update(model, X, y, algorithm="fedavg", batch_size=20, lr=0.01, epochs=1, optimizer="sgd")
+    assert local.steps == 1
+    store = UpdateStore(tmp_path / "u")
+    rec = Recorder(store, "fedavg", lr=0.01)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    q = Message(RecordDict({}), dst_node_id=7, message_type=MessageType.TRAIN)
+    rec.record(1, _reply(q, local.arrays, 20, 0, steps=local.steps), theta)
+    (info,) = store.updates()
+    pseudo = store.attack_input(info)
+    for k in grad:
+        # float32 parameters resolve ~1e-8; divided by lr=0.01 that is ~1e-6 of absolute error
+        np.testing.assert_allclose(pseudo[k], grad[k], rtol=1e-3, atol=5e-6)
+    glob = store.read(store.global_record(1))
+    np.testing.assert_allclose(glob["dense1.weight"] - store.read(info)["dense1.weight"], local.arrays["dense1.weight"], atol=1e-6)
