@@ -87,7 +87,7 @@ def train_attack(store: UpdateStore, updates: list[UpdateInfo], labels: np.ndarr
             loss = sum(loss_fn(lg, y) for lg in logits.values())
             loss.backward()
             opt.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
         p_val = predict(model, Subset(ds, val_idx), cfg.batch_size)[0] if len(val_idx) else np.zeros(0)
         val_uar = _uar(labels[val_idx], p_val) if len(val_idx) else float("nan")
         history.append({"epoch": epoch + 1, "train_loss": total / max(len(train_idx), 1), "val_uar": val_uar})

@@ -15,6 +15,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_ser.data.federated import TRAIN, VAL, FederatedData
+from fed_ser.engine import client_seed
 from fed_ser.model import build_model
 from fed_ser.settings import RunSettings
 from fed_ser.strategy import numpy_to_arrays
@@ -47,7 +48,7 @@ def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
     rnd = int(msg.content.config_records["config"]["server-round"])
     result = local_update(
         _model(s, data, msg), X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr,
-        epochs=s.local_epochs, optimizer=s.optimizer, seed=hash((s.seed, rnd, pid)) % (2**31),
+        epochs=s.local_epochs, optimizer=s.optimizer, seed=client_seed(s.seed, rnd, pid),
     )
     metrics = MetricRecord({"num-examples": result.num_examples, "local-steps": result.steps,
                             "train-loss": result.loss, "partition-id": pid})

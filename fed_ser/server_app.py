@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fed_ser.data.federated import FederatedData
 from fed_ser.io import atomic_save_npz, atomic_write_json
 from fed_ser.model import build_model
+from fed_ser.recorder import UpdateRecorder
 from fed_ser.settings import RunSettings
 from fed_ser.store import UpdateStore
 from fed_ser.strategy import FedSerStrategy, Recorder, arrays_to_numpy, numpy_to_arrays
@@ -61,7 +62,7 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
         dropped = store.truncate_after_round(start_round)
         if dropped:
             print(f"[fed-ser] resumed at round {start_round}: dropped {dropped} recorded updates of unfinished rounds")
-        recorder = Recorder(store, s.algorithm, s.lr, s.layers(), s.recorder_float16)
+        recorder = Recorder(UpdateRecorder(store, s.algorithm, s.lr, s.layers(), s.recorder_float16))
     X_test, y_test = data.test_rows()
     eval_model = build_model(data.X.shape[1], s.dropout, s.seed)
     t0 = time.perf_counter()

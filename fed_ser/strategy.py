@@ -13,13 +13,14 @@ sampling and messaging. Before aggregating, every valid client reply is handed t
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fed_ser.recorder import UpdateRecorder
 from fed_ser.store import UpdateStore
 
 
@@ -31,38 +32,23 @@ def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def _select(arrays: dict[str, np.ndarray], layers: list[str] | None) -> dict[str, np.ndarray]:
-    if layers is None:
-        return arrays
-    return {k: v for k, v in arrays.items() if k.split(".")[0] in layers}
-
-
 @dataclass
 class Recorder:
-    """The eavesdropping hook: stores every client update of every round."""
+    """The eavesdropping hook on the strategy: every valid reply goes to the update recorder."""
 
-    store: UpdateStore
-    algorithm: str
-    lr: float
-    layers: list[str] | None = None
-    float16: bool = False
-    _globals_written: set[int] = field(default_factory=set)
+    recorder: UpdateRecorder
 
     def record(self, server_round: int, reply: Message, global_arrays: dict[str, np.ndarray]) -> None:
-        content = reply.content
-        arrays = arrays_to_numpy(content.array_records["arrays"])
-        metrics = content.metric_records["metrics"]
-        meta = dict(round=server_round, node=reply.metadata.src_node_id,
-                    partition=int(metrics.get("partition-id", -1)), num_examples=int(metrics["num-examples"]),
-                    steps=int(metrics.get("local-steps", 1)), lr=self.lr, float16=self.float16)
-        if self.algorithm == "fedsgd":
-            self.store.append(_select(arrays, self.layers), kind="gradient", **meta)
-            return
-        if server_round not in self._globals_written:
-            self.store.append(_select(global_arrays, self.layers), kind="global", round=server_round, node=-1, lr=self.lr)
-            self._globals_written.add(server_round)
-        delta = {k: global_arrays[k] - arrays[k] for k in arrays}
-        self.store.append(_select(delta, self.layers), kind="delta", **meta)
+        metrics = reply.content.metric_records["metrics"]
+        self.recorder.record(
+            round=server_round, node=reply.metadata.src_node_id, partition=int(metrics.get("partition-id", -1)),
+            num_examples=int(metrics["num-examples"]), steps=int(metrics.get("local-steps", 1)),
+            arrays=arrays_to_numpy(reply.content.array_records["arrays"]), global_arrays=global_arrays,
+        )
+
+    @property
+    def store(self) -> UpdateStore:
+        return self.recorder.store
 
 
 def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.supercore.task_identity import TaskIdentity
 
 from fed_ser.model import build_model
+from fed_ser.recorder import UpdateRecorder
 from fed_ser.store import UpdateStore
 from fed_ser.strategy import FedSerStrategy, Recorder, arrays_to_numpy, numpy_to_arrays
 from fed_ser.training import local_update
@@ -65,7 +66,7 @@ def test_recorder_holds_selected_clients_times_rounds(tmp_path):
     store = UpdateStore(tmp_path / "u")
     nodes = list(range(100, 120))
     s = FedSerStrategy(algorithm="fedsgd", lr=0.1, fraction_train=0.1, min_available_nodes=20, min_train_nodes=1,
-                       recorder=Recorder(store, "fedsgd", 0.1, layers=["w"]))
+                       recorder=Recorder(UpdateRecorder(store, "fedsgd", 0.1, layers=["w"])))
     seen = []
     for rnd in range(1, 6):
         _, msgs = _round(s, rnd, FakeGrid(nodes), [(THETA, 5)] * 2)
@@ -84,7 +85,7 @@ def test_fedavg_pseudo_gradient_equals_true_gradient_for_one_sgd_step(tmp_path):
     local = local_update(model, X, y, algorithm="fedavg", batch_size=20, lr=0.01, epochs=1, optimizer="sgd")
     assert local.steps == 1
     store = UpdateStore(tmp_path / "u")
-    rec = Recorder(store, "fedavg", lr=0.01)
+    rec = Recorder(UpdateRecorder(store, "fedavg", lr=0.01))
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     q = Message(RecordDict({}), dst_node_id=7, message_type=MessageType.TRAIN)
     rec.record(1, _reply(q, local.arrays, 20, 0, steps=local.steps), theta)

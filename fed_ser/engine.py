@@ -1,0 +1,61 @@
+"""In-process federated training: the same arithmetic as the Flower path, without Flower.
+
+It samples clients, calls the shared :func:`fed_ser.training.local_update` with the same
+per-(round, client) seeds as the ClientApp, aggregates with the same weights and feeds the same
+:class:`fed_ser.recorder.UpdateRecorder`. Used as the bare-PyTorch reference for the Flower
+simulation, and to produce recorded updates quickly where Ray is not the point (tests).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from fed_ser.data.federated import TRAIN, FederatedData
+from fed_ser.model import build_model
+from fed_ser.recorder import UpdateRecorder
+from fed_ser.settings import RunSettings
+from fed_ser.training import evaluate, local_update
+
+
+def client_seed(seed: int, rnd: int, pid: int) -> int:
+    """The local-batch seed of client ``pid`` in round ``rnd`` (shared with the ClientApp)."""
+    return hash((seed, rnd, pid)) % (2**31)
+
+
+def aggregate(theta: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]], weights: list[float],
+              algorithm: str, lr: float) -> dict[str, np.ndarray]:
+    """FedSGD: ``theta - lr * sum_k w_k g_k``; FedAvg: ``sum_k w_k theta_k`` (weights n_k / N)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    mean = {k: sum(wk * u[k] for wk, u in zip(w, updates)) for k in updates[0]}
+    if algorithm == "fedsgd":
+        return {k: (theta[k] - lr * mean[k]).astype(np.float32) for k in theta}
+    return {k: mean[k].astype(np.float32) for k in theta}
+
+
+def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder | None = None) -> dict:
+    """Train ``s.rounds`` rounds in this process; return final test metrics."""
+    torch.set_num_threads(1)
+    model = build_model(data.X.shape[1], s.dropout, s.seed)
+    theta = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    sampler = random.Random(s.seed * 7919)
+    per_round = max(int(data.num_clients * s.fraction), 1)
+    for rnd in range(1, s.rounds + 1):
+        updates, weights = [], []
+        for pid in sampler.sample(range(data.num_clients), per_round):
+            model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
+            X, y = data.client_rows(pid, TRAIN)
+            r = local_update(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr,
+                             epochs=s.local_epochs, optimizer=s.optimizer, seed=client_seed(s.seed, rnd, pid))
+            if recorder is not None:
+                recorder.record(round=rnd, node=pid, partition=pid, num_examples=r.num_examples, steps=r.steps,
+                                arrays=r.arrays, global_arrays=theta)
+            updates.append(r.arrays)
+            weights.append(r.num_examples)
+        theta = aggregate(theta, updates, weights, s.algorithm, s.lr)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
+    X_test, y_test = data.test_rows()
+    return evaluate(model, X_test, y_test)

@@ -1,0 +1,87 @@
+"""The attack on recorded FedSGD updates: it learns gender from real gradients, and a control
+with shuffled shadow genders falls to chance (so ids or ordering cannot carry the attack)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attacks.data import UpdateDataset, labelled_updates
+from attacks.evaluate import attack_success_rate
+from attacks.train import AttackConfig, predict, train_attack
+from fed_ser.cli import load_config
+from fed_ser.data.federated import FederatedData
+from fed_ser.engine import run_inprocess
+from fed_ser.pipeline import prepare
+from fed_ser.recorder import UpdateRecorder
+from fed_ser.settings import RunSettings
+from fed_ser.store import UpdateStore
+
+ROUNDS = 30
+
+
+@pytest.fixture(scope="module")
+def stores(corpora, feature_cache, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("attack")
+    cfg = load_config([f"data.root={corpora}", "data.scale=0.05", "data.seed=3", f"data.cache={feature_cache}",
+                       f"data.prepared_dir={tmp}", "shards.iemocap=2", "shards.msp_improv=2"])
+    out = {}
+    for name, corpora_, share in (("private", ["iemocap"], 1.0), ("shadow", ["crema_d", "msp_improv"], 0.8)):
+        path = prepare(cfg, corpora_, fold=0, train_share=share, tag=name)
+        data = FederatedData.load(path)
+        store = UpdateStore(tmp / name)
+        s = RunSettings(prepared=str(path), algorithm="fedsgd", rounds=ROUNDS, fraction=0.3, lr=0.1)
+        run_inprocess(data, s, UpdateRecorder(store, "fedsgd", 0.1))
+        out[name] = (store, data)
+    return out
+
+
+CFG = AttackConfig(layers=["dense1", "dense2", "out"], max_epochs=4, patience=10, pools=(1, 4, 4), first_stride=4, seed=0)
+
+
+def _asr(stores, shadow_labels=None):
+    s_store, s_data = stores["shadow"]
+    ups, labels = labelled_updates(s_store, s_data.client_gender)
+    if shadow_labels is not None:
+        labels = shadow_labels(ups, labels)
+    trained = train_attack(s_store, ups, labels, CFG, progress=False)
+    p_store, p_data = stores["private"]
+    p_ups, p_labels = labelled_updates(p_store, p_data.client_gender)
+    fused, per_layer = predict(trained.model, UpdateDataset(p_store, p_ups, p_labels, CFG.layers, trained.stats))
+    clients = np.array([u.partition for u in p_ups])
+    asr = {k: attack_success_rate(fused, clients, p_labels, pool_rounds=k) for k in (1, 5)}
+    return asr, {l: attack_success_rate(v, clients, p_labels) for l, v in per_layer.items()}
+
+
+def test_store_holds_sampled_clients_times_rounds(stores):
+    store, data = stores["private"]
+    assert len(store) == ROUNDS * int(data.num_clients * 0.3)
+
+
+def test_attack_infers_gender_and_control_is_at_chance(stores):
+    asr, per_layer = _asr(stores)
+    print(f"ASR {asr} per layer {per_layer}")
+
+    def shuffle(ups, labels):
+        parts = np.array([u.partition for u in ups])
+        uniq = np.unique(parts)
+        perm = dict(zip(uniq, np.random.default_rng(5).permutation([labels[parts == p][0] for p in uniq])))
+        return np.array([perm[p] for p in parts])
+
+    control, _ = _asr(stores, shuffle)
+    print(f"control ASR {control}")
+    # tiny corpora (5% scale, 30 rounds): single updates are noisy, pooled rounds less so
+    assert asr[1] >= 0.6
+    assert asr[5] >= asr[1]
+    assert per_layer["dense1"] > per_layer["out"]  # the first layer leaks most
+    assert abs(control[1] - 0.5) <= 0.1 and abs(control[5] - 0.5) <= 0.15
+
+
+def test_asr_definition():
+    clients = np.repeat(np.arange(4), 5)
+    labels = np.array([1, 1, 0, 0]).repeat(5)
+    p = np.where(labels == 1, 0.9, 0.1)
+    assert attack_success_rate(p, clients, labels) == 1.0
+    assert attack_success_rate(1 - p, clients, labels) == 0.0
+    p[clients == 0] = 0.2  # one client always wrong -> 3 of 4 clients right
+    assert attack_success_rate(p, clients, labels, pool_rounds=3) == 0.75
