@@ -75,10 +75,10 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict:
     shadow_data = FederatedData.load(shadow_data_path)
     s_updates, s_labels = labelled_updates(shadow_store, shadow_data.client_gender)
     if cfg.attack.control:  # shuffled client genders: nothing left to learn but chance
+        parts = np.unique([u.partition for u in s_updates])
         rng = np.random.default_rng(int(cfg.attack.seed) + 99)
-        perm = dict(zip(np.unique([u.partition for u in s_updates]).tolist(),
-                        rng.permutation([shadow_data.client_gender[p] for p in np.unique([u.partition for u in s_updates])])))
-        s_labels = np.array([1 if perm[u.partition] == "F" else 0 for u in s_updates])
+        fake = dict(zip(parts.tolist(), rng.permutation(shadow_data.client_gender[parts])))
+        s_labels = np.array([1 if fake[u.partition] == "F" else 0 for u in s_updates])
     print(f"[attack] training on {len(s_updates)} shadow updates ({', '.join(shadow)}), "
           f"layers {acfg.layers}", flush=True)
     trained = train_attack(shadow_store, s_updates, s_labels, acfg)
@@ -116,12 +116,13 @@ def run_experiment(cfg: DictConfig) -> dict:
     """All configured folds of one (private corpus, features, algorithm) cell, with its report."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    suffix = "-control" if cfg.attack.control else ""  # the control shares the FL runs, not the report
+    atomic_write_text(out / f"config{suffix}.yaml", OmegaConf.to_yaml(cfg))
     t0 = time.perf_counter()
     folds = []
     for fold in cfg.folds:
         folds.append(run_fold(cfg, int(fold), out))
-        atomic_write_json(out / "results.json", {"folds": folds})  # partial results survive a crash
+        atomic_write_json(out / f"results{suffix}.json", {"folds": folds})  # partial results survive a crash
     summary = {
         "private": cfg.private, "algorithm": cfg.fl.algorithm, "features": cfg.features.name,
         "control": bool(cfg.attack.control), "folds": folds, "wall_seconds": time.perf_counter() - t0,
@@ -133,9 +134,10 @@ def run_experiment(cfg: DictConfig) -> dict:
             "asr_pooled": {k: float(np.mean([f["asr_pooled"][k] for f in folds])) for k in folds[0]["asr_pooled"]},
         },
     }
-    atomic_write_json(out / "results.json", summary)
-    write_run_report(out, summary)
-    print(f"[fed-ser] report: {out / 'report.md'}  figure: {out / 'asr.png'}  data: {out / 'results.csv'}", flush=True)
+    atomic_write_json(out / f"results{suffix}.json", summary)
+    write_run_report(out, summary, suffix)
+    print(f"[fed-ser] report: {out / f'report{suffix}.md'}  figure: {out / f'asr{suffix}.png'}  "
+          f"data: {out / f'results{suffix}.csv'}", flush=True)
     return summary
 
 

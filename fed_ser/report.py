@@ -92,15 +92,15 @@ def _tables(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_run_report(out: Path, summary: dict) -> None:
-    """``results.csv``, ``report.md`` and ``asr.png`` for one experiment cell."""
-    atomic_write_text(out / "results.csv", _csv(_fold_rows(summary)))
+def write_run_report(out: Path, summary: dict, suffix: str = "") -> None:
+    """``results<suffix>.csv``, ``report<suffix>.md`` and ``asr<suffix>.png`` for one experiment cell."""
+    atomic_write_text(out / f"results{suffix}.csv", _csv(_fold_rows(summary)))
     folds = ", ".join(str(f["fold"]) for f in summary["folds"])
     head = (f"# fed-ser attack report: private {summary['private']}, {summary['algorithm']}, {summary['features']}\n\n"
             f"Folds: {folds}. Shadow corpora: {', '.join(summary['folds'][0]['shadow'])}. "
-            f"Wall time {summary['wall_seconds']:.0f} s.\n\n![ASR](asr.png)\n\n")
-    atomic_write_text(out / "report.md", head + _tables([summary]))
-    _figure(out / "asr.png", [summary])
+            f"Wall time {summary['wall_seconds']:.0f} s.\n\n![ASR](asr{suffix}.png)\n\n")
+    atomic_write_text(out / f"report{suffix}.md", head + _tables([summary]))
+    _figure(out / f"asr{suffix}.png", [summary])
 
 
 def write_grid_report(grid_dir: Path, summaries: list[dict]) -> None:

@@ -102,3 +102,14 @@ def test_msp_missing_label_file(tmp_path):
     (tmp_path / "session1").mkdir()
     with pytest.raises(CorpusError, match="Evaluation.txt"):
         load_msp_improv(tmp_path)
+
+
+def test_ensure_corpus_reuses_a_match_and_refuses_to_mix(tmp_path):
+    from fed_ser.data.synthetic import ensure_corpus
+
+    root = ensure_corpus(tmp_path / "iemocap", "iemocap", scale=0.01, seed=1)
+    before = sorted(p.name for p in root.rglob("*.wav"))
+    assert ensure_corpus(root, "iemocap", scale=0.01, seed=1) == root  # reused, not rewritten
+    with pytest.raises(FileExistsError, match="scale=0.01 seed=1"):
+        ensure_corpus(root, "iemocap", scale=0.02, seed=1)
+    assert sorted(p.name for p in root.rglob("*.wav")) == before

@@ -1,0 +1,53 @@
+"""Configuration: Flower's run config and Hydra's config name the same knobs; bad values are
+rejected with the key in the message."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fed_ser.cli import load_config, run_settings
+from fed_ser.settings import ConfigError, RunSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_pyproject_run_config_is_what_the_apps_read():
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fed_ser.server_app:app", "clientapp": "fed_ser.client_app:app"}
+    s = RunSettings.from_run_config(_flatten(app["config"]))
+    assert s.algorithm == "fedsgd" and s.batch_size == 20 and s.lr == 0.1
+
+
+def test_hydra_overrides_reach_the_run_settings():
+    cfg = load_config(["fl=fedavg", "fl.rounds=7", "model.dropout=0.4", "fold=2", "recorder.layers=dense1"])
+    s = run_settings(cfg, Path("x.npz"), "out")
+    assert (s.algorithm, s.rounds, s.dropout, s.lr, s.optimizer) == ("fedavg", 7, 0.4, 0.0005, "adam")
+    assert s.layers() == ["dense1"] and cfg.fold == 2
+    assert RunSettings.from_run_config(s.to_run_config()) == s
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("fl.algorithm", "fedprox", "fl.algorithm"),
+    ("fl.fraction", 0.0, "fl.fraction"),
+    ("model.dropout", 1.2, "model.dropout"),
+    ("fl.rounds", "many", "fl.rounds"),
+    ("fl.typo", 1, "unknown run-config keys"),
+])
+def test_bad_values_name_their_key(key, value, match):
+    cfg = RunSettings(prepared="x").to_run_config()
+    cfg[key] = value
+    with pytest.raises(ConfigError, match=match):
+        RunSettings.from_run_config(cfg)
