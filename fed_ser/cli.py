@@ -6,6 +6,7 @@ entry points) from ``conf/``; every paper knob is an override. Results land in `
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from fed_ser.data.federated import FederatedData
+from fed_ser.io import atomic_write_text
 from fed_ser.settings import RunSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -52,17 +54,60 @@ def run_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = ""
     return json.loads(results_path.read_text())
 
 
+def expand_overrides(args: list[str]) -> tuple[bool, list[list[str]]]:
+    """``[-m] a=x,y b=z`` -> (multirun?, one override list per run: the Cartesian product)."""
+    multirun = bool(args) and args[0] in ("-m", "--multirun")
+    if not multirun:
+        return False, [list(args)]
+    choices = []
+    for o in args[1:]:
+        key, _, value = o.partition("=")
+        if "," in value and not value.startswith("["):
+            choices.append([f"{key}={v}" for v in value.split(",")])
+        else:
+            choices.append([o])
+    return True, [list(c) for c in itertools.product(*choices)]
+
+
+def table_iii(rows: list[dict]) -> str:
+    """Markdown like the paper's Table III: final Acc/UAR per corpus, algorithm and fold, and the mean."""
+    lines = ["| corpus | algorithm | fold | Acc | UAR |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['corpus']} | {r['algorithm']} | {r['fold']} | {100 * r['acc']:.2f}% | {100 * r['uar']:.2f}% |")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["corpus"], r["algorithm"]), []).append(r)
+    for (corpus, alg), rs in groups.items():
+        if len(rs) > 1:
+            acc = sum(r["acc"] for r in rs) / len(rs)
+            uar = sum(r["uar"] for r in rs) / len(rs)
+            lines.append(f"| {corpus} | {alg} | mean of {len(rs)} | {100 * acc:.2f}% | {100 * uar:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def train(argv: list[str] | None = None) -> None:
-    """Console script: private FL training on one corpus and fold, with the recorder on."""
+    """Console script: private FL training on one corpus and fold, with the recorder on.
+
+    ``fed-ser-train -m fold=0,1,2,3,4`` runs each fold and writes ``runs/train/table_iii.md``.
+    """
     from fed_ser.pipeline import prepare
 
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
-    prepared = prepare(cfg, [cfg.dataset.name], int(cfg.fold))
-    out = Path(cfg.out_dir)
-    res = run_fl(cfg, prepared, str(out), str(out / "updates") if cfg.recorder.enabled else "")
-    f = res["final"]
-    print(f"[fed-ser] done: test acc {f['test_acc']:.4f} UAR {f['test_uar']:.4f} -> {out / 'results.json'}")
-    print(OmegaConf.to_yaml(cfg), file=open(out / "config.yaml", "w"))
+    multirun, runs = expand_overrides(list(sys.argv[1:] if argv is None else argv))
+    rows = []
+    for overrides in runs:
+        cfg = load_config(overrides)
+        prepared = prepare(cfg, [cfg.dataset.name], int(cfg.fold))
+        out = Path(cfg.out_dir)
+        res = run_fl(cfg, prepared, str(out), str(out / "updates") if cfg.recorder.enabled else "")
+        f = res["final"]
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        rows.append(dict(corpus=cfg.dataset.name, algorithm=cfg.fl.algorithm, fold=int(cfg.fold), acc=f["test_acc"], uar=f["test_uar"]))
+        atomic_write_text(out / "table_iii.md", table_iii(rows[-1:]))
+        print(f"[fed-ser] done: test acc {f['test_acc']:.4f} UAR {f['test_uar']:.4f} -> {out / 'results.json'}")
+    if multirun:
+        path = Path(cfg.out_dir).parent / "table_iii.md"
+        atomic_write_text(path, table_iii(rows))
+        print(f"[fed-ser] Table III: {path}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ also writes ``<grid_dir>/grid.csv`` and ``grid_report.md``.
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 import time
@@ -24,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from attacks.data import UpdateDataset, labelled_updates
 from attacks.evaluate import attack_success_rate
 from attacks.train import AttackConfig, predict, train_attack
-from fed_ser.cli import load_config, run_fl
+from fed_ser.cli import expand_overrides, load_config, run_fl
 from fed_ser.data.federated import FederatedData
 from fed_ser.data.synthetic import CORPORA
 from fed_ser.io import atomic_write_json, atomic_write_text
@@ -141,25 +140,9 @@ def run_experiment(cfg: DictConfig) -> dict:
     return summary
 
 
-def _expand(overrides: list[str]) -> list[list[str]]:
-    """Cartesian product of comma-separated override values (``a=x,y b=z`` -> 2 runs)."""
-    choices = []
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if "," in value and not value.startswith("["):
-            choices.append([f"{key}={v}" for v in value.split(",")])
-        else:
-            choices.append([o])
-    return [list(c) for c in itertools.product(*choices)]
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console script ``fed-ser-experiment [-m] key=value ...``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    multirun = bool(args) and args[0] in ("-m", "--multirun")
-    if multirun:
-        args = args[1:]
-    runs = _expand(args) if multirun else [args]
+    multirun, runs = expand_overrides(list(sys.argv[1:] if argv is None else argv))
     summaries = []
     for i, overrides in enumerate(runs, 1):
         if multirun:

@@ -51,3 +51,12 @@ def test_bad_values_name_their_key(key, value, match):
     cfg[key] = value
     with pytest.raises(ConfigError, match=match):
         RunSettings.from_run_config(cfg)
+
+
+def test_multirun_expands_the_cartesian_product_of_comma_lists():
+    from fed_ser.cli import expand_overrides
+
+    multirun, runs = expand_overrides(["-m", "private=iemocap,crema_d", "fl=fedsgd,fedavg", "folds=[0,1]"])
+    assert multirun and len(runs) == 4
+    assert ["private=crema_d", "fl=fedavg", "folds=[0,1]"] in runs
+    assert expand_overrides(["fl=fedavg,x"]) == (False, [["fl=fedavg,x"]])  # no -m: passed as is
