@@ -1,0 +1,113 @@
+"""The prepared federated data set: features, labels, clients, folds, in one ``.npz``.
+
+Everything the ClientApps and the ServerApp need is in this one file, so simulation workers,
+real SuperNodes and the attack read the same thing. Client attributes (speaker, gender) are kept
+for building attack ground truth only; they never travel in a Flower message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fed_ser.data.corpora import EMOTIONS
+from fed_ser.data.partition import shard_speakers, speaker_folds, validation_mask
+from fed_ser.io import atomic_save_npz
+
+TRAIN, VAL, TEST = 0, 1, 2
+
+
+@dataclass
+class FederatedData:
+    """Rows are utterances; ``client[i] == -1`` for held-out test speakers."""
+
+    X: np.ndarray  # (n, d) float32, per-speaker z-normalised
+    y: np.ndarray  # (n,) emotion index into EMOTIONS
+    client: np.ndarray  # (n,) client index or -1
+    split: np.ndarray  # (n,) TRAIN / VAL / TEST
+    client_speaker: np.ndarray  # (n_clients,) str
+    client_gender: np.ndarray  # (n_clients,) "F"/"M"
+    client_corpus: np.ndarray  # (n_clients,) str
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_speaker)
+
+    def client_rows(self, cid: int, split: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of client ``cid`` in ``split``; raises if the shard is empty."""
+        if not 0 <= cid < self.num_clients:
+            raise IndexError(f"partition-id {cid} out of range: this data set has {self.num_clients} clients")
+        rows = (self.client == cid) & (self.split == split)
+        if not rows.any():
+            raise ValueError(f"client {cid} has no {['train', 'validation', 'test'][split]} rows (empty shard)")
+        return self.X[rows], self.y[rows]
+
+    def test_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.split == TEST
+        return self.X[rows], self.y[rows]
+
+    def save(self, path: str | Path) -> None:
+        atomic_save_npz(path, **{k: getattr(self, k) for k in self.__dataclass_fields__})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FederatedData":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(**{k: z[k] for k in cls.__dataclass_fields__})
+
+
+def build_federated(
+    manifest: pd.DataFrame,
+    Z: np.ndarray,
+    fold: int,
+    shards_per_speaker: dict[str, int],
+    n_folds: int = 5,
+    train_share: float = 1.0,
+    seed: int = 0,
+) -> FederatedData:
+    """Partition z-normalised features ``Z`` (rows of ``manifest``) into clients for ``fold``.
+
+    ``manifest`` may hold several corpora (the attacker's shadow union); folds are drawn per
+    corpus. ``train_share < 1`` keeps that share of each client's rows (the shadow models use
+    80% of the attacker's data).
+    """
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be in 0..{n_folds - 1}, got {fold}")
+    if len(manifest) != len(Z):
+        raise ValueError("manifest and features differ in length")
+    rng = np.random.default_rng([seed, 31, fold])
+    keep = np.ones(len(manifest), dtype=bool)
+    client = np.full(len(manifest), -1, dtype=np.int64)
+    cs, cg, cc = [], [], []
+    for corpus in sorted(manifest.corpus.unique()):
+        part = manifest.corpus.to_numpy() == corpus
+        spk = manifest.speaker.to_numpy()[part]
+        gen = manifest.gender.to_numpy()[part]
+        first = {s: g for s, g in zip(spk, gen)}
+        folds = speaker_folds(list(first), list(first.values()), n_folds, seed)
+        is_test = np.array([folds[s] == fold for s in spk])
+        train_idx = np.flatnonzero(part)[~is_test]
+        local = shard_speakers(spk[~is_test], shards_per_speaker.get(corpus, 1), seed)
+        offset = len(cs)
+        client[train_idx] = local + offset
+        for c in range(local.max() + 1):
+            s = spk[~is_test][local == c][0]
+            cs.append(s)
+            cg.append(first[s])
+            cc.append(corpus)
+        if train_share < 1.0:
+            for c in range(offset, len(cs)):
+                rows = np.flatnonzero(client == c)
+                drop = rng.permutation(rows)[int(round(len(rows) * train_share)):]
+                keep[drop] = False
+    client = client[keep]
+    split = np.where(client < 0, TEST, TRAIN)
+    split[validation_mask(client, 0.2, seed)] = VAL
+    y = manifest.emotion.map({e: i for i, e in enumerate(EMOTIONS)}).to_numpy()
+    return FederatedData(
+        X=np.asarray(Z, dtype=np.float32)[keep], y=y[keep].astype(np.int64), client=client,
+        split=split.astype(np.int8), client_speaker=np.array(cs, dtype=str),
+        client_gender=np.array(cg, dtype=str), client_corpus=np.array(cc, dtype=str),
+    )

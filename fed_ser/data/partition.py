@@ -1,0 +1,76 @@
+"""Clients and speaker-independent folds.
+
+* CREMA-D: one client per speaker. IEMOCAP and MSP-Improv: each speaker's utterances are cut
+  into ``shards_per_speaker`` equal random shards, one client each (the paper's code used 10).
+* Five folds over speakers; each fold holds out 20% of the speakers as test, balanced by gender.
+* Inside each client, 20% of its utterances validate and 80% train.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class PartitionError(ValueError):
+    """A client would be empty or a fold cannot be formed; the message names the key."""
+
+
+def speaker_folds(speakers: list[str], genders: list[str], n_folds: int = 5, seed: int = 0) -> dict[str, int]:
+    """Assign each speaker a test fold 0..n_folds-1, dealing each gender round-robin.
+
+    Every fold then holds ~20% of the speakers with the corpus' gender ratio (IEMOCAP: one
+    female and one male speaker per fold).
+    """
+    if len(speakers) != len(genders):
+        raise PartitionError("speakers and genders differ in length")
+    rng = np.random.default_rng([seed, 17])
+    fold: dict[str, int] = {}
+    offset = 0
+    for g in sorted(set(genders)):
+        group = sorted(s for s, gg in zip(speakers, genders) if gg == g)
+        rng.shuffle(group)
+        for i, s in enumerate(group):
+            fold[s] = (i + offset) % n_folds
+        offset += len(group)
+    if len(set(fold.values())) < n_folds:
+        raise PartitionError(f"{len(speakers)} speakers cannot fill {n_folds} folds")
+    return fold
+
+
+def shard_speakers(speakers: np.ndarray, shards_per_speaker: int, seed: int = 0) -> np.ndarray:
+    """Client index per row: each speaker's rows split into equal random shards.
+
+    ``shards_per_speaker=1`` gives one client per speaker (CREMA-D). Clients are numbered in
+    sorted speaker order. Raises :class:`PartitionError` naming the speaker if a shard would be
+    empty.
+    """
+    if shards_per_speaker < 1:
+        raise PartitionError(f"dataset.shards_per_speaker must be >= 1, got {shards_per_speaker}")
+    rng = np.random.default_rng([seed, 23])
+    client = np.full(len(speakers), -1, dtype=np.int64)
+    next_id = 0
+    for s in sorted(np.unique(speakers).tolist()):
+        rows = np.flatnonzero(speakers == s)
+        if len(rows) < shards_per_speaker:
+            raise PartitionError(
+                f"speaker {s!r} has {len(rows)} utterances, fewer than dataset.shards_per_speaker={shards_per_speaker}: a shard would be empty"
+            )
+        rng.shuffle(rows)
+        for shard in np.array_split(rows, shards_per_speaker):
+            client[shard] = next_id
+            next_id += 1
+    return client
+
+
+def validation_mask(client: np.ndarray, val_fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """True for the rows each client keeps for validation (``val_fraction`` of its rows)."""
+    rng = np.random.default_rng([seed, 29])
+    mask = np.zeros(len(client), dtype=bool)
+    for c in np.unique(client[client >= 0]):
+        rows = np.flatnonzero(client == c)
+        rng.shuffle(rows)
+        n_val = int(round(len(rows) * val_fraction))
+        if len(rows) - n_val < 1:
+            raise PartitionError(f"client {c} has {len(rows)} utterances: no training data left after validation split")
+        mask[rows[:n_val]] = True
+    return mask
