@@ -54,6 +54,9 @@ def test_nan_features_are_a_failure_naming_the_file(tmp_path, corpora):
     X, ok, failures = extract_features(df.path.tolist()[:2], NanExtractor, tmp_path, workers=1)
     assert not ok.any()
     assert "NaN" in failures[0].reason and failures[0].path == df.path.iloc[0]
+    # a later extraction with another extractor in worker processes is not served the NaN one
+    X2, ok2, _ = extract_features(df.path.tolist()[:2], emobase_factory, tmp_path / "emo", workers=2)
+    assert ok2.all() and X2.shape == (2, 988)
 
 
 def test_speaker_znorm_zero_mean_unit_std_per_speaker():

@@ -55,14 +55,16 @@ def cache_path(cache_dir: str | Path, extractor: FeatureExtractor, digest: str) 
     return Path(cache_dir) / f"{extractor.name}-{extractor.version}" / digest[:2] / f"{digest}.npy"
 
 
-_WORKER: dict[str, FeatureExtractor] = {}
+# One extractor per factory per process (openSMILE objects are costly to build). Keyed by the
+# factory so a process that has used several extractors never hands one's object to another.
+_WORKER: dict[Callable[[], FeatureExtractor], FeatureExtractor] = {}
 
 
 def _extract_one(args: tuple[str, str, Callable[[], FeatureExtractor]]) -> tuple[str, np.ndarray | None, str]:
     path, cache_dir, factory = args
-    ex = _WORKER.get("ex")
+    ex = _WORKER.get(factory)
     if ex is None:
-        ex = _WORKER["ex"] = factory()
+        ex = _WORKER[factory] = factory()
     try:
         digest = file_digest(path)
     except OSError as exc:
@@ -111,7 +113,7 @@ def extract_features(
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     bar = tqdm(total=len(paths), desc=desc, unit="utt", mininterval=5.0)
     if workers == 1:
-        _WORKER["ex"] = probe
+        _WORKER[factory] = probe
         results = map(_extract_one, jobs)
         pool = None
     else:
