@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fed_ser.engine import server_step
 from fed_ser.recorder import UpdateRecorder
 from fed_ser.store import UpdateStore
 
@@ -94,10 +95,9 @@ class FedSerStrategy(FedAvg):
         if self.recorder is not None:
             for reply in valid:
                 self.recorder.record(rnd, reply, self._global)
-        agg, metrics = super().aggregate_train(rnd, replies)
+        agg, metrics = super().aggregate_train(rnd, replies)  # Flower's sample-weighted mean
         if agg is not None and self.algorithm == "fedsgd":
-            grad = arrays_to_numpy(agg)
-            agg = numpy_to_arrays({k: (self._global[k] - self.lr * grad[k]).astype(np.float32) for k in self._global})
+            agg = numpy_to_arrays(server_step(self._global, arrays_to_numpy(agg), "fedsgd", self.lr))
         if self.on_round_end is not None:
             self.on_round_end(rnd, agg if agg is not None else numpy_to_arrays(self._global), metrics)
         return agg, metrics
