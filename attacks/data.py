@@ -26,16 +26,6 @@ class LayerStats:
     std: np.ndarray
 
 
-def layer_names(info: UpdateInfo) -> list[str]:
-    """SER layer names present in an update, in model order (``dense1``, ``dense2``, ``out``)."""
-    seen: list[str] = []
-    for key in info.layers:
-        name = key.split(".")[0]
-        if name not in seen:
-            seen.append(name)
-    return seen
-
-
 def shadow_stats(store: UpdateStore, updates: list[UpdateInfo], layers: list[str]) -> dict[str, LayerStats]:
     """Streaming per-element mean/std (Welford) of the arrays of ``layers`` over ``updates``."""
     count = 0

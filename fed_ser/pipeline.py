@@ -17,14 +17,11 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from fed_ser.data.corpora import load_corpus
-from fed_ser.data.federated import FederatedData, build_federated
+from fed_ser.data.federated import build_federated
 from fed_ser.data.synthetic import ensure_corpus
 from fed_ser.features.extract import extract_features
 from fed_ser.features.normalize import speaker_znorm
 from fed_ser.io import atomic_write_text
-
-SHARDS_KEY = "shards_per_speaker"
-
 
 def feature_factory(name: str):
     """The extractor factory for ``features.name``."""

@@ -23,7 +23,7 @@ from fed_ser.model import build_model
 from fed_ser.recorder import UpdateRecorder
 from fed_ser.settings import RunSettings
 from fed_ser.store import UpdateStore
-from fed_ser.strategy import FedSerStrategy, Recorder, arrays_to_numpy, numpy_to_arrays
+from fed_ser.strategy import FedSerStrategy, Recorder, arrays_to_numpy
 from fed_ser.training import evaluate
 
 

@@ -210,9 +210,6 @@ class UpdateStore:
             total += count * np.dtype(r.dtype).itemsize + _FRAME.size + len(r.to_json())
         return total / len(ups)
 
-    def last_round(self) -> int:
-        return max((r.round for r in self.records), default=0)
-
     def __len__(self) -> int:
         return len(self.updates())
 

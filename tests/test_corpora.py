@@ -30,7 +30,7 @@ def test_iemocap_improvised_only_exc_merged_speaker_from_turn(corpora):
     assert issues == []
     assert sorted(df.speaker.unique()) == [f"Ses0{s}{g}" for s in range(1, 6) for g in "FM"]
     assert df.utt_id.str.contains("_impro").all()
-    assert (root / "Session1" / "dialog" / "EmoEvaluation").glob("*script*")
+    assert any(root.glob("Session*/dialog/EmoEvaluation/*_script*.txt"))  # scripted dialogs exist on disk
     # the turn letter, not the dialog letter, names the speaker
     row = df[df.utt_id.str.startswith("Ses01F_impro") & df.utt_id.str.contains("_M0")].iloc[0]
     assert row.speaker == "Ses01M" and row.gender == "M"
