@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from fed_ser.data.federated import FederatedData
-from fed_ser.io import atomic_write_text
+from fed_ser.io import atomic_write_json, atomic_write_text
 from fed_ser.settings import RunSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -52,6 +52,34 @@ def run_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = ""
     if not results_path.exists():
         raise RuntimeError(f"the simulation ended without writing {results_path}; see the log above")
     return json.loads(results_path.read_text())
+
+
+def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = "") -> dict:
+    """The same FL run on the vectorised in-process engine (the attacker's shadow training).
+
+    Same settings, client selection, seeds and store format as :func:`run_fl`; no Ray, no
+    messages. It does not resume: an unfinished run's records are dropped and it starts over.
+    """
+    from fed_ser.recorder import UpdateRecorder
+    from fed_ser.store import UpdateStore
+    from fed_ser.vectorized import run_vectorized
+
+    settings = run_settings(cfg, prepared, out_dir, recorder_dir)
+    data = FederatedData.load(prepared)
+    print(f"[fed-ser] {cfg.fl.algorithm} (vectorised engine) on {prepared.name}: {data.num_clients} clients, "
+          f"{settings.rounds} rounds -> {out_dir}", flush=True)
+    recorder = None
+    if recorder_dir:
+        store = UpdateStore(recorder_dir)
+        store.truncate_after_round(0)
+        recorder = UpdateRecorder(store, settings.algorithm, settings.lr, settings.layers(), settings.recorder_float16)
+    res = run_vectorized(data, settings, recorder)
+    res["selected"] = dict(res["final"])  # no client validation here: the last round is the model
+    if recorder is not None:
+        res["recorder"] = {"dir": recorder_dir, "updates": len(recorder.store),
+                           "bytes_per_update": recorder.store.bytes_per_update()}
+    atomic_write_json(Path(out_dir) / "results.json", res)
+    return res
 
 
 def expand_overrides(args: list[str]) -> tuple[bool, list[list[str]]]:

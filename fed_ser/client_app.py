@@ -15,7 +15,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_ser.data.federated import TRAIN, VAL, FederatedData
-from fed_ser.engine import client_seed
+from fed_ser.schedule import client_seed
 from fed_ser.model import build_model
 from fed_ser.settings import RunSettings
 from fed_ser.strategy import numpy_to_arrays
@@ -65,6 +65,16 @@ def handle_evaluate(msg: Message, context: Context, s: RunSettings) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def handle_query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (a pseudonymous index, as in the replies).
+
+    The server asks once before round 1, so that it can select clients by partition id with the
+    shared seeded schedule (:func:`fed_ser.schedule.select_clients`) instead of by Flower's
+    random node ids: the same seed then trains the same clients in every run and engine.
+    """
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": _partition(context)})}), reply_to=msg)
+
+
 def make_client_app(settings: RunSettings | None = None) -> ClientApp:
     """A ClientApp using ``settings`` (Hydra CLI) or, if None, the run config (``flwr run``)."""
     client_app = ClientApp()
@@ -79,6 +89,10 @@ def make_client_app(settings: RunSettings | None = None) -> ClientApp:
     @client_app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, _settings(context))
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context)
 
     return client_app
 

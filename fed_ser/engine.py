@@ -8,21 +8,15 @@ simulation, and to produce recorded updates quickly where Ray is not the point (
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import torch
 
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.model import build_model
 from fed_ser.recorder import UpdateRecorder
+from fed_ser.schedule import client_seed, select_clients
 from fed_ser.settings import RunSettings
 from fed_ser.training import evaluate, local_update
-
-
-def client_seed(seed: int, rnd: int, pid: int) -> int:
-    """The local-batch seed of client ``pid`` in round ``rnd`` (shared with the ClientApp)."""
-    return hash((seed, rnd, pid)) % (2**31)
 
 
 def server_step(theta: dict[str, np.ndarray], mean: dict[str, np.ndarray], algorithm: str, lr: float) -> dict[str, np.ndarray]:
@@ -48,11 +42,9 @@ def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder 
     torch.set_num_threads(1)
     model = build_model(data.X.shape[1], s.dropout, s.seed)
     theta = {k: v.numpy().copy() for k, v in model.state_dict().items()}
-    sampler = random.Random(s.seed * 7919)
-    per_round = max(int(data.num_clients * s.fraction), 1)
     for rnd in range(1, s.rounds + 1):
         updates, weights = [], []
-        for pid in sampler.sample(range(data.num_clients), per_round):
+        for pid in select_clients(s.seed, rnd, data.num_clients, s.fraction):
             model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
             X, y = data.client_rows(pid, TRAIN)
             r = local_update(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr,

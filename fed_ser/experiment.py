@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from attacks.data import UpdateDataset, labelled_updates
 from attacks.evaluate import attack_success_rate
 from attacks.train import AttackConfig, predict, train_attack
-from fed_ser.cli import expand_overrides, load_config, run_fl
+from fed_ser.cli import expand_overrides, load_config, run_fl, run_vectorized_fl
 from fed_ser.data.federated import FederatedData
 from fed_ser.data.synthetic import CORPORA
 from fed_ser.io import atomic_write_json, atomic_write_text
@@ -49,9 +49,12 @@ def _fl_done(out: Path, rounds: int) -> dict | None:
     return None
 
 
-def _train_recorded(cfg: DictConfig, prepared: Path, out: Path) -> dict:
-    """Run (or reuse a finished) recorded FL run."""
-    return _fl_done(out, int(cfg.fl.rounds)) or run_fl(cfg, prepared, str(out), str(out / "updates"))
+def _train_recorded(cfg: DictConfig, prepared: Path, out: Path, engine: str = "flower") -> dict:
+    """Run (or reuse a finished) recorded FL run on Flower or on the vectorised engine."""
+    if engine not in ("flower", "vectorised"):
+        raise ValueError(f"shadow_engine: {engine!r} is not 'flower' or 'vectorised'")
+    run = run_fl if engine == "flower" else run_vectorized_fl
+    return _fl_done(out, int(cfg.fl.rounds)) or run(cfg, prepared, str(out), str(out / "updates"))
 
 
 def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict:
@@ -66,7 +69,7 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict:
     priv_data_path = prepare(cfg, [private], fold)
     priv_fl = _train_recorded(cfg, priv_data_path, out / f"fold{fold}" / "private")
     shadow_data_path = prepare(cfg, shadow, fold, train_share=float(cfg.shadow_share), tag="shadow-" + "+".join(shadow))
-    shadow_fl = _train_recorded(cfg, shadow_data_path, out / f"fold{fold}" / "shadow")
+    shadow_fl = _train_recorded(cfg, shadow_data_path, out / f"fold{fold}" / "shadow", str(cfg.shadow_engine))
     t_fl = time.perf_counter() - t0
 
     acfg = _attack_config(cfg)

@@ -32,14 +32,15 @@ class UpdateRecorder:
     _globals_written: set[int] = field(default_factory=set)
 
     def record(self, *, round: int, node: int, partition: int, num_examples: int, steps: int,
-               arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray]) -> None:
+               arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], sync: bool = True) -> None:
         meta = dict(round=round, node=node, partition=partition, num_examples=num_examples, steps=steps,
-                    lr=self.lr, float16=self.float16)
+                    lr=self.lr, float16=self.float16, sync=sync)
         if self.algorithm == "fedsgd":
             self.store.append(select_layers(arrays, self.layers), kind="gradient", **meta)
             return
         if round not in self._globals_written:
-            self.store.append(select_layers(global_arrays, self.layers), kind="global", round=round, node=-1, lr=self.lr)
+            self.store.append(select_layers(global_arrays, self.layers), kind="global", round=round, node=-1, lr=self.lr,
+                              sync=sync)
             self._globals_written.add(round)
         delta = {k: global_arrays[k] - arrays[k] for k in arrays}
         self.store.append(select_layers(delta, self.layers), kind="delta", **meta)

@@ -8,13 +8,12 @@ restarted run resumes there and the recorder appends after the last complete rou
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fed_ser.data.federated import FederatedData
@@ -34,6 +33,29 @@ def run_fingerprint(s: RunSettings) -> str:
         cfg.pop(key)
     cfg["data.prepared"] = Path(s.prepared).name  # content-hashed name; the folder may move
     return json.dumps(cfg, sort_keys=True)
+
+
+def discover_partitions(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
+    """Wait for ``expected`` nodes, ask each which partition it holds; return partition -> node id.
+
+    Nodes that do not answer within ``timeout`` are left out (they will not be selected).
+    Two nodes claiming one partition is a deployment error and stops the run.
+    """
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(node_ids)} of {expected} nodes connected within {timeout:.0f} s")
+        time.sleep(1.0)
+    queries = [Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    found: dict[int, int] = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        if reply.has_error():
+            continue
+        pid = int(reply.content.metric_records["metrics"]["partition-id"])
+        if pid in found:
+            raise RuntimeError(f"nodes {found[pid]} and {reply.metadata.src_node_id} both hold partition-id={pid}")
+        found[pid] = reply.metadata.src_node_id
+    return found
 
 
 def run_federated(grid: Grid, s: RunSettings) -> dict:
@@ -66,7 +88,6 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
     X_test, y_test = data.test_rows()
     eval_model = build_model(data.X.shape[1], s.dropout, s.seed)
     t0 = time.perf_counter()
-    random.seed(s.seed * 7919 + start_round)  # Flower samples nodes with `random`
 
     def on_round_end(rnd: int, arrays: ArrayRecord, metrics: MetricRecord | None) -> None:
         row = {"round": rnd, "sampled": strategy.sampled_per_round.get(rnd, 0),
@@ -85,9 +106,11 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
 
     remaining = s.rounds - start_round
     n_avail = s.min_available or data.num_clients
+    partition_nodes = discover_partitions(grid, n_avail) if remaining > 0 else {}
     strategy = FedSerStrategy(
         algorithm=s.algorithm, lr=s.lr, recorder=recorder, eval_every=s.eval_every, num_rounds=s.rounds,
-        round_offset=start_round, on_round_end=on_round_end, fraction_train=s.fraction,
+        round_offset=start_round, on_round_end=on_round_end, partition_nodes=partition_nodes,
+        num_clients=data.num_clients, seed=s.seed, fraction_train=s.fraction,
         fraction_evaluate=s.eval_fraction, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=n_avail,
     )
     result = None

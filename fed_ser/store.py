@@ -117,8 +117,14 @@ class UpdateStore:
         lr: float = 0.0,
         kind: str = "gradient",
         float16: bool = False,
+        sync: bool = True,
     ) -> UpdateInfo:
-        """Append one update durably and return its index entry."""
+        """Append one update and return its index entry.
+
+        ``sync=False`` skips the fsync (a caller writing a whole round calls :meth:`sync` once at
+        its end; a crash before that loses at most the unfinished round, which a resumed run
+        truncates and redoes anyway).
+        """
         if kind not in ("gradient", "delta", "global"):
             raise ValueError(f"unknown record kind {kind!r}")
         dtype = np.float16 if float16 else np.float32
@@ -133,12 +139,19 @@ class UpdateStore:
             start = fh.tell()
             fh.write(_FRAME.pack(MAGIC, len(header), len(payload), crc) + header + payload)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         info = UpdateInfo(**meta, offset=start + _FRAME.size + len(header), start=start, position=len(self.records))
         self.records.append(info)
         with open(self.index_path, "a") as fh:
             fh.write(info.to_json() + "\n")
         return info
+
+    def sync(self) -> None:
+        """Flush appended records to disk (after appends with ``sync=False``)."""
+        if self.data_path.exists():
+            with open(self.data_path, "ab") as fh:
+                os.fsync(fh.fileno())
 
     def truncate_after_round(self, last_round: int) -> int:
         """Drop every record of a round after ``last_round`` (a resumed run redoes those rounds).
@@ -220,3 +233,25 @@ class UpdateStore:
         if self._mm is not None:
             self._mm.close()
             self._mm = None
+
+
+def max_difference(a: UpdateStore, b: UpdateStore) -> float:
+    """Largest element difference between two stores of the same run (e.g. two engines).
+
+    Records are matched by (round, partition, kind), since a Flower run stores replies in arrival
+    order; a mismatch in which updates exist, their step counts or shapes is an error.
+    """
+    def key(u: UpdateInfo) -> tuple:
+        return (u.round, u.partition, u.kind)
+
+    ua, ub = sorted(a.updates(), key=key), sorted(b.updates(), key=key)
+    meta = lambda us: [(u.round, u.partition, u.kind, u.steps, u.num_examples) for u in us]  # noqa: E731
+    if meta(ua) != meta(ub):
+        raise ValueError(f"{a.path} and {b.path} hold different updates")
+    worst = 0.0
+    for x, y in zip(ua, ub):
+        ra, rb = a.read(x), b.read(y)
+        if ra.keys() != rb.keys():
+            raise ValueError(f"round {x.round} partition {x.partition}: layers differ")
+        worst = max(worst, *(float(np.abs(ra[k].astype(np.float64) - rb[k]).max()) for k in ra))
+    return worst

@@ -1,7 +1,10 @@
 """FedSGD / FedAvg on Flower's message-based FedAvg, with an eavesdropping recorder.
 
 :class:`FedSerStrategy` subclasses :class:`flwr.serverapp.strategy.FedAvg` and keeps Flower's
-sampling and messaging. Before aggregating, every valid client reply is handed to the
+messaging. Clients are selected by partition id with the shared seeded schedule
+(:func:`fed_ser.schedule.select_clients`) once the ServerApp has learnt which node holds which
+partition, so one seed trains the same clients as the in-process engines; without that map it
+falls back to Flower's random node sampling. Before aggregating, every valid client reply is handed to the
 :class:`Recorder`, which stores exactly what an observer of the traffic sees (see
 :mod:`fed_ser.store`). Aggregation:
 
@@ -16,12 +19,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fed_ser.engine import server_step
 from fed_ser.recorder import UpdateRecorder
+from fed_ser.schedule import select_clients
 from fed_ser.store import UpdateStore
 
 
@@ -64,7 +68,8 @@ class FedSerStrategy(FedAvg):
     """FedAvg from Flower plus FedSGD's server step, a recorder and a round offset for resuming."""
 
     def __init__(self, *, algorithm: str, lr: float, recorder: Recorder | None = None, eval_every: int = 1,
-                 num_rounds: int = 1, round_offset: int = 0, on_round_end=None, **kwargs):
+                 num_rounds: int = 1, round_offset: int = 0, on_round_end=None,
+                 partition_nodes: dict[int, int] | None = None, num_clients: int = 0, seed: int = 0, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", _train_metrics)
         super().__init__(**kwargs)
         if algorithm not in ("fedsgd", "fedavg"):
@@ -76,6 +81,9 @@ class FedSerStrategy(FedAvg):
         self.num_rounds = num_rounds
         self.round_offset = round_offset
         self.on_round_end = on_round_end
+        self.partition_nodes = dict(partition_nodes or {})
+        self.num_clients = num_clients or len(self.partition_nodes)
+        self.seed = seed
         self._global: dict[str, np.ndarray] = {}
         self.replies_per_round: dict[int, int] = {}
         self.sampled_per_round: dict[int, int] = {}
@@ -83,9 +91,18 @@ class FedSerStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = arrays_to_numpy(arrays)
         config["lr"] = self.lr
-        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
-        self.sampled_per_round[server_round + self.round_offset] = len(messages)
-        return messages
+        rnd = server_round + self.round_offset
+        if not self.partition_nodes:
+            messages = list(super().configure_train(rnd, arrays, config, grid))
+            self.sampled_per_round[rnd] = len(messages)
+            return messages
+        online = set(grid.get_node_ids())
+        chosen = select_clients(self.seed, rnd, self.num_clients, self.fraction_train)
+        node_ids = [self.partition_nodes[p] for p in chosen if self.partition_nodes.get(p) in online]
+        config["server-round"] = rnd
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        self.sampled_per_round[rnd] = len(chosen)  # a node that has gone away makes the round short
+        return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset

@@ -11,7 +11,7 @@ from attacks.evaluate import attack_success_rate
 from attacks.train import AttackConfig, predict, train_attack
 from fed_ser.cli import load_config
 from fed_ser.data.federated import FederatedData
-from fed_ser.engine import run_inprocess
+from fed_ser.vectorized import run_vectorized
 from fed_ser.pipeline import prepare
 from fed_ser.recorder import UpdateRecorder
 from fed_ser.settings import RunSettings
@@ -31,7 +31,7 @@ def stores(corpora, feature_cache, tmp_path_factory):
         data = FederatedData.load(path)
         store = UpdateStore(tmp / name)
         s = RunSettings(prepared=str(path), algorithm="fedsgd", rounds=ROUNDS, fraction=0.3, lr=0.1)
-        run_inprocess(data, s, UpdateRecorder(store, "fedsgd", 0.1))
+        run_vectorized(data, s, UpdateRecorder(store, "fedsgd", 0.1), progress=False)
         out[name] = (store, data)
     return out
 

@@ -95,3 +95,20 @@ def test_fedavg_pseudo_gradient_equals_true_gradient_for_one_sgd_step(tmp_path):
         np.testing.assert_allclose(pseudo[k], grad[k], rtol=1e-3, atol=5e-6)
     glob = store.read(store.global_record(1))
     np.testing.assert_allclose(glob["dense1.weight"] - store.read(info)["dense1.weight"], local.arrays["dense1.weight"], atol=1e-6)
+
+
+def test_selection_by_partition_follows_the_shared_schedule_and_skips_gone_nodes():
+    from fed_ser.schedule import select_clients
+
+    nodes = {pid: 1000 + 17 * pid for pid in range(20)}  # partition -> node id
+    strat = FedSerStrategy(algorithm="fedsgd", lr=0.1, partition_nodes=nodes, num_clients=20, seed=4,
+                           fraction_train=0.25, min_available_nodes=1)
+    arrays = numpy_to_arrays({"w": np.zeros(2, dtype=np.float32)})
+    for rnd in (1, 2):
+        msgs = strat.configure_train(rnd, arrays, ConfigRecord({}), FakeGrid(nodes.values()))
+        assert sorted(m.metadata.dst_node_id for m in msgs) == [nodes[p] for p in select_clients(4, rnd, 20, 0.25)]
+        assert all(m.content.config_records["config"]["server-round"] == rnd for m in msgs)
+    chosen = select_clients(4, 3, 20, 0.25)
+    online = [n for p, n in nodes.items() if p != chosen[0]]  # one selected node has gone away
+    msgs = strat.configure_train(3, arrays, ConfigRecord({}), FakeGrid(online))
+    assert len(msgs) == len(chosen) - 1 and strat.sampled_per_round[3] == len(chosen)

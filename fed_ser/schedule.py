@@ -1,0 +1,30 @@
+"""Who trains when, and with which randomness: shared by every engine.
+
+The Flower path, the in-process reference engine and the vectorised shadow engine draw client
+selection and local-batch seeds from these two functions only, so that one seed gives the same
+clients, the same mini-batches and the same dropout masks on every path (and a resumed run
+continues with the selection it would have made without the interruption).
+"""
+
+from __future__ import annotations
+
+import random
+
+
+def client_seed(seed: int, rnd: int, pid: int) -> int:
+    """The local-batch seed of client ``pid`` in round ``rnd``."""
+    return hash((seed, rnd, pid)) % (2**31)
+
+
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """``int(fraction * N)`` clients a round, at least one (the paper's ``int(0.1 N)``)."""
+    return max(int(num_clients * fraction), 1)
+
+
+def select_clients(seed: int, rnd: int, num_clients: int, fraction: float) -> list[int]:
+    """The partition ids that train in round ``rnd``: a seeded sample without replacement.
+
+    Stateless in ``rnd``, so it does not depend on how many rounds ran before in this process.
+    """
+    rng = random.Random(seed * 1_000_003 + rnd)  # int seeds: the same in every process
+    return sorted(rng.sample(range(num_clients), clients_per_round(num_clients, fraction)))
