@@ -148,8 +148,8 @@ def run_vectorized(data: FederatedData, s: RunSettings, recorder: UpdateRecorder
                                 arrays={k: v[i].numpy() for k, v in out.items()}, global_arrays=theta_np, sync=False)
             recorder.store.sync()
         n = torch.tensor([len(p.X) for p in plans], dtype=torch.float64)
-        w = n / n.sum()  # Flower's sample-weighted mean, n_k / N
-        mean = {k: torch.tensordot(w, v.double(), dims=1).numpy() for k, v in out.items()}
+        w = (n / n.sum()).float()  # Flower's sample-weighted mean, n_k / N
+        mean = {k: torch.tensordot(w, v, dims=1).numpy() for k, v in out.items()}
         theta = {k: torch.as_tensor(v) for k, v in server_step(theta_np, mean, s.algorithm, s.lr).items()}
         history.append({"round": rnd, "sampled": len(pids), "replies": len(pids), "train_loss": float(loss.mean())})
     model.load_state_dict(theta)
