@@ -70,7 +70,7 @@ def main() -> None:
     shadow = sorted({"iemocap", "crema_d", "msp_improv"} - {args.private})
     cfg, priv_path = prepared(overrides, [args.private])
     _, shadow_path = prepared(overrides, shadow, share=0.8, tag="shadow-" + "+".join(shadow))
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         stores = {bits: (record(shadow_path, cfg, t / f"shadow{bits}", bits == 16),
                          record(priv_path, cfg, t / f"private{bits}", bits == 16)) for bits in (32, 16)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -34,7 +35,8 @@ def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: st
         lr=float(fl.lr), local_epochs=int(fl.local_epochs), batch_size=int(fl.batch_size), optimizer=fl.optimizer,
         dropout=float(cfg.model.dropout), eval_every=int(fl.eval_every), eval_fraction=float(fl.eval_fraction),
         recorder_dir=recorder_dir, recorder_layers=str(cfg.recorder.layers), recorder_float16=bool(cfg.recorder.float16),
-        out_dir=out_dir, resume=bool(cfg.resume), seed=int(cfg.seed),
+        out_dir=out_dir, resume=bool(cfg.resume), seed=int(cfg.seed), dp_mode=str(cfg.dp.mode),
+        dp_epsilon=float(cfg.dp.epsilon), dp_delta=float(cfg.dp.delta), dp_clip=float(cfg.dp.clip),
     )
 
 
@@ -73,7 +75,17 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
         store = UpdateStore(recorder_dir)
         store.truncate_after_round(0)
         recorder = UpdateRecorder(store, settings.algorithm, settings.lr, settings.layers(), settings.recorder_float16)
-    res = run_vectorized(data, settings, recorder)
+    if settings.dp_mode == "none":
+        res = run_vectorized(data, settings, recorder)
+    else:  # the defences run inside the shared per-client loop only
+        from fed_ser.engine import run_inprocess
+
+        print(f"[fed-ser] dp.mode={settings.dp_mode}: per-client in-process engine", flush=True)
+        t0 = time.perf_counter()
+        m = run_inprocess(data, settings, recorder)
+        res = {"engine": "in-process", "settings": settings.to_run_config(), "num_clients": data.num_clients,
+               "wall_seconds": time.perf_counter() - t0, "rounds": [],
+               "final": {"test_acc": m["acc"], "test_uar": m["uar"], "round": settings.rounds}}
     res["selected"] = dict(res["final"])  # no client validation here: the last round is the model
     if recorder is not None:
         res["recorder"] = {"dir": recorder_dir, "updates": len(recorder.store),

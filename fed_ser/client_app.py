@@ -19,7 +19,7 @@ from fed_ser.schedule import client_seed
 from fed_ser.model import build_model
 from fed_ser.settings import RunSettings
 from fed_ser.strategy import numpy_to_arrays
-from fed_ser.training import evaluate, local_update
+from fed_ser.training import client_update, evaluate
 
 
 @lru_cache(maxsize=4)
@@ -46,12 +46,9 @@ def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
     pid = _partition(context)
     X, y = data.client_rows(pid, TRAIN)
     rnd = int(msg.content.config_records["config"]["server-round"])
-    result = local_update(
-        _model(s, data, msg), X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr,
-        epochs=s.local_epochs, optimizer=s.optimizer, seed=client_seed(s.seed, rnd, pid),
-    )
+    result = client_update(_model(s, data, msg), X, y, s, client_seed(s.seed, rnd, pid))
     metrics = MetricRecord({"num-examples": result.num_examples, "local-steps": result.steps,
-                            "train-loss": result.loss, "partition-id": pid})
+                            "train-loss": result.loss, "partition-id": pid, **result.metrics})
     return Message(RecordDict({"arrays": numpy_to_arrays(result.arrays), "metrics": metrics}), reply_to=msg)
 
 

@@ -1,6 +1,6 @@
 """In-process federated training: the same arithmetic as the Flower path, without Flower.
 
-It samples clients, calls the shared :func:`fed_ser.training.local_update` with the same
+It samples clients, calls the shared :func:`fed_ser.training.client_update` with the same
 per-(round, client) seeds as the ClientApp, aggregates with the same weights and feeds the same
 :class:`fed_ser.recorder.UpdateRecorder`. Used as the bare-PyTorch reference for the Flower
 simulation, and to produce recorded updates quickly where Ray is not the point (tests).
@@ -16,7 +16,7 @@ from fed_ser.model import build_model
 from fed_ser.recorder import UpdateRecorder
 from fed_ser.schedule import client_seed, select_clients
 from fed_ser.settings import RunSettings
-from fed_ser.training import evaluate, local_update
+from fed_ser.training import client_update, evaluate
 
 
 def server_step(theta: dict[str, np.ndarray], mean: dict[str, np.ndarray], algorithm: str, lr: float) -> dict[str, np.ndarray]:
@@ -47,8 +47,7 @@ def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder 
         for pid in select_clients(s.seed, rnd, data.num_clients, s.fraction):
             model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
             X, y = data.client_rows(pid, TRAIN)
-            r = local_update(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr,
-                             epochs=s.local_epochs, optimizer=s.optimizer, seed=client_seed(s.seed, rnd, pid))
+            r = client_update(model, X, y, s, client_seed(s.seed, rnd, pid))
             if recorder is not None:
                 recorder.record(round=rnd, node=pid, partition=pid, num_examples=r.num_examples, steps=r.steps,
                                 arrays=r.arrays, global_arrays=theta)

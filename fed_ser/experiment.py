@@ -28,7 +28,7 @@ from fed_ser.data.federated import FederatedData
 from fed_ser.data.synthetic import CORPORA
 from fed_ser.io import atomic_write_json, atomic_write_text
 from fed_ser.pipeline import prepare
-from fed_ser.report import write_grid_report, write_run_report
+from fed_ser.report import write_defense_report, write_grid_report, write_run_report
 from fed_ser.store import UpdateStore
 
 
@@ -105,6 +105,8 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict:
         "asr_pooled": {str(k): attack_success_rate(fused, clients, p_labels, trials, int(k), seed)
                        for k in cfg.attack.pool_rounds},
         "fusion_weights": dict(zip(acfg.layers, trained.model.fusion_weights.tolist())),
+        "defence": {"dp_mode": str(cfg.dp.mode), "dp_epsilon": float(cfg.dp.epsilon), "dropout": float(cfg.model.dropout),
+                    "spent_epsilon_max": (priv_fl.get("privacy") or {}).get("spent_epsilon_max")},
         "attack_history": trained.history,
         "seconds": {"fl": t_fl, "total": time.perf_counter() - t0},
     }
@@ -128,6 +130,7 @@ def run_experiment(cfg: DictConfig) -> dict:
     summary = {
         "private": cfg.private, "algorithm": cfg.fl.algorithm, "features": cfg.features.name,
         "control": bool(cfg.attack.control), "folds": folds, "wall_seconds": time.perf_counter() - t0,
+        "defence": folds[0]["defence"],
         "mean": {
             "asr": float(np.mean([f["asr"] for f in folds])),
             "ser_uar": float(np.mean([f["ser"]["test_uar"] for f in folds])),
@@ -143,19 +146,27 @@ def run_experiment(cfg: DictConfig) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, config_name: str = "experiment") -> None:
     """Console script ``fed-ser-experiment [-m] key=value ...``."""
     multirun, runs = expand_overrides(list(sys.argv[1:] if argv is None else argv))
     summaries = []
     for i, overrides in enumerate(runs, 1):
         if multirun:
             print(f"[fed-ser] multirun {i}/{len(runs)}: {' '.join(overrides)}", flush=True)
-        cfg = load_config(overrides, "experiment")
+        cfg = load_config(overrides, config_name)
         summaries.append(run_experiment(cfg))
-    if multirun:
-        grid_dir = Path(load_config(runs[0], "experiment").grid_dir)
+    grid_dir = Path(load_config(runs[0], config_name).grid_dir)
+    if config_name == "defense":
+        write_defense_report(grid_dir, summaries)
+        print(f"[fed-ser] defence report: {grid_dir / 'defense_report.md'}")
+    elif multirun:
         write_grid_report(grid_dir, summaries)
         print(f"[fed-ser] grid report: {grid_dir / 'grid_report.md'}")
+
+
+def defense_main(argv: list[str] | None = None) -> None:
+    """Console script ``fed-ser-defense -m dp=sample dp.epsilon=1,5,10,...`` (conf/defense.yaml)."""
+    main(argv, "defense")
 
 
 if __name__ == "__main__":

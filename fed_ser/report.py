@@ -6,6 +6,8 @@ import csv
 import io
 from pathlib import Path
 
+import numpy as np
+
 from fed_ser.io import atomic_write_bytes, atomic_write_text
 
 # The paper's Table IV (ASR, Emo-Base) and Table III (SER UAR, Emo-Base), for comparison.
@@ -109,3 +111,72 @@ def write_grid_report(grid_dir: Path, summaries: list[dict]) -> None:
     atomic_write_text(grid_dir / "grid.csv", _csv([r for s in summaries for r in _fold_rows(s)]))
     atomic_write_text(grid_dir / "grid_report.md", "# fed-ser grid report\n\n![ASR](grid_asr.png)\n\n" + _tables(summaries))
     _figure(grid_dir / "grid_asr.png", summaries)
+
+
+def _defence_rows(summaries: list[dict]) -> list[dict]:
+    rows = []
+    for s in summaries:
+        d, m = s["defence"], s["mean"]
+        eps = d["dp_epsilon"] if d["dp_mode"] != "none" else None
+        rows.append({"private": s["private"], "algorithm": s["algorithm"], "dp_mode": d["dp_mode"], "epsilon": eps,
+                     "spent_epsilon_max": d.get("spent_epsilon_max"), "dropout": d["dropout"], "ser_uar": m["ser_uar"],
+                     "asr": m["asr"], **{f"asr_pool{k}": v for k, v in m["asr_pooled"].items() if k != "1"}})
+    return rows
+
+
+def _defence_figure(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dp = sorted((r for r in rows if r["epsilon"] is not None), key=lambda r: r["epsilon"])
+    none = [r for r in rows if r["epsilon"] is None]
+    pools = [k for k in rows[0] if k.startswith("asr_pool")]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, keys, title in ((axes[0], ["ser_uar"], "SER UAR"), (axes[1], ["asr", *pools], "attack success rate")):
+        for k in keys:
+            label = {"ser_uar": "UAR", "asr": "ASR, 1 round"}.get(k, f"ASR, {k[8:]} rounds pooled")
+            line = ax.plot([r["epsilon"] for r in dp], [r[k] for r in dp], marker="o", label=label)[0]
+            if none:
+                ax.axhline(np.mean([r[k] for r in none]), color=line.get_color(), ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("epsilon (dotted: no DP)")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    axes[1].axhline(0.5, color="k", lw=0.8, ls="--")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
+    """``defense.csv``, ``defense_report.md`` (epsilon table; dropout table like the paper's Table VI)
+    and ``defense.png`` (UAR and ASR vs epsilon)."""
+    rows = _defence_rows(summaries)
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(grid_dir / "defense.csv", _csv(rows))
+    pools = [k for k in rows[0] if k.startswith("asr_pool")]
+    head = "| private | algorithm | DP | epsilon (spent) | dropout | SER UAR | ASR | " + " | ".join(
+        f"ASR {k[8:]} rounds" for k in pools) + " |"
+    lines = ["# Defences: DP and dropout", "", "Attack on the first layer (dense1) updates; ASR from one round and "
+             "pooled over several rounds of the same client.", "", head, "|" + "---|" * (7 + len(pools))]
+    key = lambda r: (r["dp_mode"] == "none", r["epsilon"] or 0, r["dropout"])  # noqa: E731
+    for r in sorted(rows, key=key):
+        eps = "-" if r["epsilon"] is None else f"{r['epsilon']:g} ({r['spent_epsilon_max']:.2f})" \
+            if r["spent_epsilon_max"] is not None else f"{r['epsilon']:g}"
+        lines.append(f"| {r['private']} | {r['algorithm']} | {r['dp_mode']} | {eps} | {r['dropout']:g} | "
+                     f"{_pct(r['ser_uar'])} | {_pct(r['asr'])} | " + " | ".join(_pct(r[k]) for k in pools) + " |")
+    nodp = [r for r in rows if r["dp_mode"] == "none"]
+    if len({r["dropout"] for r in nodp}) > 1:
+        lines += ["", "## Dropout (shaped like the paper's Table VI)", "",
+                  "| private | algorithm | dropout | SER UAR | ASR |", "|---|---|---|---|---|"]
+        for r in sorted(nodp, key=lambda r: (r["private"], r["algorithm"], r["dropout"])):
+            lines.append(f"| {r['private']} | {r['algorithm']} | {r['dropout']:g} | {_pct(r['ser_uar'])} | {_pct(r['asr'])} |")
+    lines += ["", "![UAR and ASR vs epsilon](defense.png)", ""]
+    atomic_write_text(grid_dir / "defense_report.md", "\n".join(lines))
+    if any(r["epsilon"] is not None for r in rows):
+        _defence_figure(grid_dir / "defense.png", rows)

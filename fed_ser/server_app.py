@@ -16,14 +16,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fed_ser.data.federated import FederatedData
+from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.io import atomic_save_npz, atomic_write_json
 from fed_ser.model import build_model
 from fed_ser.recorder import UpdateRecorder
 from fed_ser.settings import RunSettings
 from fed_ser.store import UpdateStore
 from fed_ser.strategy import FedSerStrategy, Recorder, arrays_to_numpy
-from fed_ser.training import evaluate
+from fed_ser.training import evaluate, privacy_report
 
 
 def run_fingerprint(s: RunSettings) -> str:
@@ -134,6 +134,11 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
         "selected": {"round": best.get("round"), "val_uar": best.get("val_uar"), "test_acc": best.get("test_acc"), "test_uar": best.get("test_uar")},
         "short_rounds": [r["round"] for r in history if r["replies"] < r["sampled"]],
     }
+    privacy = privacy_report(s, [len(data.client_rows(p, TRAIN)[1]) for p in range(data.num_clients)])
+    if privacy is not None:
+        results["privacy"] = privacy
+        print(f"[fed-ser] privacy ({s.dp_mode}): target epsilon {s.dp_epsilon}, spent max "
+              f"{privacy['spent_epsilon_max']:.2f} mean {privacy['spent_epsilon_mean']:.2f} at delta {s.dp_delta}")
     if recorder is not None:
         results["recorder"] = {"dir": s.recorder_dir, "updates": len(recorder.store), "bytes_per_update": recorder.store.bytes_per_update()}
     if out is not None:

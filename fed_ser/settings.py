@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 ALGORITHMS = ("fedsgd", "fedavg")
+DP_MODES = {"none": None, "sample": "fedsgd", "user": "fedavg"}  # mode -> the algorithm it protects
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,10 @@ class RunSettings:
     out_dir: str = ""
     resume: bool = True
     seed: int = 0
+    dp_mode: str = "none"  # none | sample (DP-FedSGD, Opacus) | user (UDP for FedAvg)
+    dp_epsilon: float = 10.0
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
 
     _KEYS = {
         "prepared": "data.prepared", "algorithm": "fl.algorithm", "rounds": "fl.rounds",
@@ -46,7 +51,8 @@ class RunSettings:
         "eval_every": "fl.eval_every", "eval_fraction": "fl.eval_fraction",
         "min_available": "fl.min_available", "recorder_dir": "recorder.dir",
         "recorder_layers": "recorder.layers", "recorder_float16": "recorder.float16",
-        "out_dir": "out_dir", "resume": "resume", "seed": "seed",
+        "out_dir": "out_dir", "resume": "resume", "seed": "seed", "dp_mode": "dp.mode",
+        "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_clip": "dp.clip",
     }
 
     def __post_init__(self) -> None:
@@ -66,6 +72,28 @@ class RunSettings:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
         if self.eval_every < 1:
             raise ConfigError(f"fl.eval_every: must be >= 1, got {self.eval_every}")
+        if self.dp_mode not in DP_MODES:
+            raise ConfigError(f"dp.mode: {self.dp_mode!r} is not one of {sorted(DP_MODES)}")
+        if self.dp_mode != "none":
+            if DP_MODES[self.dp_mode] != self.algorithm:
+                raise ConfigError(f"dp.mode={self.dp_mode} protects fl.algorithm={DP_MODES[self.dp_mode]}, "
+                                  f"not {self.algorithm} (use dp.mode=sample with fedsgd, dp.mode=user with fedavg)")
+            try:
+                self.privacy()
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+
+    def privacy(self):
+        """The defence's config (:class:`defenses.dp.DPConfig` or :class:`defenses.udp.UDPConfig`), or None."""
+        if self.dp_mode == "sample":
+            from defenses.dp import DPConfig
+
+            return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip)
+        if self.dp_mode == "user":
+            from defenses.udp import UDPConfig
+
+            return UDPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip)
+        return None
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> "RunSettings":

@@ -9,12 +9,16 @@ pseudo-gradient divides by. Defences plug into the same loop: ``batch_hook`` may
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fed_ser.settings import RunSettings
 
 BatchHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -27,6 +31,7 @@ class LocalResult:
     num_examples: int  # n_k: the client's training sample count (aggregation weight)
     steps: int  # T: local optimiser steps taken
     loss: float  # mean training loss over the local batches
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. the DP noise multiplier used
 
 
 ADAM = {"weight_decay": 1e-4, "betas": (0.9, 0.98), "eps": 1e-8}  # the paper's FedAvg client optimiser
@@ -66,8 +71,13 @@ def local_update(
     seed: int = 0,
     batch_hook: BatchHook | None = None,
     optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    dp_sgd: tuple[float, float] | None = None,
 ) -> LocalResult:
-    """Run one client's local computation; ``model`` holds the current global parameters."""
+    """Run one client's local computation; ``model`` holds the current global parameters.
+
+    ``dp_sgd=(noise_multiplier, clip)`` makes the FedSGD gradient sample-level DP (Opacus:
+    per-sample clipping, Gaussian noise; see :mod:`defenses.dp`).
+    """
     if len(X) == 0:
         raise ValueError("local_update: the client's training shard is empty")
     if algorithm not in ("fedsgd", "fedavg"):
@@ -81,23 +91,34 @@ def local_update(
     opt = None
     if algorithm == "fedavg":
         opt = optimizer_factory(model) if optimizer_factory else make_optimizer(optimizer, model.parameters(), lr)
+    if dp_sgd is not None and algorithm != "fedsgd":
+        raise ValueError("dp_sgd (DP-FedSGD) applies to fl.algorithm=fedsgd only")
     model.zero_grad(set_to_none=True)
     losses: list[float] = []
     steps = 0
-    for _ in range(epochs if algorithm == "fedavg" else 1):
-        for idx in _batches(len(X), batch_size, rng):
-            xb, yb = Xt[idx], yt[idx]
-            if batch_hook is not None:
-                xb, yb = batch_hook(model, xb, yb)
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            losses.append(float(loss.detach()))
-            steps += 1
-            if algorithm == "fedsgd":
-                break  # FedSGD: the gradient of one local batch is what the client shares
-            opt.step()
+    if dp_sgd is not None:
+        from defenses.dp import private_gradients
+
+        private = private_gradients(model, dp_sgd[0], dp_sgd[1], min(batch_size, len(X)))
+    else:
+        private = nullcontext(None)
+    with private as dp_opt:
+        for _ in range(epochs if algorithm == "fedavg" else 1):
+            for idx in _batches(len(X), batch_size, rng):
+                xb, yb = Xt[idx], yt[idx]
+                if batch_hook is not None:
+                    xb, yb = batch_hook(model, xb, yb)
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                losses.append(float(loss.detach()))
+                steps += 1
+                if algorithm == "fedsgd":
+                    if dp_opt is not None:
+                        dp_opt.pre_step()  # clip per-sample gradients, add noise, average: into p.grad
+                    break  # FedSGD: the gradient of one local batch is what the client shares
+                opt.step()
     if algorithm == "fedsgd":
         arrays = {k: p.grad.detach().cpu().numpy().copy() for k, p in model.named_parameters()}
     else:
@@ -123,3 +144,67 @@ def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]
         "uar": unweighted_average_recall(np.asarray(y), pred),
         "loss": float(nn.functional.cross_entropy(logits, yt)),
     }
+
+
+def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: "RunSettings", seed: int) -> LocalResult:
+    """What one client sends in one round under run settings ``s``, defences included.
+
+    The single entry point of the Flower ClientApp and the in-process engine: plain FedSGD /
+    FedAvg, DP-FedSGD (``dp.mode=sample``) or UDP-FedAvg (``dp.mode=user``).
+    """
+    privacy = s.privacy()
+    dp_sgd, metrics = None, {}
+    if s.dp_mode == "sample":
+        from defenses.dp import noise_multiplier, planned_steps, sample_rate
+
+        q = sample_rate(s.batch_size, len(X))
+        sigma = noise_multiplier(privacy, q, planned_steps(s.rounds, s.fraction))
+        dp_sgd, metrics = (sigma, privacy.clip), {"dp-noise-multiplier": sigma, "dp-sample-rate": q}
+    old = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if s.dp_mode == "user" else None
+    r = local_update(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr, epochs=s.local_epochs,
+                     optimizer=s.optimizer, seed=seed, dp_sgd=dp_sgd)
+    if s.dp_mode == "user":
+        from defenses.udp import privatize_update, udp_sigma
+
+        sigma = udp_sigma(privacy, len(X), s.fraction, s.rounds)
+        r.arrays = privatize_update(r.arrays, old, privacy, sigma, np.random.default_rng(seed + 1))
+        metrics = {"dp-sigma": sigma}
+    r.metrics = metrics
+    return r
+
+
+def privacy_report(s: "RunSettings", num_examples: list[int]) -> dict | None:
+    """Per-client privacy spent over the run (``num_examples[pid]`` = client ``pid``'s rows).
+
+    Participations come from the shared schedule (a client whose node was down in a round is
+    counted anyway: an upper bound). DP-FedSGD: Opacus' RDP accountant over the client's steps;
+    UDP: the closed-form target of the mechanism.
+    """
+    if s.dp_mode == "none":
+        return None
+    from fed_ser.schedule import select_clients
+
+    counts = np.zeros(len(num_examples), dtype=int)
+    for rnd in range(1, s.rounds + 1):
+        counts[select_clients(s.seed, rnd, len(num_examples), s.fraction)] += 1
+    report = {"mode": s.dp_mode, "target_epsilon": s.dp_epsilon, "delta": s.dp_delta, "clip": s.dp_clip}
+    if s.dp_mode == "sample":
+        from defenses.dp import noise_multiplier, planned_steps, sample_rate, spent_epsilon
+
+        cfg, planned = s.privacy(), planned_steps(s.rounds, s.fraction)
+        clients = []
+        for n, c in zip(num_examples, counts):
+            q = sample_rate(s.batch_size, n)
+            sigma = noise_multiplier(cfg, q, planned)
+            clients.append({"num_examples": int(n), "sample_rate": q, "noise_multiplier": sigma, "steps": int(c),
+                            "epsilon": spent_epsilon(sigma, q, int(c), s.dp_delta)})
+        eps = [c["epsilon"] for c in clients]
+        report.update(planned_steps=planned, spent_epsilon_max=max(eps), spent_epsilon_mean=float(np.mean(eps)),
+                      clients=clients)
+    else:
+        from defenses.udp import udp_sigma
+
+        report.update(spent_epsilon_max=s.dp_epsilon, spent_epsilon_mean=s.dp_epsilon,
+                      clients=[{"num_examples": int(n), "sigma": udp_sigma(s.privacy(), int(n), s.fraction, s.rounds),
+                                "rounds": int(c)} for n, c in zip(num_examples, counts)])
+    return report

@@ -1,0 +1,110 @@
+"""Defences: DP-FedSGD accounting and clipping (Opacus), UDP clipping before noise, config checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from defenses.dp import DPConfig, noise_multiplier, planned_steps, sample_rate
+from defenses.udp import UDPConfig, clip_update, privatize_update
+from fed_ser.cli import load_config, run_settings
+from fed_ser.model import build_model
+from fed_ser.settings import ConfigError, RunSettings
+from fed_ser.training import client_update, local_update, privacy_report
+
+
+def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([a.ravel() for a in arrays.values()])
+
+
+def test_reported_epsilon_is_what_opacus_accountant_computes():
+    sizes = [7, 20, 35, 60, 90, 140, 33, 48, 25, 70]
+    s = RunSettings(prepared="x.npz", algorithm="fedsgd", rounds=60, fraction=0.3, dp_mode="sample", dp_epsilon=5.0,
+                    dp_delta=1e-5, dp_clip=1.0)
+    report = privacy_report(s, sizes)
+    assert sum(c["steps"] for c in report["clients"]) == 60 * 3  # every round's selection is counted
+    for n, c in zip(sizes, report["clients"]):
+        assert c["sample_rate"] == min(20, n) / n
+        acc = RDPAccountant()
+        acc.history = [(c["noise_multiplier"], c["sample_rate"], c["steps"])]
+        assert c["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+        # the noise was calibrated so that the planned participations spend the target
+        acc.history = [(c["noise_multiplier"], c["sample_rate"], planned_steps(60, 0.3))]
+        assert 5.0 - 0.05 <= acc.get_epsilon(1e-5) <= 5.0
+    assert report["spent_epsilon_max"] == max(c["epsilon"] for c in report["clients"])
+    # the client uses the noise multiplier the server reports for it
+    X, y = np.random.default_rng(0).normal(size=(35, 12)).astype(np.float32), np.arange(35) % 4
+    r = client_update(build_model(12, 0.0, 0), X, y, s, seed=1)
+    assert r.metrics["dp-noise-multiplier"] == report["clients"][2]["noise_multiplier"]
+
+
+def test_dp_fedsgd_gradient_is_the_mean_of_clipped_per_sample_gradients():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(20, 12)).astype(np.float32)
+    X[3] *= 50.0  # one row with a huge gradient
+    y = rng.integers(0, 4, size=20)
+    clip = 0.5
+    model = build_model(12, 0.0, seed=2)
+    per_sample = []
+    for i in range(20):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.as_tensor(X[i : i + 1])), torch.as_tensor(y[i : i + 1])).backward()
+        per_sample.append(np.concatenate([p.grad.numpy().ravel() for p in model.parameters()]))
+    norms = np.linalg.norm(per_sample, axis=1)
+    assert norms.max() > clip  # clipping has work to do
+    clipped = [g * min(1.0, clip / n) for g, n in zip(per_sample, norms)]
+    assert max(np.linalg.norm(c) for c in clipped) <= clip + 1e-6
+
+    dp = local_update(build_model(12, 0.0, seed=2), X, y, algorithm="fedsgd", dp_sgd=(0.0, clip), seed=3)
+    np.testing.assert_allclose(_flat(dp.arrays), np.mean(clipped, axis=0), atol=1e-6)
+    assert np.linalg.norm(_flat(dp.arrays)) <= clip + 1e-6
+    plain = local_update(build_model(12, 0.0, seed=2), X, y, algorithm="fedsgd", seed=3)
+    np.testing.assert_allclose(_flat(plain.arrays), np.mean(per_sample, axis=0), atol=1e-5)
+    # with noise, the noise has the calibrated scale: sigma * clip / batch per coordinate
+    noisy = local_update(build_model(12, 0.0, seed=2), X, y, algorithm="fedsgd", dp_sgd=(2.0, clip), seed=3)
+    resid = _flat(noisy.arrays) - _flat(dp.arrays)
+    assert np.std(resid) == pytest.approx(2.0 * clip / 20, rel=0.1)
+
+
+def test_udp_clips_the_whole_update_before_adding_noise():
+    rng = np.random.default_rng(0)
+    old = {"a": rng.normal(size=(30, 20)).astype(np.float32), "b": rng.normal(size=20).astype(np.float32)}
+    new = {k: v + rng.normal(scale=3.0, size=v.shape).astype(np.float32) for k, v in old.items()}
+    cfg = UDPConfig(epsilon=10, delta=0.5, clip=0.25)
+    clipped = clip_update(new, old, cfg.clip)
+    assert np.linalg.norm(_flat(clipped)) == pytest.approx(0.25, rel=1e-6)
+    direction = _flat({k: new[k] - old[k] for k in new})
+    assert np.dot(_flat(clipped), direction) / (0.25 * np.linalg.norm(direction)) == pytest.approx(1.0, abs=1e-6)
+    sent = privatize_update(new, old, cfg, sigma=0.01, rng=np.random.default_rng(5))
+    noise = np.random.default_rng(5)
+    expected = {k: old[k] + clipped[k] + noise.normal(0.0, 0.01, size=clipped[k].shape) for k in old}
+    np.testing.assert_allclose(_flat(sent), _flat(expected), atol=1e-6)
+    small = {k: v + 1e-4 for k, v in old.items()}  # inside the bound: left as is
+    exact = {k: small[k].astype(np.float64) - old[k] for k in old}
+    np.testing.assert_array_equal(_flat(clip_update(small, old, cfg.clip)), _flat(exact))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["dp=sample", "dp.epsilon=0"], "dp.epsilon"),
+    (["dp=sample", "dp.epsilon=-3"], "dp.epsilon"),
+    (["dp=sample", "dp.delta=1.0"], "dp.delta"),
+    (["dp=user", "fl=fedavg", "dp.clip=0"], "dp.clip"),
+    (["dp=sample", "fl=fedavg"], "dp.mode=sample"),
+    (["dp=user", "fl=fedsgd"], "dp.mode=user"),
+    (["dp.mode=central"], "dp.mode"),
+])
+def test_wrong_dp_settings_fail_at_start_naming_the_key(overrides, key):
+    cfg = load_config(overrides)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        run_settings(cfg, "x.npz", "")
+
+
+def test_noise_grows_as_epsilon_shrinks():
+    q, steps = sample_rate(20, 100), planned_steps(200, 0.1)
+    sigmas = [noise_multiplier(DPConfig(e), q, steps) for e in (1, 5, 10, 100)]
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+    assert math.isfinite(sigmas[0]) and sigmas[-1] > 0
