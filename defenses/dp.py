@@ -25,6 +25,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from defenses import check_privacy_parameters
+
 
 @dataclass(frozen=True)
 class DPConfig:
@@ -35,12 +37,7 @@ class DPConfig:
     clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.epsilon > 0:
-            raise ValueError(f"dp.epsilon: must be > 0, got {self.epsilon}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"dp.delta: must be in (0, 1), got {self.delta}")
-        if not self.clip > 0:
-            raise ValueError(f"dp.clip: must be > 0, got {self.clip}")
+        check_privacy_parameters(self.epsilon, self.delta, self.clip)
 
 
 def sample_rate(batch_size: int, num_examples: int) -> float:

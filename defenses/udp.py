@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from defenses import check_privacy_parameters
+
 
 @dataclass(frozen=True)
 class UDPConfig:
@@ -25,12 +27,7 @@ class UDPConfig:
     clip: float = 0.25
 
     def __post_init__(self) -> None:
-        if not self.epsilon > 0:
-            raise ValueError(f"dp.epsilon: must be > 0, got {self.epsilon}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"dp.delta: must be in (0, 1), got {self.delta}")
-        if not self.clip > 0:
-            raise ValueError(f"dp.clip: must be > 0, got {self.clip}")
+        check_privacy_parameters(self.epsilon, self.delta, self.clip)
 
 
 def udp_sigma(cfg: UDPConfig, num_examples: int, fraction: float, rounds: int) -> float:
