@@ -127,7 +127,6 @@ def fedavg_round(theta: Params, plans: list[_Plan], batch: int, width: int, lr: 
 def run_vectorized(data: FederatedData, s: RunSettings, recorder: UpdateRecorder | None = None,
                    progress: bool = True) -> dict:
     """Train ``s.rounds`` rounds with all of a round's clients at once; return test metrics and timing."""
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     model = build_model(data.X.shape[1], s.dropout, s.seed)
     width = model.dense1.out_features
     theta = {k: v.detach().clone() for k, v in model.state_dict().items()}
