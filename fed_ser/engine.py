@@ -8,9 +8,12 @@ simulation, and to produce recorded updates quickly where Ray is not the point (
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from fed_ser.checkpoint import NAME as CHECKPOINT, save_checkpoint
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.model import build_model
 from fed_ser.recorder import UpdateRecorder
@@ -38,7 +41,11 @@ def aggregate(theta: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]]
 
 
 def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder | None = None) -> dict:
-    """Train ``s.rounds`` rounds in this process; return final test metrics."""
+    """Train ``s.rounds`` rounds in this process; return final test metrics.
+
+    With ``s.out_dir`` set, the final global model lands in ``<out_dir>/checkpoint.npz`` (the
+    ServerApp's format, :mod:`fed_ser.checkpoint`).
+    """
     torch.set_num_threads(1)
     model = build_model(data.X.shape[1], s.dropout, s.seed)
     theta = {k: v.numpy().copy() for k, v in model.state_dict().items()}
@@ -54,6 +61,8 @@ def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder 
             updates.append(r.arrays)
             weights.append(r.num_examples)
         theta = aggregate(theta, updates, weights, s.algorithm, s.lr)
+    if s.out_dir:
+        save_checkpoint(Path(s.out_dir) / CHECKPOINT, s.rounds, s, theta)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
     X_test, y_test = data.test_rows()
     return evaluate(model, X_test, y_test)

@@ -11,28 +11,19 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fed_ser.data.federated import TRAIN, FederatedData
-from fed_ser.io import atomic_save_npz, atomic_write_json
+from fed_ser.checkpoint import NAME as CHECKPOINT, load_checkpoint, save_checkpoint
+from fed_ser.io import atomic_write_json
 from fed_ser.model import build_model
 from fed_ser.recorder import UpdateRecorder
 from fed_ser.settings import RunSettings
 from fed_ser.store import UpdateStore
 from fed_ser.strategy import FedSerStrategy, Recorder, arrays_to_numpy
 from fed_ser.training import evaluate, privacy_report
-
-
-def run_fingerprint(s: RunSettings) -> str:
-    """What must match for a checkpoint to be resumed: everything but rounds, paths and flags."""
-    cfg = s.to_run_config()
-    for key in ("fl.rounds", "out_dir", "resume", "recorder.dir", "fl.eval_every", "fl.eval_fraction"):
-        cfg.pop(key)
-    cfg["data.prepared"] = Path(s.prepared).name  # content-hashed name; the folder may move
-    return json.dumps(cfg, sort_keys=True)
 
 
 def discover_partitions(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
@@ -64,17 +55,10 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
     out = Path(s.out_dir) if s.out_dir else None
     model = build_model(data.X.shape[1], s.dropout, s.seed)
     start_round, history = 0, []
-    ckpt = out / "checkpoint.npz" if out else None
-    fingerprint = run_fingerprint(s)
+    ckpt = out / CHECKPOINT if out else None
     if s.resume and ckpt is not None and ckpt.exists():
-        with np.load(ckpt) as z:
-            if str(z["__fingerprint__"]) != fingerprint:
-                raise RuntimeError(
-                    f"{out} holds a run with different settings (checkpoint.npz); refusing to resume or overwrite it. "
-                    "Choose another out_dir, or set resume=false to start over there."
-                )
-            start_round = int(z["__round__"])
-            model.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files if not k.startswith("__")})
+        start_round, params = load_checkpoint(ckpt, s)
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
         prev = out / "results.json"
         if prev.exists():
             history = [r for r in json.loads(prev.read_text()).get("rounds", []) if r["round"] <= start_round]
@@ -101,8 +85,7 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)
         history.append(row)
         if ckpt is not None:
-            atomic_save_npz(ckpt, __round__=np.array(rnd), __fingerprint__=np.array(fingerprint),
-                            **arrays_to_numpy(arrays))
+            save_checkpoint(ckpt, rnd, s, arrays_to_numpy(arrays))
 
     remaining = s.rounds - start_round
     n_avail = s.min_available or data.num_clients
