@@ -37,6 +37,8 @@ def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: st
         recorder_dir=recorder_dir, recorder_layers=str(cfg.recorder.layers), recorder_float16=bool(cfg.recorder.float16),
         out_dir=out_dir, resume=bool(cfg.resume), seed=int(cfg.seed), dp_mode=str(cfg.dp.mode),
         dp_epsilon=float(cfg.dp.epsilon), dp_delta=float(cfg.dp.delta), dp_clip=float(cfg.dp.clip),
+        adv_mix=float(cfg.adv.mix), adv_method=str(cfg.adv.method), adv_norm=str(cfg.adv.norm),
+        adv_epsilon=float(cfg.adv.epsilon), adv_steps=int(cfg.adv.steps), adv_step_size=float(cfg.adv.step_size),
     )
 
 
@@ -75,12 +77,13 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
         store = UpdateStore(recorder_dir)
         store.truncate_after_round(0)
         recorder = UpdateRecorder(store, settings.algorithm, settings.lr, settings.layers(), settings.recorder_float16)
-    if settings.dp_mode == "none":
+    if settings.dp_mode == "none" and settings.adv_mix == 0:
         res = run_vectorized(data, settings, recorder)
     else:  # the defences run inside the shared per-client loop only
         from fed_ser.engine import run_inprocess
 
-        print(f"[fed-ser] dp.mode={settings.dp_mode}: per-client in-process engine", flush=True)
+        print(f"[fed-ser] defence on (dp.mode={settings.dp_mode}, adv.mix={settings.adv_mix}): "
+              "per-client in-process engine", flush=True)
         t0 = time.perf_counter()
         m = run_inprocess(data, settings, recorder)
         res = {"engine": "in-process", "settings": settings.to_run_config(), "num_clients": data.num_clients,

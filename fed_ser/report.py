@@ -180,3 +180,58 @@ def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
     atomic_write_text(grid_dir / "defense_report.md", "\n".join(lines))
     if any(r["epsilon"] is not None for r in rows):
         _defence_figure(grid_dir / "defense.png", rows)
+
+
+def _robust_figure(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = sorted({r["attack"] for r in rows})
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 3.6), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            rs = sorted((r for r in rows if r["model"] == model and r["attack"] == attack), key=lambda r: r["epsilon"])
+            ax.plot([r["epsilon"] for r in rs], [r["robust_uar"] for r in rs], marker="o", label=model)
+        ax.axhline(0.25, color="k", lw=0.8, ls="--")
+        ax.set_xlabel(f"epsilon ({rows[0]['norm']})")
+        ax.set_ylabel("SER UAR under attack")
+        ax.set_title(attack.upper())
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_robust_report(out: Path, result: dict) -> None:
+    """``robust.csv``, ``robust_report.md`` (robust UAR per model, attack and epsilon) and ``robust.png``."""
+    rows = result["rows"]
+    fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[-1]).index(k) if k in rows[-1] else -1)
+    atomic_write_text(out / "robust.csv", _csv([{k: r.get(k) for k in fields} for r in rows]))
+    epsilons = sorted({r["epsilon"] for r in rows})
+    adv, rand = result["adversarial_training"], result["randomization"]
+    lines = [f"# Adversarial robustness: {result['dataset']}, {result['algorithm']}, fold {result['fold']}", "",
+             f"SER UAR on {result['test_utterances']} held-out utterances under white-box attacks on the input features "
+             f"({rows[0]['norm']} ball). Adversarial training: {adv['method']} {adv['norm']} epsilon {adv['epsilon']}, "
+             f"{adv['steps']} steps, {adv['mix']:.0%} of each batch. Randomisation: {rand['transform']} "
+             f"(strength {rand['strength']}, {rand['draws']} draws); it is attacked adaptively (expectation over "
+             f"{result['eot_draws']} transformations) and statically; the table gives the worse.", "",
+             "| model | attack | clean UAR | " + " | ".join(f"eps {e:g}" for e in epsilons) + " |",
+             "|---|---|---|" + "---|" * len(epsilons)]
+    for (model, attack) in dict.fromkeys((r["model"], r["attack"]) for r in rows):
+        by_eps = {r["epsilon"]: r for r in rows if r["model"] == model and r["attack"] == attack}
+        clean = next(iter(by_eps.values()))["clean_uar"]
+        lines.append(f"| {model} | {attack} | {_pct(clean)} | "
+                     + " | ".join(_pct(by_eps[e]["robust_uar"]) if e in by_eps else "-" for e in epsilons) + " |")
+    rr = [r for r in rows if "adaptive_uar" in r]
+    if rr:
+        lines += ["", "Randomised model, adaptive (EOT) vs static attack:", "",
+                  "| attack | epsilon | adaptive UAR | static UAR |", "|---|---|---|---|"]
+        lines += [f"| {r['attack']} | {r['epsilon']:g} | {_pct(r['adaptive_uar'])} | {_pct(r['static_uar'])} |" for r in rr]
+    lines += ["", "![robust UAR vs epsilon](robust.png)", ""]
+    atomic_write_text(out / "robust_report.md", "\n".join(lines))
+    _robust_figure(out / "robust.png", rows)

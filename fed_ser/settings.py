@@ -43,6 +43,12 @@ class RunSettings:
     dp_epsilon: float = 10.0
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
+    adv_mix: float = 0.0  # federated adversarial training: share of each batch made adversarial (0: off)
+    adv_method: str = "pgd"  # fgsm | pgd
+    adv_norm: str = "linf"  # linf | l2
+    adv_epsilon: float = 0.1
+    adv_steps: int = 5
+    adv_step_size: float = 0.0  # 0: 2.5 * epsilon / steps
 
     _KEYS = {
         "prepared": "data.prepared", "algorithm": "fl.algorithm", "rounds": "fl.rounds",
@@ -53,6 +59,8 @@ class RunSettings:
         "recorder_layers": "recorder.layers", "recorder_float16": "recorder.float16",
         "out_dir": "out_dir", "resume": "resume", "seed": "seed", "dp_mode": "dp.mode",
         "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_clip": "dp.clip",
+        "adv_mix": "adv.mix", "adv_method": "adv.method", "adv_norm": "adv.norm", "adv_epsilon": "adv.epsilon",
+        "adv_steps": "adv.steps", "adv_step_size": "adv.step_size",
     }
 
     def __post_init__(self) -> None:
@@ -82,6 +90,19 @@ class RunSettings:
                 self.privacy()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
+        try:
+            self.adversarial_training()
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("attack.", "adv.")) from exc
+
+    def adversarial_training(self):
+        """:class:`defenses.adversarial.AdversarialTrainingConfig` when ``adv.mix > 0``, else None."""
+        from attacks.adversarial import PerturbationConfig
+        from defenses.adversarial import AdversarialTrainingConfig
+
+        attack = PerturbationConfig(self.adv_method, self.adv_norm, self.adv_epsilon, self.adv_steps, self.adv_step_size)
+        cfg = AdversarialTrainingConfig(self.adv_mix, attack)
+        return cfg if self.adv_mix > 0 else None
 
     def privacy(self):
         """The defence's config (:class:`defenses.dp.DPConfig` or :class:`defenses.udp.UDPConfig`), or None."""

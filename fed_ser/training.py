@@ -150,9 +150,16 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: "RunSetting
     """What one client sends in one round under run settings ``s``, defences included.
 
     The single entry point of the Flower ClientApp and the in-process engine: plain FedSGD /
-    FedAvg, DP-FedSGD (``dp.mode=sample``) or UDP-FedAvg (``dp.mode=user``).
+    FedAvg, DP-FedSGD (``dp.mode=sample``), UDP-FedAvg (``dp.mode=user``) and federated
+    adversarial training (``adv.mix > 0``, examples crafted against the received global model).
     """
     privacy = s.privacy()
+    hook = None
+    adv = s.adversarial_training()
+    if adv is not None:
+        from defenses.adversarial import AdversarialBatches
+
+        hook = AdversarialBatches(model, adv, seed + 2)
     dp_sgd, metrics = None, {}
     if s.dp_mode == "sample":
         from defenses.dp import noise_multiplier, planned_steps, sample_rate
@@ -162,7 +169,7 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: "RunSetting
         dp_sgd, metrics = (sigma, privacy.clip), {"dp-noise-multiplier": sigma, "dp-sample-rate": q}
     old = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if s.dp_mode == "user" else None
     r = local_update(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr, epochs=s.local_epochs,
-                     optimizer=s.optimizer, seed=seed, dp_sgd=dp_sgd)
+                     optimizer=s.optimizer, seed=seed, dp_sgd=dp_sgd, batch_hook=hook)
     if s.dp_mode == "user":
         from defenses.udp import privatize_update, udp_sigma
 
