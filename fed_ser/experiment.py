@@ -146,6 +146,16 @@ def run_experiment(cfg: DictConfig) -> dict:
     return summary
 
 
+def collect_summaries(grid_dir: Path) -> list[dict]:
+    """The finished cell summaries (``*/results.json`` with a mean) under ``grid_dir``, by folder name."""
+    found = []
+    for path in sorted(Path(grid_dir).glob("*/results.json")):
+        summary = json.loads(path.read_text())
+        if "mean" in summary and "defence" in summary:
+            found.append(summary)
+    return found
+
+
 def main(argv: list[str] | None = None, config_name: str = "experiment") -> None:
     """Console script ``fed-ser-experiment [-m] key=value ...``."""
     multirun, runs = expand_overrides(list(sys.argv[1:] if argv is None else argv))
@@ -156,8 +166,8 @@ def main(argv: list[str] | None = None, config_name: str = "experiment") -> None
         cfg = load_config(overrides, config_name)
         summaries.append(run_experiment(cfg))
     grid_dir = Path(load_config(runs[0], config_name).grid_dir)
-    if config_name == "defense":
-        write_defense_report(grid_dir, summaries)
+    if config_name == "defense":  # every finished cell under grid_dir, so separate sweeps add up
+        write_defense_report(grid_dir, collect_summaries(grid_dir) or summaries)
         print(f"[fed-ser] defence report: {grid_dir / 'defense_report.md'}")
     elif multirun:
         write_grid_report(grid_dir, summaries)

@@ -6,7 +6,6 @@ import csv
 import io
 from pathlib import Path
 
-import numpy as np
 
 from fed_ser.io import atomic_write_bytes, atomic_write_text
 
@@ -125,21 +124,27 @@ def _defence_rows(summaries: list[dict]) -> list[dict]:
 
 
 def _defence_figure(path: Path, rows: list[dict]) -> None:
+    """UAR and ASR vs epsilon, one line per (private corpus, DP mode); dotted: the same cell without DP."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dp = sorted((r for r in rows if r["epsilon"] is not None), key=lambda r: r["epsilon"])
-    none = [r for r in rows if r["epsilon"] is None]
     pools = [k for k in rows[0] if k.startswith("asr_pool")]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, keys, title in ((axes[0], ["ser_uar"], "SER UAR"), (axes[1], ["asr", *pools], "attack success rate")):
-        for k in keys:
-            label = {"ser_uar": "UAR", "asr": "ASR, 1 round"}.get(k, f"ASR, {k[8:]} rounds pooled")
-            line = ax.plot([r["epsilon"] for r in dp], [r[k] for r in dp], marker="o", label=label)[0]
-            if none:
-                ax.axhline(np.mean([r[k] for r in none]), color=line.get_color(), ls=":", lw=1)
+    groups = dict.fromkeys((r["private"], r["algorithm"], r["dp_mode"], r["dropout"]) for r in rows if r["epsilon"] is not None)
+    for private, algorithm, mode, dropout in groups:
+        dp = sorted((r for r in rows if (r["private"], r["algorithm"], r["dp_mode"], r["dropout"]) == (private, algorithm, mode, dropout)),
+                    key=lambda r: r["epsilon"])
+        none = [r for r in rows if r["epsilon"] is None and (r["private"], r["algorithm"], r["dropout"]) == (private, algorithm, dropout)]
+        tag = f"{private} {algorithm} {mode}" if len(groups) > 1 else ""
+        for ax, keys in ((axes[0], ["ser_uar"]), (axes[1], ["asr", *pools])):
+            for k in keys:
+                label = {"ser_uar": "UAR", "asr": "ASR, 1 round"}.get(k, f"ASR, {k[8:]} rounds pooled")
+                line = ax.plot([r["epsilon"] for r in dp], [r[k] for r in dp], marker="o", label=f"{tag} {label}".strip())[0]
+                if none:
+                    ax.axhline(none[0][k], color=line.get_color(), ls=":", lw=1)
+    for ax, title in ((axes[0], "SER UAR"), (axes[1], "attack success rate")):
         ax.set_xscale("log")
         ax.set_xlabel("epsilon (dotted: no DP)")
         ax.set_title(title)
