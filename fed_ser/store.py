@@ -21,7 +21,6 @@ reads back whole up to the last complete update and a resumed run appends after 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 import zlib
@@ -70,8 +69,7 @@ class UpdateStore:
         self.records: list[UpdateInfo] = []
         self.recovered_bytes = 0
         self._recover()
-        self._mm: mmap.mmap | None = None
-        self._mm_size = 0
+        self._fd: int | None = None  # read with positioned reads: no mapping, so page cache is not this process's RSS
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
@@ -170,27 +168,29 @@ class UpdateStore:
         return dropped
 
     # ------------------------------------------------------------------ reading
-    def _map(self) -> mmap.mmap:
-        size = self.data_path.stat().st_size
-        if self._mm is None or self._mm_size != size:
-            if self._mm is not None:
-                self._mm.close()
-            with open(self.data_path, "rb") as fh:
-                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._mm_size = size
-        return self._mm
+    def _reader(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.data_path, os.O_RDONLY)
+        return self._fd
 
     def read(self, info: UpdateInfo, layers: list[str] | None = None) -> dict[str, np.ndarray]:
-        """The arrays of one record as float32 (only ``layers`` if given)."""
-        mm = self._map()
+        """The arrays of one record as float32 (only ``layers`` if given).
+
+        Each layer is one positioned read (``os.pread``) into a fresh buffer: memory holds only the
+        arrays asked for, however large the store (an ``mmap`` would count every page it touched
+        in the reader's resident memory).
+        """
+        fd = self._reader()
         dtype = np.dtype(info.dtype)
         out: dict[str, np.ndarray] = {}
         offset = info.offset
         for name, shape in info.layers.items():
             count = int(np.prod(shape)) if shape else 1
             if layers is None or name in layers:
-                a = np.frombuffer(mm, dtype=dtype, count=count, offset=offset)
-                out[name] = a.reshape(shape).astype(np.float32)
+                raw = os.pread(fd, count * dtype.itemsize, offset)
+                if len(raw) != count * dtype.itemsize:
+                    raise ValueError(f"{self.data_path}: record of round {info.round} is truncated at layer {name}")
+                out[name] = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
             offset += count * dtype.itemsize
         return out
 
@@ -230,9 +230,9 @@ class UpdateStore:
         return iter(self.updates())
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def max_difference(a: UpdateStore, b: UpdateStore) -> float:
