@@ -34,6 +34,7 @@ def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: st
         prepared=str(prepared), algorithm=fl.algorithm, rounds=int(fl.rounds), fraction=float(fl.fraction),
         lr=float(fl.lr), local_epochs=int(fl.local_epochs), batch_size=int(fl.batch_size), optimizer=fl.optimizer,
         dropout=float(cfg.model.dropout), eval_every=int(fl.eval_every), eval_fraction=float(fl.eval_fraction),
+        round_timeout=float(fl.round_timeout),
         recorder_dir=recorder_dir, recorder_layers=str(cfg.recorder.layers), recorder_float16=bool(cfg.recorder.float16),
         out_dir=out_dir, resume=bool(cfg.resume), seed=int(cfg.seed), dp_mode=str(cfg.dp.mode),
         dp_epsilon=float(cfg.dp.epsilon), dp_delta=float(cfg.dp.delta), dp_clip=float(cfg.dp.clip),

@@ -93,12 +93,12 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
     strategy = FedSerStrategy(
         algorithm=s.algorithm, lr=s.lr, recorder=recorder, eval_every=s.eval_every, num_rounds=s.rounds,
         round_offset=start_round, on_round_end=on_round_end, partition_nodes=partition_nodes,
-        num_clients=data.num_clients, seed=s.seed, fraction_train=s.fraction,
-        fraction_evaluate=s.eval_fraction, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=n_avail,
+        num_clients=n_avail, seed=s.seed, fraction_train=s.fraction,
+        fraction_evaluate=s.eval_fraction, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,  # all n_avail were awaited once (discover_partitions); later rounds go on with whoever is left
     )
     result = None
     if remaining > 0:
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining, timeout=s.round_timeout,
                                 train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
     # Client-side validation UAR per evaluated round (for model selection, as in the paper).
     if result is not None:

@@ -33,6 +33,7 @@ class RunSettings:
     eval_every: int = 20
     eval_fraction: float = 1.0
     min_available: int = 0  # 0: wait for every client of the data set
+    round_timeout: float = 600.0  # seconds a round waits for replies (a dead node's reply never comes)
     recorder_dir: str = ""  # empty: no recording
     recorder_layers: str = "all"  # "all" or comma-separated layer names, e.g. "dense1"
     recorder_float16: bool = False
@@ -55,7 +56,7 @@ class RunSettings:
         "fraction": "fl.fraction", "lr": "fl.lr", "local_epochs": "fl.local_epochs",
         "batch_size": "fl.batch_size", "optimizer": "fl.optimizer", "dropout": "model.dropout",
         "eval_every": "fl.eval_every", "eval_fraction": "fl.eval_fraction",
-        "min_available": "fl.min_available", "recorder_dir": "recorder.dir",
+        "min_available": "fl.min_available", "round_timeout": "fl.round_timeout", "recorder_dir": "recorder.dir",
         "recorder_layers": "recorder.layers", "recorder_float16": "recorder.float16",
         "out_dir": "out_dir", "resume": "resume", "seed": "seed", "dp_mode": "dp.mode",
         "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_clip": "dp.clip",
@@ -78,6 +79,8 @@ class RunSettings:
             raise ConfigError(f"fl.optimizer: {self.optimizer!r} is not 'sgd' or 'adam'")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"fl.round_timeout: must be > 0 seconds, got {self.round_timeout}")
         if self.eval_every < 1:
             raise ConfigError(f"fl.eval_every: must be >= 1, got {self.eval_every}")
         if self.dp_mode not in DP_MODES:

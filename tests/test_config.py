@@ -29,6 +29,8 @@ def test_pyproject_run_config_is_what_the_apps_read():
     assert app["components"] == {"serverapp": "fed_ser.server_app:app", "clientapp": "fed_ser.client_app:app"}
     s = RunSettings.from_run_config(_flatten(app["config"]))
     assert s.algorithm == "fedsgd" and s.batch_size == 20 and s.lr == 0.1
+    # `flwr run --run-config k=v` only accepts keys declared there: every setting must be
+    assert set(_flatten(app["config"])) == set(RunSettings._KEYS.values())
 
 
 def test_hydra_overrides_reach_the_run_settings():

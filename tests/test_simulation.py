@@ -60,3 +60,32 @@ def test_resume_refuses_a_folder_of_another_run(cfg_and_data, tmp_path):
     cfg.model.dropout = 0.4
     with pytest.raises(RuntimeError, match="different settings"):
         run_fl(cfg, prepared, str(out))
+
+
+def test_simulation_attaches_to_a_running_ray_cluster(cfg_and_data, tmp_path):
+    """`simulation.ray_address=...` runs the clients on an existing cluster (here a local head)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fed_ser.deployment import free_port, wait_for_port
+
+    cfg, prepared = cfg_and_data
+    port = free_port()
+    ray = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats", "--block"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, 120, head, "ray head")
+        cfg.fl.rounds = 2
+        cfg.simulation.ray_address = f"127.0.0.1:{port}"
+        res = run_fl(cfg, prepared, str(tmp_path / "run"), str(tmp_path / "run" / "updates"))
+        assert res["final"]["round"] == 2 and len(UpdateStore(tmp_path / "run" / "updates")) == 8
+        assert head.poll() is None  # the cluster outlives the run (it was not started by it)
+    finally:
+        import os
+        import signal
+
+        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the processes it started
+        head.wait(60)
