@@ -25,7 +25,7 @@ def simulate(settings: RunSettings, num_supernodes: int, cpus_per_client: float 
     if ray_address:
         init_args = {"address": ray_address, "logging_level": logging.ERROR}
     else:
-        init_args["num_cpus"] = os.cpu_count() or 1
+        init_args.update(num_cpus=os.cpu_count() or 1, address="local")  # a fresh local Ray, never a leftover cluster
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(

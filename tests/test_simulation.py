@@ -89,3 +89,8 @@ def test_simulation_attaches_to_a_running_ray_cluster(cfg_and_data, tmp_path):
 
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the processes it started
         head.wait(60)
+        # `ray start` leaves /tmp/ray/ray_current_cluster behind; simulate() starts its own local
+        # Ray (address="local") so a stale file cannot redirect later runs, but do not leave it
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
