@@ -187,7 +187,11 @@ class LocalFederation:
         if self.insecure:
             return
         for i in self.registered if self.registered is not None else range(self.num_nodes):
-            self.flwr("supernode", "register", str(self.keys[i][1]), "fedser")
+            try:
+                self.flwr("supernode", "register", str(self.keys[i][1]), "fedser")
+            except RuntimeError as exc:  # the SuperLink's state.db outlives it: a restart keeps the registry
+                if "Public key already in use" not in str(exc):
+                    raise
 
     def supernode_command(self, i: int, num_partitions: int | None = None, port: int | None = None) -> list[str]:
         """SuperNode ``i``'s command line: it holds shard ``partition-id=i``."""
