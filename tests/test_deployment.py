@@ -51,7 +51,7 @@ def test_tls_authenticated_federation_trains_and_records_every_update(prepared, 
 
 
 def test_run_finishes_when_a_supernode_is_killed_mid_run(prepared, tmp_path):
-    s = _settings(prepared, tmp_path / "run", rounds=3, nodes=3, round_timeout=12.0)
+    s = _settings(prepared, tmp_path / "run", rounds=2, nodes=3, round_timeout=12.0)
     with LocalFederation(tmp_path / "fed", 3) as fed:
         run = fed.start_run(s.to_run_config())
         ckpt = tmp_path / "run" / "checkpoint.npz"
@@ -63,12 +63,11 @@ def test_run_finishes_when_a_supernode_is_killed_mid_run(prepared, tmp_path):
         out, _ = run.communicate(timeout=400)
         assert run.returncode == 0, out[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert res["final"]["round"] == 3
-    replies = {r["round"]: r["replies"] for r in res["rounds"]}
-    assert replies[1] == 3 and replies[2] == replies[3] == 2
-    assert sorted(res["short_rounds"]) == [2, 3]
-    parts = [(u.round, u.partition) for u in UpdateStore(tmp_path / "run" / "updates").updates()]
-    assert (2, 2) not in parts and (3, 2) not in parts and (1, 2) in parts
+    assert res["final"]["round"] == 2 and res["final"]["test_uar"] >= 0.0
+    assert {r["round"]: r["replies"] for r in res["rounds"]} == {1: 3, 2: 2}
+    assert res["short_rounds"] == [2]
+    parts = sorted((u.round, u.partition) for u in UpdateStore(tmp_path / "run" / "updates").updates())
+    assert parts == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]  # the dead node's round-2 update never came
 
 
 def test_a_supernode_with_an_unregistered_key_is_refused(prepared, tmp_path):
