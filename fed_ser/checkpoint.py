@@ -23,8 +23,10 @@ NAME = "checkpoint.npz"
 def fingerprint(s: RunSettings) -> str:
     """What must match for a checkpoint to be resumed: everything but rounds, paths and flags."""
     cfg = s.to_run_config()
-    for key in ("fl.rounds", "out_dir", "resume", "recorder.dir", "fl.eval_every", "fl.eval_fraction"):
+    for key in ("fl.rounds", "out_dir", "resume", "recorder.dir", "fl.eval_every", "fl.eval_fraction", "fl.round_timeout"):
         cfg.pop(key)
+    if s.adv_mix == 0:  # adversarial-training knobs mean nothing while it is off (and older checkpoints lack them)
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("adv.")}
     cfg["data.prepared"] = Path(s.prepared).name  # content-hashed name; the folder may move
     return json.dumps(cfg, sort_keys=True)
 

@@ -62,3 +62,13 @@ def test_multirun_expands_the_cartesian_product_of_comma_lists():
     assert multirun and len(runs) == 4
     assert ["private=crema_d", "fl=fedavg", "folds=[0,1]"] in runs
     assert expand_overrides(["fl=fedavg,x"]) == (False, [["fl=fedavg,x"]])  # no -m: passed as is
+
+
+def test_checkpoint_fingerprint_ignores_operational_keys_and_inactive_defences():
+    from fed_ser.checkpoint import fingerprint
+
+    base = fingerprint(RunSettings(prepared="a/x.npz"))
+    same = RunSettings(prepared="b/x.npz", rounds=7, round_timeout=5.0, adv_epsilon=0.3)  # folder, rounds, timeout, adv off
+    assert fingerprint(same) == base
+    assert fingerprint(RunSettings(prepared="a/x.npz", adv_mix=0.5)) != base
+    assert fingerprint(RunSettings(prepared="a/x.npz", dropout=0.4)) != base
