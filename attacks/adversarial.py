@@ -63,10 +63,15 @@ class PerturbationConfig:
         return self.step_size or 2.5 * self.epsilon / self.steps
 
 
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> torch.Tensor:
+    """Per-example cross-entropy averaged over ``draws`` forward passes (one pass if deterministic)."""
+    return torch.stack([F.cross_entropy(model(x), y, reduction="none") for _ in range(draws)]).mean(0)
+
+
 def _loss_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example loss and its input gradient, both averaged over ``draws`` forward passes."""
     x = x.detach().requires_grad_(True)
-    loss = torch.stack([F.cross_entropy(model(x), y, reduction="none") for _ in range(draws)]).mean(0)
+    loss = _loss(model, x, y, draws)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     return loss.detach(), grad
 
@@ -120,7 +125,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, *, n
         best[better], best_loss[better] = (x + delta)[better], loss[better]
         delta = project(delta + alpha * _ascent(grad, norm), epsilon, norm)
     with torch.no_grad():
-        loss = torch.stack([F.cross_entropy(model(x + delta), y, reduction="none") for _ in range(eot_draws)]).mean(0)
+        loss = _loss(model, x + delta, y, eot_draws)
     better = loss > best_loss
     best[better] = (x + delta)[better]
     return best.detach()

@@ -19,7 +19,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -156,12 +155,9 @@ class LocalFederation:
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PYTHONPATH": str(PROJECT),
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # Flower spawns its own scripts
-        self._write_connection()
+        write_connection(self.home, f"{HOST}:{self.port}", None if self.insecure else self.certs["ca"])
 
     # -- processes ------------------------------------------------------------------------------
-    def _tls(self) -> list[str]:
-        return ["--insecure"] if self.insecure else []
-
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")
         proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -256,9 +252,6 @@ class LocalFederation:
         self.close()
 
     # -- flwr CLI -------------------------------------------------------------------------------
-    def _write_connection(self) -> None:
-        write_connection(self.home, f"{HOST}:{self.port}", None if self.insecure else self.certs["ca"])
-
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this federation; raise with its output on failure."""
         res = subprocess.run([_bin("flwr"), *args], cwd=PROJECT, env=self.env, capture_output=True, text=True,
@@ -286,12 +279,7 @@ class LocalFederation:
                                 cwd=PROJECT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def clean(workdir: str | Path) -> None:
-    """Remove a federation's working folder (certificates, keys, state, logs)."""
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-def deploy(cfg, compare_simulation: bool | None = None) -> dict:
+def deploy(cfg) -> dict:
     """Prepare the data, run it on a local SuperLink + SuperNodes, and report seconds per round.
 
     With ``deploy.compare_simulation`` the same settings also run in Flower's simulation engine,
@@ -325,7 +313,7 @@ def deploy(cfg, compare_simulation: bool | None = None) -> dict:
     report["grpc"] = {"wall_seconds": grpc["wall_seconds"], "seconds_per_round": grpc["wall_seconds"] / s.rounds,
                       "final": grpc["final"], "short_rounds": grpc.get("short_rounds"),
                       "recorded_updates": grpc.get("recorder", {}).get("updates")}
-    if d.compare_simulation if compare_simulation is None else compare_simulation:
+    if d.compare_simulation:
         from fed_ser.simulation import simulate
 
         sim = replace(s, out_dir=str(out / "simulation"), recorder_dir=str(out / "simulation" / "updates"))

@@ -16,6 +16,25 @@ PAPER_UAR = {("iemocap", "fedsgd"): 0.6162, ("iemocap", "fedavg"): 0.6125, ("cre
              ("crema_d", "fedavg"): 0.6638, ("msp_improv", "fedsgd"): 0.4723, ("msp_improv", "fedavg"): 0.4767}
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically and free it."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -40,10 +59,7 @@ def _fold_rows(summary: dict) -> list[dict]:
 
 
 def _figure(path: Path, summaries: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     labels, groups = [], []
@@ -61,11 +77,7 @@ def _figure(path: Path, summaries: list[dict]) -> None:
     ax.set_ylabel("attack success rate")
     ax.legend(fontsize=7, ncol=3, loc="lower right")
     ax.set_title("Gender inference from shared updates (dashed: chance)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_png(fig, path)
 
 
 def _tables(summaries: list[dict]) -> str:
@@ -125,10 +137,7 @@ def _defence_rows(summaries: list[dict]) -> list[dict]:
 
 def _defence_figure(path: Path, rows: list[dict]) -> None:
     """UAR and ASR vs epsilon, one line per (private corpus, DP mode); dotted: the same cell without DP."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     pools = [k for k in rows[0] if k.startswith("asr_pool")]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -151,11 +160,7 @@ def _defence_figure(path: Path, rows: list[dict]) -> None:
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
     axes[1].axhline(0.5, color="k", lw=0.8, ls="--")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_png(fig, path)
 
 
 def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
@@ -188,10 +193,7 @@ def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
 
 
 def _robust_figure(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     attacks = sorted({r["attack"] for r in rows})
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 3.6), squeeze=False)
@@ -205,11 +207,7 @@ def _robust_figure(path: Path, rows: list[dict]) -> None:
         ax.set_title(attack.upper())
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_png(fig, path)
 
 
 def write_robust_report(out: Path, result: dict) -> None:
