@@ -36,7 +36,7 @@ def stores(corpora, feature_cache, tmp_path_factory):
     return out
 
 
-CFG = AttackConfig(layers=["dense1", "dense2", "out"], max_epochs=4, patience=10, pools=(1, 4, 4), first_stride=4, seed=0)
+CFG = AttackConfig(layers=["dense1", "dense2", "out"], max_epochs=4, patience=10, pools=(4, 4, 4), first_stride=4, seed=0)
 
 
 def _asr(stores, shadow_labels=None):
