@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from attacks.data import UpdateDataset, labelled_updates
 from attacks.evaluate import attack_success_rate
+from attacks.profile import profile_asr, train_profile_attack, update_profiles
 from attacks.train import AttackConfig, predict, train_attack
 from fed_ser.cli import expand_overrides, load_config, run_fl, run_vectorized_fl
 from fed_ser.data.federated import FederatedData
@@ -55,6 +56,22 @@ def _train_recorded(cfg: DictConfig, prepared: Path, out: Path, engine: str = "f
         raise ValueError(f"shadow_engine: {engine!r} is not 'flower' or 'vectorised'")
     run = run_fl if engine == "flower" else run_vectorized_fl
     return _fl_done(out, int(cfg.fl.rounds)) or run(cfg, prepared, str(out), str(out / "updates"))
+
+
+def _profile_attack(cfg: DictConfig, shadow_store: UpdateStore, s_updates: list, s_labels: np.ndarray,
+                    priv_store: UpdateStore, p_updates: list, p_labels: np.ndarray) -> dict | None:
+    """The input-profile attack (``attack.profile``) on the same shadow and private updates."""
+    pc = cfg.attack.profile
+    if not pc.enabled:
+        return None
+    layer = str(pc.layer)
+    attack = train_profile_attack(update_profiles(shadow_store, s_updates, layer), s_labels, layer, float(pc.l2))
+    profiles = update_profiles(priv_store, p_updates, layer)
+    clients = np.array([u.partition for u in p_updates])
+    trials, seed = int(cfg.attack.trials), int(cfg.attack.seed)
+    pooled = {str(k): profile_asr(attack, profiles, clients, p_labels, trials, int(k), seed)
+              for k in sorted({1, *map(int, cfg.attack.pool_rounds)})}
+    return {"layer": layer, "asr": pooled["1"], "asr_pooled": pooled}
 
 
 def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict:
@@ -107,12 +124,16 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict:
         "fusion_weights": dict(zip(acfg.layers, trained.model.fusion_weights.tolist())),
         "defence": {"dp_mode": str(cfg.dp.mode), "dp_epsilon": float(cfg.dp.epsilon), "dropout": float(cfg.model.dropout),
                     "spent_epsilon_max": (priv_fl.get("privacy") or {}).get("spent_epsilon_max")},
+        "profile": _profile_attack(cfg, shadow_store, s_updates, s_labels, priv_store, p_updates, p_labels),
         "attack_history": trained.history,
         "seconds": {"fl": t_fl, "total": time.perf_counter() - t0},
     }
     print(f"[attack] fold {fold}: ASR {result['asr']:.3f} per layer "
           + " ".join(f"{l} {v:.3f}" for l, v in result["asr_per_layer"].items())
           + " pooled " + " ".join(f"k={k}: {v:.3f}" for k, v in result["asr_pooled"].items()), flush=True)
+    if result["profile"]:
+        print(f"[attack] fold {fold}: input-profile attack ({result['profile']['layer']}) "
+              + " ".join(f"k={k}: {v:.3f}" for k, v in result["profile"]["asr_pooled"].items()), flush=True)
     return result
 
 
@@ -137,6 +158,8 @@ def run_experiment(cfg: DictConfig) -> dict:
             "ser_acc": float(np.mean([f["ser"]["test_acc"] for f in folds])),
             "asr_per_layer": {l: float(np.mean([f["asr_per_layer"][l] for f in folds])) for l in folds[0]["asr_per_layer"]},
             "asr_pooled": {k: float(np.mean([f["asr_pooled"][k] for f in folds])) for k in folds[0]["asr_pooled"]},
+            "profile_asr_pooled": ({k: float(np.mean([f["profile"]["asr_pooled"][k] for f in folds]))
+                                    for k in folds[0]["profile"]["asr_pooled"]} if folds[0].get("profile") else None),
         },
     }
     atomic_write_json(out / f"results{suffix}.json", summary)

@@ -6,6 +6,7 @@ import csv
 import io
 from pathlib import Path
 
+import numpy as np
 
 from fed_ser.io import atomic_write_bytes, atomic_write_text
 
@@ -41,7 +42,7 @@ def _pct(x: float | None) -> str:
 
 def _csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
@@ -54,6 +55,7 @@ def _fold_rows(summary: dict) -> list[dict]:
                "control": f["control"], "ser_acc": f["ser"]["test_acc"], "ser_uar": f["ser"]["test_uar"], "asr": f["asr"]}
         row.update({f"asr_{l}": v for l, v in f["asr_per_layer"].items()})
         row.update({f"asr_pool{k}": v for k, v in f["asr_pooled"].items()})
+        row.update({f"profile_asr_pool{k}": v for k, v in (f.get("profile") or {}).get("asr_pooled", {}).items()})
         rows.append(row)
     return rows
 
@@ -102,6 +104,15 @@ def _tables(summaries: list[dict]) -> str:
               "| private corpus | algorithm | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
     for s in summaries:
         lines.append(f"| {s['private']} | {s['algorithm']} | " + " | ".join(_pct(s["mean"]["asr_pooled"][k]) for k in ks) + " |")
+    profiled = [s for s in summaries if s["mean"].get("profile_asr_pooled")]
+    if profiled:
+        pk = list(profiled[0]["mean"]["profile_asr_pooled"])
+        layer = profiled[0]["folds"][0]["profile"]["layer"]
+        lines += ["", f"## Input-profile attack ({layer} update summed over output units; k rounds averaged)", "",
+                  "| private corpus | algorithm | " + " | ".join(f"k={k}" for k in pk) + " |", "|---|---|" + "---|" * len(pk)]
+        for s in profiled:
+            lines.append(f"| {s['private']} | {s['algorithm']} | "
+                         + " | ".join(_pct(s["mean"]["profile_asr_pooled"][k]) for k in pk) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -131,16 +142,24 @@ def _defence_rows(summaries: list[dict]) -> list[dict]:
         eps = d["dp_epsilon"] if d["dp_mode"] != "none" else None
         rows.append({"private": s["private"], "algorithm": s["algorithm"], "dp_mode": d["dp_mode"], "epsilon": eps,
                      "spent_epsilon_max": d.get("spent_epsilon_max"), "dropout": d["dropout"], "ser_uar": m["ser_uar"],
-                     "asr": m["asr"], **{f"asr_pool{k}": v for k, v in m["asr_pooled"].items() if k != "1"}})
+                     "asr": m["asr"], **{f"asr_pool{k}": v for k, v in m["asr_pooled"].items() if k != "1"},
+                     **{f"profile_asr_pool{k}": v for k, v in (m.get("profile_asr_pooled") or {}).items()}})
     return rows
+
+
+def _pool_label(key: str) -> str:
+    if key.startswith("profile_asr_pool"):
+        k = key[16:]
+        return f"profile, {k} round{'s' * (k != '1')}"
+    return f"CNN, {key[8:]} rounds"
 
 
 def _defence_figure(path: Path, rows: list[dict]) -> None:
     """UAR and ASR vs epsilon, one line per (private corpus, DP mode); dotted: the same cell without DP."""
     plt = _pyplot()
 
-    pools = [k for k in rows[0] if k.startswith("asr_pool")]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    pools = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith(("asr_pool", "profile_asr_pool"))]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     groups = dict.fromkeys((r["private"], r["algorithm"], r["dp_mode"], r["dropout"]) for r in rows if r["epsilon"] is not None)
     for private, algorithm, mode, dropout in groups:
         dp = sorted((r for r in rows if (r["private"], r["algorithm"], r["dp_mode"], r["dropout"]) == (private, algorithm, mode, dropout)),
@@ -149,9 +168,10 @@ def _defence_figure(path: Path, rows: list[dict]) -> None:
         tag = f"{private} {algorithm} {mode}" if len(groups) > 1 else ""
         for ax, keys in ((axes[0], ["ser_uar"]), (axes[1], ["asr", *pools])):
             for k in keys:
-                label = {"ser_uar": "UAR", "asr": "ASR, 1 round"}.get(k, f"ASR, {k[8:]} rounds pooled")
-                line = ax.plot([r["epsilon"] for r in dp], [r[k] for r in dp], marker="o", label=f"{tag} {label}".strip())[0]
-                if none:
+                label = {"ser_uar": "UAR", "asr": "CNN, 1 round"}.get(k, _pool_label(k))
+                style = "s--" if k.startswith("profile") else "o-"
+                line = ax.plot([r["epsilon"] for r in dp], [np.nan if r.get(k) is None else r[k] for r in dp], style, label=f"{tag} {label}".strip())[0]
+                if none and none[0].get(k) is not None:
                     ax.axhline(none[0][k], color=line.get_color(), ls=":", lw=1)
     for ax, title in ((axes[0], "SER UAR"), (axes[1], "attack success rate")):
         ax.set_xscale("log")
@@ -169,17 +189,22 @@ def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
     rows = _defence_rows(summaries)
     grid_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(grid_dir / "defense.csv", _csv(rows))
-    pools = [k for k in rows[0] if k.startswith("asr_pool")]
-    head = "| private | algorithm | DP | epsilon (spent) | dropout | SER UAR | ASR | " + " | ".join(
-        f"ASR {k[8:]} rounds" for k in pools) + " |"
-    lines = ["# Defences: DP and dropout", "", "Attack on the first layer (dense1) updates; ASR from one round and "
-             "pooled over several rounds of the same client.", "", head, "|" + "---|" * (7 + len(pools))]
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # cells written by older versions lack some
+    pools = [k for k in keys if k.startswith("asr_pool")]
+    profile = [k for k in keys if k.startswith("profile_asr_pool")]
+    head = "| private | algorithm | DP | epsilon (spent) | dropout | SER UAR | CNN ASR | " + " | ".join(
+        f"CNN {k[8:]} rounds" for k in pools) + "".join(f" | profile {k[16:]} round{'s' * (k[16:] != '1')}"
+                                                         for k in profile) + " |"
+    lines = ["# Defences: DP and dropout", "", "Attacks on the first layer (dense1) updates, from one round and "
+             "pooled over several rounds of the same client: the paper's CNN (k rounds: mean prediction) and the "
+             "input-profile attack (attacks/profile.py; k rounds: mean profile, which averages DP noise away).", "",
+             head, "|" + "---|" * (7 + len(pools) + len(profile))]
     key = lambda r: (r["dp_mode"] == "none", r["epsilon"] or 0, r["dropout"])  # noqa: E731
     for r in sorted(rows, key=key):
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:g} ({r['spent_epsilon_max']:.2f})" \
             if r["spent_epsilon_max"] is not None else f"{r['epsilon']:g}"
         lines.append(f"| {r['private']} | {r['algorithm']} | {r['dp_mode']} | {eps} | {r['dropout']:g} | "
-                     f"{_pct(r['ser_uar'])} | {_pct(r['asr'])} | " + " | ".join(_pct(r[k]) for k in pools) + " |")
+                     f"{_pct(r['ser_uar'])} | {_pct(r['asr'])} | " + " | ".join(_pct(r.get(k)) for k in pools + profile) + " |")
     nodp = [r for r in rows if r["dp_mode"] == "none"]
     if len({r["dropout"] for r in nodp}) > 1:
         lines += ["", "## Dropout (shaped like the paper's Table VI)", "",

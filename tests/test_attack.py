@@ -8,6 +8,7 @@ import pytest
 
 from attacks.data import UpdateDataset, labelled_updates
 from attacks.evaluate import attack_success_rate
+from attacks.profile import input_profile, profile_asr, train_profile_attack, update_profiles
 from attacks.train import AttackConfig, predict, train_attack
 from fed_ser.cli import load_config
 from fed_ser.data.federated import FederatedData
@@ -84,3 +85,47 @@ def test_asr_definition():
     assert attack_success_rate(1 - p, clients, labels) == 0.0
     p[clients == 0] = 0.2  # one client always wrong -> 3 of 4 clients right
     assert attack_success_rate(p, clients, labels, pool_rounds=3) == 0.75
+
+
+def _profile_asr(stores, noise_std: float = 0.0, shuffle: bool = False, pools=(1, 5)) -> dict[int, float]:
+    """The input-profile attack on the same recorded updates; ``noise_std`` adds to every weight
+    element what DP noise would (summed over the layer's output units: std * sqrt(out))."""
+    rng = np.random.default_rng(11)
+    (s_store, s_data), (p_store, p_data) = stores["shadow"], stores["private"]
+    s_ups, s_labels = labelled_updates(s_store, s_data.client_gender)
+    p_ups, p_labels = labelled_updates(p_store, p_data.client_gender)
+    s_prof, p_prof = update_profiles(s_store, s_ups), update_profiles(p_store, p_ups)
+    assert np.allclose(p_prof[0], p_store.read(p_ups[0])["dense1.weight"].sum(0), atol=1e-5)
+    out_units = p_ups[0].layers["dense1.weight"][0]
+    s_prof = s_prof + rng.normal(0, noise_std * np.sqrt(out_units), s_prof.shape)
+    p_prof = p_prof + rng.normal(0, noise_std * np.sqrt(out_units), p_prof.shape)
+    if shuffle:  # one shuffled gender per shadow client, as in the CNN control
+        parts = np.array([u.partition for u in s_ups])
+        uniq = np.unique(parts)
+        perm = dict(zip(uniq, np.random.default_rng(5).permutation([s_labels[parts == p][0] for p in uniq])))
+        s_labels = np.array([perm[p] for p in parts])
+    attack = train_profile_attack(s_prof, s_labels)
+    clients = np.array([u.partition for u in p_ups])
+    return {k: profile_asr(attack, p_prof, clients, p_labels, pool_rounds=k) for k in pools}
+
+
+def test_profile_attack_infers_gender_falls_with_noise_and_pooling_averages_noise(stores):
+    clean = _profile_asr(stores)
+    control = _profile_asr(stores, shuffle=True)
+    rms = float(np.sqrt(np.mean([np.mean(stores["private"][0].read(u)["dense1.weight"] ** 2)
+                                 for u in stores["private"][0].updates()[:20]])))
+    noisy = _profile_asr(stores, noise_std=3 * rms, pools=(1, 5, 9))
+    drowned = _profile_asr(stores, noise_std=1e4 * rms)
+    print(f"profile ASR clean {clean} control {control} noisy {noisy} drowned {drowned}")
+    assert clean[1] >= 0.6 and clean[5] >= clean[1]
+    assert abs(control[1] - 0.5) <= 0.15
+    assert noisy[1] < clean[1] and noisy[9] > noisy[1]  # pooled rounds average noise away
+    assert abs(drowned[1] - 0.5) <= 0.15
+
+
+def test_input_profile_of_a_dense_gradient_is_the_weighted_input_sum():
+    rng = np.random.default_rng(0)
+    delta, x = rng.normal(size=(6, 3)), rng.normal(size=(6, 5))  # 6 samples, 3 units, 5 inputs
+    assert np.allclose(input_profile(delta.T @ x), delta.sum(1) @ x)
+    with pytest.raises(ValueError, match="2-D"):
+        input_profile(np.zeros(4))
