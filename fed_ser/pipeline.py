@@ -23,13 +23,29 @@ from fed_ser.features.extract import extract_features
 from fed_ser.features.normalize import speaker_znorm
 from fed_ser.io import atomic_write_text
 
-def feature_factory(name: str):
-    """The extractor factory for ``features.name``."""
+def feature_factory(features: DictConfig):
+    """The extractor factory for the ``features`` config group (``features.name``)."""
+    from fed_ser.features.ssl import UPSTREAMS, UpstreamFactory, checkpoint_path, s3prl_available
+
+    name = str(features.name)
     if name == "emobase":
         from fed_ser.features.emobase import emobase_factory
 
         return emobase_factory
-    raise KeyError(f"features.name: unknown feature set {name!r}; available: ['emobase']")
+    if name in UPSTREAMS:  # s3prl: extracted in its own environment; elsewhere read from the cache only
+        ckpt = features.get("ckpt") or None
+        checkpoint_path(name, ckpt)  # a missing checkpoint stops here, naming the file
+        return UpstreamFactory(name, ckpt, load=s3prl_available())
+    raise KeyError(f"features.name: unknown feature set {name!r}; available: {['emobase', *UPSTREAMS]}")
+
+
+def _upstream_version(features: DictConfig) -> dict:
+    """For an s3prl upstream, the checkpoint's content hash (part of the prepared data's key)."""
+    from fed_ser.features.ssl import UPSTREAMS, S3prlUpstream
+
+    if str(features.name) not in UPSTREAMS:
+        return {}
+    return {"upstream": S3prlUpstream(str(features.name), features.get("ckpt") or None, load=False).version}
 
 
 def corpus_root(cfg: DictConfig, corpus: str) -> Path:
@@ -44,7 +60,7 @@ def corpus_features(cfg: DictConfig, corpus: str) -> tuple[pd.DataFrame, np.ndar
         ensure_corpus(root, corpus, scale=float(cfg.data.scale), seed=int(cfg.data.seed))
     manifest, issues = load_corpus(corpus, root)
     problems = [(i.path, i.reason) for i in issues]
-    X, ok, failures = extract_features(manifest.path.tolist(), feature_factory(cfg.features.name), cfg.data.cache,
+    X, ok, failures = extract_features(manifest.path.tolist(), feature_factory(cfg.features), cfg.data.cache,
                                        workers=int(cfg.data.workers) or None, desc=f"{cfg.features.name}:{corpus}")
     problems += [(f.path, f.reason) for f in failures]
     if problems:
@@ -53,16 +69,42 @@ def corpus_features(cfg: DictConfig, corpus: str) -> tuple[pd.DataFrame, np.ndar
             print(f"  {path}: {reason}", file=sys.stderr)
     manifest = manifest[ok].reset_index(drop=True)
     if manifest.empty:
-        raise RuntimeError(f"{corpus}: no usable utterances under {root}")
+        first = f" (first: {problems[0][0]}: {problems[0][1]})" if problems else ""
+        raise RuntimeError(f"{corpus}: no usable utterances under {root}{first}")
     manifest.attrs["problems"] = problems
     return manifest, speaker_znorm(X[ok], manifest.speaker.to_numpy())
+
+
+def extract_main(argv: list[str] | None = None) -> None:
+    """Console script ``fed-ser-extract features=<set> [corpora=[...]] [limit=N] key=value ...``: fill
+    the feature cache (the separate extraction step; s3prl upstreams run it in ``.venv-s3prl``)."""
+    from fed_ser.cli import load_config
+
+    cfg = load_config(list(sys.argv[1:] if argv is None else argv), "extract")
+    if int(cfg.limit) < 0:
+        raise ValueError(f"limit: must be >= 0 (0: every utterance), got {cfg.limit}")
+    factory, failed = feature_factory(cfg.features), 0
+    for corpus in cfg.corpora:
+        root = corpus_root(cfg, str(corpus))
+        if cfg.data.synthetic:
+            ensure_corpus(root, str(corpus), scale=float(cfg.data.scale), seed=int(cfg.data.seed))
+        paths = load_corpus(str(corpus), root)[0].path.tolist()[: int(cfg.limit) or None]
+        _, ok, failures = extract_features(paths, factory, cfg.data.cache, workers=int(cfg.data.workers) or None,
+                                           desc=f"{cfg.features.name}:{corpus}")
+        for f in failures[:20]:
+            print(f"  {f.path}: {f.reason}", file=sys.stderr)
+        failed += len(failures)
+        print(f"[fed-ser] {corpus}: {int(ok.sum())} of {len(paths)} utterances' {cfg.features.name} features "
+              f"in {cfg.data.cache}", flush=True)
+    if failed:
+        sys.exit(f"[fed-ser] {failed} utterances failed")
 
 
 def prepare(cfg: DictConfig, corpora: list[str], fold: int, train_share: float = 1.0, tag: str = "") -> Path:
     """Build (or reuse) the prepared ``.npz`` for ``corpora`` and ``fold``; return its path."""
     shards = {c: int(cfg.shards.get(c, 1)) for c in corpora}
     key = json.dumps(dict(corpora=sorted(corpora), fold=fold, share=train_share, shards=shards,
-                          features=cfg.features.name, scale=float(cfg.data.scale), data_seed=int(cfg.data.seed),
+                          features=cfg.features.name, **_upstream_version(cfg.features), scale=float(cfg.data.scale), data_seed=int(cfg.data.seed),
                           synthetic=bool(cfg.data.synthetic), n_folds=int(cfg.n_folds), seed=int(cfg.seed),
                           roots=[str(corpus_root(cfg, c)) for c in sorted(corpora)]), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]

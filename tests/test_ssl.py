@@ -1,0 +1,106 @@
+"""s3prl upstreams (APC, VQ-APC, NPC, TERA, DeCoAR 2.0): extraction in the optional environment
+from randomly initialised checkpoints in each upstream's own format, then FL on the features in
+the main environment. Needs ``.venv-s3prl`` (``fed-ser-s3prl-env``; the README's test command
+builds it); the checks that need no s3prl run everywhere."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fed_ser.cli import load_config
+from fed_ser.data.corpora import load_corpus
+from fed_ser.data.federated import FederatedData
+from fed_ser.features.extract import cache_path, file_digest
+from fed_ser.features.ssl import UPSTREAMS, S3prlUpstream, checkpoint_path
+from fed_ser.pipeline import prepare
+from fed_ser.recorder import UpdateRecorder
+from fed_ser.settings import RunSettings
+from fed_ser.store import UpdateStore
+from fed_ser.vectorized import run_vectorized
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = ROOT / ".venv-s3prl" / "bin"
+needs_env = pytest.mark.skipif(not (ENV / "fed-ser-extract").exists(),
+                               reason="no .venv-s3prl: build it with `.venv/bin/fed-ser-s3prl-env`")
+
+
+def _overrides(name: str, ckpt: Path, corpora: Path, cache: Path, prepared: Path | None = None) -> list[str]:
+    out = [f"features={name}", f"features.ckpt={ckpt}", f"data.root={corpora}", "data.scale=0.05", "data.seed=3",
+           f"data.cache={cache}", "data.workers=2"]
+    return out + ([f"data.prepared_dir={prepared}"] if prepared else [])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("s3prl-ckpt")
+    subprocess.run([str(ENV / "python"), str(ROOT / "tests" / "s3prl_checkpoints.py"), str(out)], check=True,
+                   capture_output=True)
+    return {name: out / f"{name}.ckpt" for name in UPSTREAMS}
+
+
+LIMIT = 48  # utterances per extraction test: enough for shape, spread and determinism
+
+
+def _extract(name, ckpt, corpora, cache, limit: int = LIMIT) -> float:
+    t0 = time.perf_counter()
+    run = subprocess.run([str(ENV / "fed-ser-extract"), *_overrides(name, ckpt, corpora, cache), "corpora=[crema_d]",
+                          f"limit={limit}"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return time.perf_counter() - t0
+
+
+def _cached(name, ckpt, wavs, cache) -> np.ndarray:
+    ex = S3prlUpstream(name, str(ckpt), load=False)  # names the cache entry without s3prl
+    return np.stack([np.load(cache_path(cache, ex, file_digest(w))) for w in wavs])
+
+
+@needs_env
+@pytest.mark.parametrize("name", list(UPSTREAMS))
+def test_upstream_extracts_mean_pooled_last_layer_deterministically_and_caches(name, checkpoints, corpora, tmp_path):
+    wavs = load_corpus("crema_d", corpora / "crema_d")[0].path.tolist()[:LIMIT]
+    first = _extract(name, checkpoints[name], corpora, tmp_path / "a")
+    X = _cached(name, checkpoints[name], wavs, tmp_path / "a")
+    assert X.shape == (len(wavs), UPSTREAMS[name].dim) and np.isfinite(X).all()
+    assert np.std(X, axis=0).max() > 0  # utterances differ
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.npy")}
+    again = _extract(name, checkpoints[name], corpora, tmp_path / "a")  # everything cached: nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.npy")} == stamps
+    print(f"{name}: {len(wavs)} utterances extracted in {first:.1f} s, cached re-run {again:.1f} s")
+    if name == "apc":  # a fresh cache gives the same vectors
+        _extract(name, checkpoints[name], corpora, tmp_path / "b")
+        assert np.array_equal(X, _cached(name, checkpoints[name], wavs, tmp_path / "b"))
+
+
+@needs_env
+def test_fl_pipeline_trains_on_s3prl_features(checkpoints, corpora, tmp_path):
+    _extract("npc", checkpoints["npc"], corpora, tmp_path / "cache", limit=0)
+    cfg = load_config(_overrides("npc", checkpoints["npc"], corpora, tmp_path / "cache", tmp_path / "prep"))
+    data = FederatedData.load(prepare(cfg, ["crema_d"], fold=0))  # main env: read from the cache only
+    assert data.X.shape[1] == 512
+    store = UpdateStore(tmp_path / "updates")
+    s = RunSettings(prepared="", algorithm="fedsgd", rounds=5, fraction=0.3, lr=0.1)
+    res = run_vectorized(data, s, UpdateRecorder(store, "fedsgd", 0.1), progress=False)
+    assert len(store) == 5 * int(data.num_clients * 0.3)
+    assert store.read(store.updates()[0])["dense1.weight"].shape == (256, 512)
+    assert 0.0 <= res["final"]["test_uar"] <= 1.0
+
+
+def test_missing_checkpoint_names_the_file_and_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere/apc\.ckpt does not exist.*huggingface\.co.*apc_360hr"):
+        checkpoint_path("apc", str(tmp_path / "nowhere" / "apc.ckpt"))
+    with pytest.raises(KeyError, match="features.name"):
+        checkpoint_path("wav2vec9", None)
+
+
+def test_uncached_features_without_s3prl_fail_naming_the_extraction_step(corpora, tmp_path):
+    ckpt = tmp_path / "tera.ckpt"
+    ckpt.write_bytes(b"not extracted")  # exists, so the cache can be named; nothing is cached
+    cfg = load_config(_overrides("tera", ckpt, corpora, tmp_path / "cache", tmp_path / "prep"))
+    with pytest.raises(RuntimeError, match="fed-ser-extract features=tera"):
+        prepare(cfg, ["crema_d"], fold=0)
