@@ -5,6 +5,7 @@ builds it); the checks that need no s3prl run everywhere."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ from fed_ser.vectorized import run_vectorized
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = ROOT / ".venv-s3prl" / "bin"
+# The s3prl env must see only its own packages: earlier tests (Ray) can leave PYTHONPATH pointing
+# at the main environment's torch 2.13 in this process's environment.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
 needs_env = pytest.mark.skipif(not (ENV / "fed-ser-extract").exists(),
                                reason="no .venv-s3prl: build it with `.venv/bin/fed-ser-s3prl-env`")
 
@@ -39,7 +43,7 @@ def _overrides(name: str, ckpt: Path, corpora: Path, cache: Path, prepared: Path
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("s3prl-ckpt")
     subprocess.run([str(ENV / "python"), str(ROOT / "tests" / "s3prl_checkpoints.py"), str(out)], check=True,
-                   capture_output=True)
+                   capture_output=True, env=CLEAN_ENV)
     return {name: out / f"{name}.ckpt" for name in UPSTREAMS}
 
 
@@ -50,7 +54,7 @@ def _extract(name, ckpt, corpora, cache, limit: int = LIMIT) -> float:
     t0 = time.perf_counter()
     run = subprocess.run([str(ENV / "fed-ser-extract"), *_overrides(name, ckpt, corpora, cache), "corpora=[crema_d]",
                           f"limit={limit}"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=CLEAN_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     return time.perf_counter() - t0
 
