@@ -53,12 +53,17 @@ def corpus_root(cfg: DictConfig, corpus: str) -> Path:
     return Path(roots.get(corpus) or Path(cfg.data.root) / corpus)
 
 
-def corpus_features(cfg: DictConfig, corpus: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """Manifest and per-speaker z-normalised features of one corpus (rows that failed dropped)."""
+def corpus_manifest(cfg: DictConfig, corpus: str):
+    """``load_corpus`` on the corpus' root, generating the synthetic corpus there first if configured."""
     root = corpus_root(cfg, corpus)
     if cfg.data.synthetic:
         ensure_corpus(root, corpus, scale=float(cfg.data.scale), seed=int(cfg.data.seed))
-    manifest, issues = load_corpus(corpus, root)
+    return load_corpus(corpus, root)
+
+
+def corpus_features(cfg: DictConfig, corpus: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Manifest and per-speaker z-normalised features of one corpus (rows that failed dropped)."""
+    root, (manifest, issues) = corpus_root(cfg, corpus), corpus_manifest(cfg, corpus)
     problems = [(i.path, i.reason) for i in issues]
     X, ok, failures = extract_features(manifest.path.tolist(), feature_factory(cfg.features), cfg.data.cache,
                                        workers=int(cfg.data.workers) or None, desc=f"{cfg.features.name}:{corpus}")
@@ -85,10 +90,7 @@ def extract_main(argv: list[str] | None = None) -> None:
         raise ValueError(f"limit: must be >= 0 (0: every utterance), got {cfg.limit}")
     factory, failed = feature_factory(cfg.features), 0
     for corpus in cfg.corpora:
-        root = corpus_root(cfg, str(corpus))
-        if cfg.data.synthetic:
-            ensure_corpus(root, str(corpus), scale=float(cfg.data.scale), seed=int(cfg.data.seed))
-        paths = load_corpus(str(corpus), root)[0].path.tolist()[: int(cfg.limit) or None]
+        paths = corpus_manifest(cfg, str(corpus))[0].path.tolist()[: int(cfg.limit) or None]
         _, ok, failures = extract_features(paths, factory, cfg.data.cache, workers=int(cfg.data.workers) or None,
                                            desc=f"{cfg.features.name}:{corpus}")
         for f in failures[:20]:
