@@ -128,6 +128,16 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"{name or 'process'}: nothing listened on {HOST}:{port} within {timeout:.0f} s")
 
 
+class RunFailed(RuntimeError):
+    """``flwr run`` failed or did not end; the message carries its output and each process's log tail."""
+
+    def __init__(self, what: str, output: str, logs: dict[str, str]) -> None:
+        parts = [what, "--- flwr run output (ServerApp log) ---", output[-4000:]]
+        parts += [f"--- {name}.log (tail) ---\n{text}" for name, text in logs.items()]
+        super().__init__("\n".join(parts))
+        self.output, self.logs = output, logs
+
+
 @dataclass
 class LocalFederation:
     """SuperLink + ``num_nodes`` SuperNodes on 127.0.0.1, as a context manager.
@@ -158,9 +168,15 @@ class LocalFederation:
         write_connection(self.home, f"{HOST}:{self.port}", None if self.insecure else self.certs["ca"])
 
     # -- processes ------------------------------------------------------------------------------
-    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def node_home(self, i: int) -> Path:
+        """SuperNode ``i``'s own ``FLWR_HOME``: as on separate machines, each node installs the app
+        (FAB) into its own folder; Flower's install is not safe for several nodes sharing one."""
+        return self.workdir / f"supernode{i}_home"
+
+    def _start(self, name: str, cmd: list[str], home: Path | None = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        env = self.env if home is None else {**self.env, "FLWR_HOME": str(home)}
+        proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group: stopping it stops its children
         self.procs[name] = proc
         return proc
@@ -200,7 +216,9 @@ class LocalFederation:
 
     def start_supernode(self, i: int, num_partitions: int | None = None) -> subprocess.Popen:
         """Start SuperNode ``i`` (shard ``partition-id=i``)."""
-        return self._start(f"supernode{i}", self.supernode_command(i, num_partitions))
+        home = self.node_home(i)
+        home.mkdir(exist_ok=True)
+        return self._start(f"supernode{i}", self.supernode_command(i, num_partitions), home)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         """Stop one process and its process group (its ClientApp/ServerApp children)."""
@@ -238,12 +256,15 @@ class LocalFederation:
         """Kill leftover processes started under this federation's ``FLWR_HOME`` (Linux ``/proc``).
 
         Flower starts SuperExec and app processes in their own sessions; one whose parent died
-        (a refused SuperNode) would outlive the federation.
+        (a refused SuperNode) would outlive the federation. Every home (the SuperLink's and each
+        node's) is checked.
         """
-        marker = f"FLWR_HOME={self.home}".encode() + b"\0"
+        homes = [self.home] + [self.node_home(i) for i in range(self.num_nodes)]
+        markers = [f"FLWR_HOME={h}".encode() + b"\0" for h in homes]
         for env in Path("/proc").glob("[0-9]*/environ"):
             try:
-                if marker in env.read_bytes() and int(env.parent.name) != os.getpid():
+                data = env.read_bytes()
+                if any(m in data for m in markers) and int(env.parent.name) != os.getpid():
                     os.kill(int(env.parent.name), signal.SIGKILL)
             except (OSError, ValueError):
                 continue
@@ -265,12 +286,21 @@ class LocalFederation:
         proc = self.start_run(run_config)
         try:
             out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             proc.kill()
-            raise
+            out = proc.communicate()[0] or ""
+            raise RunFailed(f"flwr run did not end within {timeout:.0f} s", out, self.log_tails()) from exc
         if proc.returncode != 0:
-            raise RuntimeError(f"flwr run failed ({proc.returncode}):\n{out}")
+            raise RunFailed(f"flwr run failed ({proc.returncode})", out, self.log_tails())
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+    def log_tails(self, chars: int = 2500) -> dict[str, str]:
+        """The end of every process log of this federation (what a failed run needs to be understood)."""
+        tails = {}
+        for log in sorted(self.workdir.glob("*.log")):
+            text = log.read_bytes()[-chars:].decode("utf-8", "replace")
+            tails[log.stem] = text
+        return tails
 
     def start_run(self, run_config: dict) -> subprocess.Popen:
         """Start ``flwr run ... --stream`` without waiting (its output: the ServerApp's log)."""

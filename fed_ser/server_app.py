@@ -32,7 +32,9 @@ def discover_partitions(grid: Grid, expected: int, timeout: float = 600.0) -> di
     Nodes that do not answer within ``timeout`` are left out (they will not be selected).
     Two nodes claiming one partition is a deployment error and stops the run.
     """
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    print(f"[fed-ser] waiting for {expected} nodes", flush=True)
     while len(node_ids := list(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(node_ids)} of {expected} nodes connected within {timeout:.0f} s")
@@ -41,11 +43,14 @@ def discover_partitions(grid: Grid, expected: int, timeout: float = 600.0) -> di
     found: dict[int, int] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
         if reply.has_error():
+            print(f"[fed-ser] node {reply.metadata.src_node_id} did not say its partition: {reply.error.reason}", flush=True)
             continue
         pid = int(reply.content.metric_records["metrics"]["partition-id"])
         if pid in found:
             raise RuntimeError(f"nodes {found[pid]} and {reply.metadata.src_node_id} both hold partition-id={pid}")
         found[pid] = reply.metadata.src_node_id
+    print(f"[fed-ser] {len(node_ids)} nodes connected, {len(found)} hold partitions {sorted(found)} "
+          f"({time.monotonic() - t0:.1f} s)", flush=True)
     return found
 
 
@@ -77,12 +82,14 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
         row = {"round": rnd, "sampled": strategy.sampled_per_round.get(rnd, 0),
                "replies": strategy.replies_per_round.get(rnd, 0),
                "train_loss": float(metrics["train-loss"]) if metrics else None}
+        line = f"[fed-ser] round {rnd}/{s.rounds}: {row['replies']}/{row['sampled']} replies"
         if strategy.is_eval_round(rnd):
             eval_model.load_state_dict(arrays.to_torch_state_dict())
             m = evaluate(eval_model, X_test, y_test)
             row.update(test_acc=m["acc"], test_uar=m["uar"])
-            print(f"[fed-ser] round {rnd}/{s.rounds} test acc {m['acc']:.3f} UAR {m['uar']:.3f} "
-                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+            line += f", test acc {m['acc']:.3f} UAR {m['uar']:.3f}"
+        if rnd == 1 or "test_uar" in row or row["replies"] < row["sampled"]:  # started / progress / a node lost
+            print(f"{line} ({time.perf_counter() - t0:.1f} s)", flush=True)
         history.append(row)
         if ckpt is not None:
             save_checkpoint(ckpt, rnd, s, arrays_to_numpy(arrays))

@@ -30,12 +30,16 @@ def _settings(prepared, out, rounds: int, nodes: int, **kw) -> RunSettings:
 
 
 def test_tls_authenticated_federation_trains_and_records_every_update(prepared, tmp_path):
-    s = _settings(prepared, tmp_path / "run", rounds=2, nodes=3)
+    # a lost reply fails the replies assertion after 120 s instead of outlasting the run timeout
+    s = _settings(prepared, tmp_path / "run", rounds=2, nodes=3, round_timeout=120.0)
     with LocalFederation(tmp_path / "fed", 3) as fed:
         assert fed.certs is not None and fed.keys is not None  # secure unless asked otherwise
         listed = fed.flwr("supernode", "list", "fedser").stdout
-        fed.run(s.to_run_config(), timeout=400)
+        out = fed.run(s.to_run_config(), timeout=400).stdout
     assert listed  # the CLI reached the SuperLink over TLS
+    assert "3 nodes connected, 3 hold partitions [0, 1, 2]" in out and "round 2/2: 3/3 replies" in out, out[-3000:]
+    for i in range(3):  # every node installed the app into its own FLWR_HOME, as separate machines would
+        assert list((tmp_path / "fed" / f"supernode{i}_home" / "apps").iterdir())
 
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["final"]["round"] == 2 and 0.0 <= res["final"]["test_uar"] <= 1.0
