@@ -17,6 +17,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from fed_ser.data.corpora import load_corpus
+from fed_ser.settings import ConfigError
 from fed_ser.data.federated import build_federated
 from fed_ser.data.synthetic import ensure_corpus
 from fed_ser.features.extract import extract_features
@@ -57,7 +58,10 @@ def corpus_manifest(cfg: DictConfig, corpus: str):
     """``load_corpus`` on the corpus' root, generating the synthetic corpus there first if configured."""
     root = corpus_root(cfg, corpus)
     if cfg.data.synthetic:
-        ensure_corpus(root, corpus, scale=float(cfg.data.scale), seed=int(cfg.data.seed))
+        if not float(cfg.data.gender_style) >= 0:
+            raise ConfigError(f"data.gender_style: must be >= 0, got {cfg.data.gender_style}")
+        ensure_corpus(root, corpus, scale=float(cfg.data.scale), seed=int(cfg.data.seed),
+                      gender_style=float(cfg.data.gender_style))
     return load_corpus(corpus, root)
 
 
@@ -106,7 +110,7 @@ def prepare(cfg: DictConfig, corpora: list[str], fold: int, train_share: float =
     """Build (or reuse) the prepared ``.npz`` for ``corpora`` and ``fold``; return its path."""
     shards = {c: int(cfg.shards.get(c, 1)) for c in corpora}
     key = json.dumps(dict(corpora=sorted(corpora), fold=fold, share=train_share, shards=shards,
-                          features=cfg.features.name, **_upstream_version(cfg.features), scale=float(cfg.data.scale), data_seed=int(cfg.data.seed),
+                          features=cfg.features.name, **_upstream_version(cfg.features), scale=float(cfg.data.scale), data_seed=int(cfg.data.seed), gender_style=float(cfg.data.gender_style),
                           synthetic=bool(cfg.data.synthetic), n_folds=int(cfg.n_folds), seed=int(cfg.seed),
                           roots=[str(corpus_root(cfg, c)) for c in sorted(corpora)]), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]

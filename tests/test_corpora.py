@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -112,4 +113,22 @@ def test_ensure_corpus_reuses_a_match_and_refuses_to_mix(tmp_path):
     assert ensure_corpus(root, "iemocap", scale=0.01, seed=1) == root  # reused, not rewritten
     with pytest.raises(FileExistsError, match="scale=0.01 seed=1"):
         ensure_corpus(root, "iemocap", scale=0.02, seed=1)
+    with pytest.raises(FileExistsError, match="gender_style=0.0"):  # same scale and seed, other voices
+        ensure_corpus(root, "iemocap", scale=0.01, seed=1, gender_style=0.0)
     assert sorted(p.name for p in root.rglob("*.wav")) == before
+
+
+def test_gender_style_scales_only_the_gender_by_emotion_interaction():
+    from fed_ser.data.voice import EMOTIONS, sample_speaker, utterance_prosody
+
+    rng = np.random.default_rng(0)
+    f, m = sample_speaker("F1", "F", rng, gender_style=0.0), sample_speaker("M1", "M", rng, gender_style=0.0)
+    f, m = replace(f, expressivity=1.0), replace(m, expressivity=1.0)
+    for e in EMOTIONS:  # no style: both genders express an emotion identically
+        assert utterance_prosody(f, e) == utterance_prosody(m, e)
+    strong, weak = replace(f, gender_style=2.0), replace(f, gender_style=1.0)
+    shared = utterance_prosody(m, "happy").f0_semitones
+    assert utterance_prosody(strong, "happy").f0_semitones - shared == pytest.approx(
+        2 * (utterance_prosody(weak, "happy").f0_semitones - shared))
+    with pytest.raises(ValueError, match="gender_style"):
+        sample_speaker("F2", "F", rng, gender_style=-1.0)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from fed_ser.data.voice import SAMPLE_RATE, Speaker, sample_speaker, synthesize
+from fed_ser.data.voice import DEFAULT_GENDER_STYLE, SAMPLE_RATE, Speaker, sample_speaker, synthesize
 from fed_ser.io import atomic_write_text
 
 CORPORA = ("crema_d", "iemocap", "msp_improv")
@@ -249,10 +249,18 @@ def _run_job(job: _Job) -> list[str]:
     return _WRITERS[job.corpus](job)
 
 
-def generate(root: str | Path, corpus: str, scale: float = 1.0, seed: int = 0, workers: int | None = None) -> Path:
+def _stamp(corpus: str, scale: float, seed: int, gender_style: float) -> str:
+    """What ``.fed_ser_synthetic`` holds: every parameter the audio depends on."""
+    return f"corpus={corpus}\nscale={scale}\nseed={seed}\ngender_style={gender_style}\n"
+
+
+def generate(root: str | Path, corpus: str, scale: float = 1.0, seed: int = 0, workers: int | None = None,
+             gender_style: float = DEFAULT_GENDER_STYLE) -> Path:
     """Write one synthetic corpus under ``root`` in its real layout; return ``root``.
 
-    Deterministic for ``(corpus, scale, seed)``: each speaker draws from its own seeded stream,
+    ``gender_style`` scales how differently the genders express emotion (the cue a client's
+    update leaks, see :mod:`fed_ser.data.voice`). Deterministic for
+    ``(corpus, scale, seed, gender_style)``: each speaker draws from its own seeded stream,
     so the result does not depend on ``workers``. Labels/metadata are written last and
     atomically, so an interrupted run never leaves a label file pointing at missing audio.
     """
@@ -264,7 +272,7 @@ def generate(root: str | Path, corpus: str, scale: float = 1.0, seed: int = 0, w
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 0, CORPORA.index(corpus)])
     ids = _speaker_list(corpus, rng)
-    speakers = [sample_speaker(sid, g, rng) for sid, g in ids]
+    speakers = [sample_speaker(sid, g, rng, gender_style) for sid, g in ids]
     counts = _per_speaker_counts(corpus, len(speakers), scale)
     n_extra = max(1, int(round(sum(counts) * _EXTRA_SHARE)))
     jobs = [_Job(corpus, s, i, counts, n_extra, str(root), seed) for i, s in enumerate(speakers)]
@@ -281,28 +289,29 @@ def generate(root: str | Path, corpus: str, scale: float = 1.0, seed: int = 0, w
         _iemocap_metadata(root, lines, rng)
     else:
         _msp_metadata(root, lines, rng)
-    atomic_write_text(root / ".fed_ser_synthetic", f"corpus={corpus}\nscale={scale}\nseed={seed}\n")
+    atomic_write_text(root / ".fed_ser_synthetic", _stamp(corpus, scale, seed, gender_style))
     return root
 
 
-def ensure_corpus(root: str | Path, corpus: str, scale: float, seed: int) -> Path:
-    """Generate the corpus unless the same (corpus, scale, seed) is already complete at ``root``.
+def ensure_corpus(root: str | Path, corpus: str, scale: float, seed: int,
+                  gender_style: float = DEFAULT_GENDER_STYLE) -> Path:
+    """Generate the corpus unless the same (corpus, scale, seed, gender_style) is complete at ``root``.
 
-    Refuses to write into a non-empty folder that holds anything else (another scale or seed, or
-    a real corpus): mixing two corpora in one tree would silently corrupt both.
+    Refuses to write into a non-empty folder that holds anything else (other parameters, or a
+    real corpus): mixing two corpora in one tree would silently corrupt both.
     """
     root = Path(root)
     stamp = root / ".fed_ser_synthetic"
-    want = f"corpus={corpus}\nscale={scale}\nseed={seed}\n"
+    want = _stamp(corpus, scale, seed, gender_style)
     if stamp.exists() and stamp.read_text() == want:
         return root
     if root.exists() and any(root.iterdir()):
         found = stamp.read_text().replace("\n", " ").strip() if stamp.exists() else "files that are not a finished synthetic corpus"
         raise FileExistsError(
             f"{root} already holds {found}; want {want.replace(chr(10), ' ').strip()}. "
-            "Use another data.root (the default folder names scale and seed) or remove that folder."
+            "Use another data.root (the default folder names every parameter) or remove that folder."
         )
-    return generate(root, corpus, scale=scale, seed=seed)
+    return generate(root, corpus, scale=scale, seed=seed, gender_style=gender_style)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -312,10 +321,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus", choices=CORPORA + ("all",), default="all")
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gender-style", type=float, default=DEFAULT_GENDER_STYLE,
+                    help="strength of the gender-by-emotion expression style (0: none)")
     args = ap.parse_args(argv)
     for corpus in CORPORA if args.corpus == "all" else (args.corpus,):
         t0 = time.perf_counter()
-        generate(args.out / corpus, corpus, scale=args.scale, seed=args.seed)
+        generate(args.out / corpus, corpus, scale=args.scale, seed=args.seed, gender_style=args.gender_style)
         n = sum(1 for _ in (args.out / corpus).rglob("*.wav"))
         dt = time.perf_counter() - t0
         print(f"{corpus}: {n} wav files in {dt:.1f} s ({n / dt:.0f} utt/s) -> {args.out / corpus}")

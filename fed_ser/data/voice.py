@@ -86,8 +86,11 @@ EMOTION_PROSODY: dict[str, Prosody] = {
     "angry": Prosody(2.0, 1.25, 7.0, 1.12, 0.55, -0.02, 0.01),
 }
 
-# Gender-specific expression styles, added on top of the shared effect. Kept small next to the
-# per-utterance variability on purpose: the corpus must not be easier than real speech.
+# Gender-specific expression styles, added on top of the shared effect with strength
+# ``gender_style`` (data.gender_style). Small next to the per-utterance variability on purpose:
+# a single utterance must say little about gender; the strength sets how much a client's
+# update (a sum over a batch) leaks.
+DEFAULT_GENDER_STYLE = 1.0
 GENDER_STYLE: dict[str, dict[str, Prosody]] = {
     "F": {
         "neutral": Prosody(),
@@ -117,12 +120,19 @@ class Speaker:
     breathiness: float  # aspiration noise share
     expressivity: float  # how strongly this speaker expresses emotion
     tilt: float  # speaker's habitual spectral tilt
+    gender_style: float = 1.0  # strength of the gender-specific expression style (GENDER_STYLE)
 
 
-def sample_speaker(speaker_id: str, gender: str, rng: np.random.Generator) -> Speaker:
-    """Draw a speaker's voice; distributions differ by gender as in adult speech."""
+def sample_speaker(speaker_id: str, gender: str, rng: np.random.Generator, gender_style: float = 1.0) -> Speaker:
+    """Draw a speaker's voice; distributions differ by gender as in adult speech.
+
+    ``gender_style`` scales the gender-by-emotion interaction (0: none, so updates carry no
+    gender cue beyond what z-normalisation leaves of static voice differences).
+    """
     if gender not in ("F", "M"):
         raise ValueError(f"speaker {speaker_id!r}: gender must be 'F' or 'M', got {gender!r}")
+    if not gender_style >= 0:
+        raise ValueError(f"gender_style must be >= 0, got {gender_style}")
     female = gender == "F"
     return Speaker(
         speaker_id=speaker_id,
@@ -134,6 +144,7 @@ def sample_speaker(speaker_id: str, gender: str, rng: np.random.Generator) -> Sp
         breathiness=float(rng.uniform(0.04, 0.14) if female else rng.uniform(0.02, 0.10)),
         expressivity=float(np.clip(rng.lognormal(0.0, 0.25), 0.5, 1.8)),
         tilt=float(rng.normal(0.0, 0.2)),
+        gender_style=float(gender_style),
     )
 
 
@@ -142,7 +153,7 @@ def utterance_prosody(speaker: Speaker, emotion: str, intensity: float = 1.0) ->
     if emotion not in EMOTION_PROSODY:
         raise ValueError(f"unknown emotion {emotion!r}; expected one of {sorted(EMOTION_PROSODY)}")
     k = speaker.expressivity * intensity
-    return (EMOTION_PROSODY[emotion] + GENDER_STYLE[speaker.gender][emotion]).scaled(k)
+    return (EMOTION_PROSODY[emotion] + GENDER_STYLE[speaker.gender][emotion].scaled(speaker.gender_style)).scaled(k)
 
 
 def _resonator(freq: float, bw: float) -> tuple[np.ndarray, np.ndarray]:
