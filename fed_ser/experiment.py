@@ -7,7 +7,7 @@ the shadow clients' gender, and evaluation on the private updates: fused ASR, pe
 ASR with several rounds pooled. ``-m`` sweeps comma-separated overrides (the paper's grid).
 
 Results: ``<out_dir>/results.json``, ``results.csv``, ``report.md`` and ``asr.png``; a multirun
-also writes ``<grid_dir>/grid.csv`` and ``grid_report.md``.
+also writes ``<grid_dir>/grid.csv`` and ``grid_report.md`` over every finished cell there.
 """
 
 from __future__ import annotations
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None, config_name: str = "experiment") -> None
     if config_name == "defense":  # every finished cell under grid_dir, so separate sweeps add up
         write_defense_report(grid_dir, collect_summaries(grid_dir) or summaries)
         print(f"[fed-ser] defence report: {grid_dir / 'defense_report.md'}")
-    elif multirun:
-        write_grid_report(grid_dir, summaries)
+    elif multirun:  # every finished cell under grid_dir too, so cells run one at a time add up
+        write_grid_report(grid_dir, collect_summaries(grid_dir) or summaries)
         print(f"[fed-ser] grid report: {grid_dir / 'grid_report.md'}")
 
 

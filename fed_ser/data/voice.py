@@ -90,7 +90,7 @@ EMOTION_PROSODY: dict[str, Prosody] = {
 # ``gender_style`` (data.gender_style). Small next to the per-utterance variability on purpose:
 # a single utterance must say little about gender; the strength sets how much a client's
 # update (a sum over a batch) leaks.
-DEFAULT_GENDER_STYLE = 1.0
+DEFAULT_GENDER_STYLE = 2.0
 GENDER_STYLE: dict[str, dict[str, Prosody]] = {
     "F": {
         "neutral": Prosody(),
