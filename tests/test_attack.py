@@ -12,6 +12,7 @@ from attacks.profile import input_profile, profile_asr, train_profile_attack, up
 from attacks.train import AttackConfig, predict, train_attack
 from fed_ser.cli import load_config
 from fed_ser.data.federated import FederatedData
+from fed_ser.data.synthetic import generate
 from fed_ser.vectorized import run_vectorized
 from fed_ser.pipeline import prepare
 from fed_ser.recorder import UpdateRecorder
@@ -19,12 +20,16 @@ from fed_ser.settings import RunSettings
 from fed_ser.store import UpdateStore
 
 ROUNDS = 30
+SCALE = 0.25  # at the shared fixtures' 5% a client holds ~7 utterances: too few for the gender cue (ASR ~0.6)
 
 
 @pytest.fixture(scope="module")
-def stores(corpora, feature_cache, tmp_path_factory):
+def stores(feature_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attack")
-    cfg = load_config([f"data.root={corpora}", "data.scale=0.05", "data.seed=3", f"data.cache={feature_cache}",
+    root = tmp_path_factory.mktemp("attack-corpora")
+    for corpus in ("crema_d", "iemocap", "msp_improv"):
+        generate(root / corpus, corpus, scale=SCALE, seed=3)  # the default gender_style, as users get it
+    cfg = load_config([f"data.root={root}", f"data.scale={SCALE}", "data.seed=3", f"data.cache={feature_cache}",
                        f"data.prepared_dir={tmp}", "shards.iemocap=2", "shards.msp_improv=2"])
     out = {}
     for name, corpora_, share in (("private", ["iemocap"], 1.0), ("shadow", ["crema_d", "msp_improv"], 0.8)):
@@ -71,8 +76,8 @@ def test_attack_infers_gender_and_control_is_at_chance(stores):
 
     control, _ = _asr(stores, shuffle)
     print(f"control ASR {control}")
-    # tiny corpora (5% scale, 30 rounds): single updates are noisy, pooled rounds less so
-    assert asr[1] >= 0.6 and asr[5] >= 0.6
+    # measured: 0.95 single update, 1.0 pooled over 5 rounds; control 0.51 / 0.53
+    assert asr[1] >= 0.75 and asr[5] >= 0.8
     assert per_layer["dense1"] > per_layer["out"]  # the first layer leaks most
     assert abs(control[1] - 0.5) <= 0.1 and abs(control[5] - 0.5) <= 0.15
 
@@ -117,7 +122,7 @@ def test_profile_attack_infers_gender_falls_with_noise_and_pooling_averages_nois
     noisy = _profile_asr(stores, noise_std=3 * rms, pools=(1, 5, 9))
     drowned = _profile_asr(stores, noise_std=1e4 * rms)
     print(f"profile ASR clean {clean} control {control} noisy {noisy} drowned {drowned}")
-    assert clean[1] >= 0.6 and clean[5] >= clean[1]
+    assert clean[1] >= 0.65 and clean[5] >= clean[1]
     assert abs(control[1] - 0.5) <= 0.15
     assert noisy[1] < clean[1] and noisy[9] > noisy[1]  # pooled rounds average noise away
     assert abs(drowned[1] - 0.5) <= 0.15
