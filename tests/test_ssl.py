@@ -17,6 +17,7 @@ from fed_ser.cli import load_config
 from fed_ser.data.corpora import load_corpus
 from fed_ser.data.federated import FederatedData
 from fed_ser.features.extract import cache_path, file_digest
+from fed_ser.features import ssl_env
 from fed_ser.features.ssl import UPSTREAMS, S3prlUpstream, checkpoint_path
 from fed_ser.pipeline import prepare
 from fed_ser.recorder import UpdateRecorder
@@ -29,8 +30,11 @@ ENV = ROOT / ".venv-s3prl" / "bin"
 # The s3prl env must see only its own packages: earlier tests (Ray) can leave PYTHONPATH pointing
 # at the main environment's torch 2.13 in this process's environment.
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-needs_env = pytest.mark.skipif(not (ENV / "fed-ser-extract").exists(),
-                               reason="no .venv-s3prl: build it with `.venv/bin/fed-ser-s3prl-env`")
+_SKIPPED = ROOT / ".venv-s3prl.skipped"  # written by `fed-ser-s3prl-env --optional` when it gave up
+needs_env = pytest.mark.skipif(
+    not (ENV / "fed-ser-extract").exists(),
+    reason="no .venv-s3prl: " + (_SKIPPED.read_text().strip() if _SKIPPED.exists()
+                                 else "build it with `.venv/bin/fed-ser-s3prl-env`"))
 
 
 def _overrides(name: str, ckpt: Path, corpora: Path, cache: Path, prepared: Path | None = None) -> list[str]:
@@ -108,3 +112,22 @@ def test_uncached_features_without_s3prl_fail_naming_the_extraction_step(corpora
     cfg = load_config(_overrides("tera", ckpt, corpora, tmp_path / "cache", tmp_path / "prep"))
     with pytest.raises(RuntimeError, match="fed-ser-extract features=tera"):
         prepare(cfg, ["crema_d"], fold=0)
+
+
+def test_optional_env_build_without_room_skips_with_its_reason_and_creates_nothing(tmp_path):
+    target = tmp_path / "env"
+    ssl_env.main(["--optional", "--target", str(target), "--needed-gib", "1e9"])
+    assert not target.exists()
+    assert "GiB free" in ssl_env.skipped_marker(target).read_text()
+    with pytest.raises(SystemExit, match="GiB free"):  # asked for directly, the same cause is an error
+        ssl_env.main(["--target", str(target), "--needed-gib", "1e9"])
+
+
+def test_failed_env_build_removes_the_half_built_environment(tmp_path, monkeypatch):
+    # A requirement pip cannot satisfy (a missing local wheel: no network) stands in for a cut download.
+    monkeypatch.setattr(ssl_env, "S3PRL_REQUIREMENTS", [str(tmp_path / "missing-0.0-py3-none-any.whl")])
+    monkeypatch.setattr(ssl_env, "PIP_ATTEMPTS", 1)
+    target = tmp_path / "env"
+    with pytest.raises(ssl_env.EnvBuildError, match="pip could not install"):
+        ssl_env.build(target, needed_gib=0.0)
+    assert not target.exists() and not (tmp_path / "env.tmp").exists()
