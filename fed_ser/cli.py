@@ -38,6 +38,7 @@ def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: st
         recorder_dir=recorder_dir, recorder_layers=str(cfg.recorder.layers), recorder_float16=bool(cfg.recorder.float16),
         out_dir=out_dir, resume=bool(cfg.resume), seed=int(cfg.seed), dp_mode=str(cfg.dp.mode),
         dp_epsilon=float(cfg.dp.epsilon), dp_delta=float(cfg.dp.delta), dp_clip=float(cfg.dp.clip),
+        dp_calibrate=str(cfg.dp.calibrate),
         adv_mix=float(cfg.adv.mix), adv_method=str(cfg.adv.method), adv_norm=str(cfg.adv.norm),
         adv_epsilon=float(cfg.adv.epsilon), adv_steps=int(cfg.adv.steps), adv_step_size=float(cfg.adv.step_size),
     )

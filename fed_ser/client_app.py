@@ -46,7 +46,8 @@ def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
     pid = _partition(context)
     X, y = data.client_rows(pid, TRAIN)
     rnd = int(msg.content.config_records["config"]["server-round"])
-    result = client_update(_model(s, data, msg), X, y, s, client_seed(s.seed, rnd, pid))
+    result = client_update(_model(s, data, msg), X, y, s, client_seed(s.seed, rnd, pid), pid=pid,
+                           num_clients=data.num_clients)
     metrics = MetricRecord({"num-examples": result.num_examples, "local-steps": result.steps,
                             "train-loss": result.loss, "partition-id": pid, **result.metrics})
     return Message(RecordDict({"arrays": numpy_to_arrays(result.arrays), "metrics": metrics}), reply_to=msg)

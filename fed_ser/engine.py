@@ -54,7 +54,7 @@ def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder 
         for pid in select_clients(s.seed, rnd, data.num_clients, s.fraction):
             model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
             X, y = data.client_rows(pid, TRAIN)
-            r = client_update(model, X, y, s, client_seed(s.seed, rnd, pid))
+            r = client_update(model, X, y, s, client_seed(s.seed, rnd, pid), pid=pid, num_clients=data.num_clients)
             if recorder is not None:
                 recorder.record(round=rnd, node=pid, partition=pid, num_examples=r.num_examples, steps=r.steps,
                                 arrays=r.arrays, global_arrays=theta)

@@ -9,6 +9,7 @@ continues with the selection it would have made without the interruption).
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 
 
 def client_seed(seed: int, rnd: int, pid: int) -> int:
@@ -28,3 +29,17 @@ def select_clients(seed: int, rnd: int, num_clients: int, fraction: float) -> li
     """
     rng = random.Random(seed * 1_000_003 + rnd)  # int seeds: the same in every process
     return sorted(rng.sample(range(num_clients), clients_per_round(num_clients, fraction)))
+
+
+@lru_cache(maxsize=64)
+def participations(seed: int, rounds: int, num_clients: int, fraction: float) -> tuple[int, ...]:
+    """How many of rounds ``1..rounds`` each partition id is selected for (index = partition id).
+
+    The schedule is fixed by the run's seed before training starts, so a client knows in advance
+    how often it will be asked; DP-FedSGD calibrates each client's noise to this count.
+    """
+    counts = [0] * num_clients
+    for rnd in range(1, rounds + 1):
+        for pid in select_clients(seed, rnd, num_clients, fraction):
+            counts[pid] += 1
+    return tuple(counts)

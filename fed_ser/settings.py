@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 ALGORITHMS = ("fedsgd", "fedavg")
 DP_MODES = {"none": None, "sample": "fedsgd", "user": "fedavg"}  # mode -> the algorithm it protects
+DP_CALIBRATIONS = ("per_client", "expected")
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,7 @@ class RunSettings:
     dp_epsilon: float = 10.0
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
+    dp_calibrate: str = "per_client"  # DP-FedSGD noise for: per_client (its scheduled steps) | expected
     adv_mix: float = 0.0  # federated adversarial training: share of each batch made adversarial (0: off)
     adv_method: str = "pgd"  # fgsm | pgd
     adv_norm: str = "linf"  # linf | l2
@@ -60,6 +62,7 @@ class RunSettings:
         "recorder_layers": "recorder.layers", "recorder_float16": "recorder.float16",
         "out_dir": "out_dir", "resume": "resume", "seed": "seed", "dp_mode": "dp.mode",
         "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_clip": "dp.clip",
+        "dp_calibrate": "dp.calibrate",
         "adv_mix": "adv.mix", "adv_method": "adv.method", "adv_norm": "adv.norm", "adv_epsilon": "adv.epsilon",
         "adv_steps": "adv.steps", "adv_step_size": "adv.step_size",
     }
@@ -85,6 +88,8 @@ class RunSettings:
             raise ConfigError(f"fl.eval_every: must be >= 1, got {self.eval_every}")
         if self.dp_mode not in DP_MODES:
             raise ConfigError(f"dp.mode: {self.dp_mode!r} is not one of {sorted(DP_MODES)}")
+        if self.dp_calibrate not in DP_CALIBRATIONS:
+            raise ConfigError(f"dp.calibrate: {self.dp_calibrate!r} is not one of {DP_CALIBRATIONS}")
         if self.dp_mode != "none":
             if DP_MODES[self.dp_mode] != self.algorithm:
                 raise ConfigError(f"dp.mode={self.dp_mode} protects fl.algorithm={DP_MODES[self.dp_mode]}, "

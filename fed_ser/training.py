@@ -146,8 +146,26 @@ def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]
     }
 
 
-def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: "RunSettings", seed: int) -> LocalResult:
+def dp_steps(s: "RunSettings", pid: int, num_clients: int) -> int:
+    """The DP-FedSGD steps client ``pid``'s noise is calibrated for (``dp.calibrate``).
+
+    ``per_client``: the rounds the shared schedule selects it for, so that no client spends more
+    than ``dp.epsilon`` (a client never selected gets 1). ``expected``: ``rounds * fraction`` for
+    every client, as a paper would plan it; clients selected more often spend more than the target.
+    """
+    from defenses.dp import planned_steps
+    from fed_ser.schedule import participations
+
+    if s.dp_calibrate == "expected":
+        return planned_steps(s.rounds, s.fraction)
+    return max(participations(s.seed, s.rounds, num_clients, s.fraction)[pid], 1)
+
+
+def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: "RunSettings", seed: int, *,
+                  pid: int, num_clients: int) -> LocalResult:
     """What one client sends in one round under run settings ``s``, defences included.
+
+    ``pid`` and ``num_clients`` place the client in the shared schedule (DP-FedSGD's calibration).
 
     The single entry point of the Flower ClientApp and the in-process engine: plain FedSGD /
     FedAvg, DP-FedSGD (``dp.mode=sample``), UDP-FedAvg (``dp.mode=user``) and federated
@@ -162,10 +180,10 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: "RunSetting
         hook = AdversarialBatches(model, adv, seed + 2)
     dp_sgd, metrics = None, {}
     if s.dp_mode == "sample":
-        from defenses.dp import noise_multiplier, planned_steps, sample_rate
+        from defenses.dp import noise_multiplier, sample_rate
 
         q = sample_rate(s.batch_size, len(X))
-        sigma = noise_multiplier(privacy, q, planned_steps(s.rounds, s.fraction))
+        sigma = noise_multiplier(privacy, q, dp_steps(s, pid, num_clients))
         dp_sgd, metrics = (sigma, privacy.clip), {"dp-noise-multiplier": sigma, "dp-sample-rate": q}
     old = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if s.dp_mode == "user" else None
     r = local_update(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr, epochs=s.local_epochs,
@@ -189,25 +207,22 @@ def privacy_report(s: "RunSettings", num_examples: list[int]) -> dict | None:
     """
     if s.dp_mode == "none":
         return None
-    from fed_ser.schedule import select_clients
+    from fed_ser.schedule import participations
 
-    counts = np.zeros(len(num_examples), dtype=int)
-    for rnd in range(1, s.rounds + 1):
-        counts[select_clients(s.seed, rnd, len(num_examples), s.fraction)] += 1
+    counts = participations(s.seed, s.rounds, len(num_examples), s.fraction)
     report = {"mode": s.dp_mode, "target_epsilon": s.dp_epsilon, "delta": s.dp_delta, "clip": s.dp_clip}
     if s.dp_mode == "sample":
         from defenses.dp import noise_multiplier, planned_steps, sample_rate, spent_epsilon
 
-        cfg, planned = s.privacy(), planned_steps(s.rounds, s.fraction)
-        clients = []
-        for n, c in zip(num_examples, counts):
-            q = sample_rate(s.batch_size, n)
-            sigma = noise_multiplier(cfg, q, planned)
+        cfg, clients = s.privacy(), []
+        for pid, (n, c) in enumerate(zip(num_examples, counts)):
+            q, calibrated = sample_rate(s.batch_size, n), dp_steps(s, pid, len(num_examples))
+            sigma = noise_multiplier(cfg, q, calibrated)
             clients.append({"num_examples": int(n), "sample_rate": q, "noise_multiplier": sigma, "steps": int(c),
-                            "epsilon": spent_epsilon(sigma, q, int(c), s.dp_delta)})
+                            "calibrated_steps": calibrated, "epsilon": spent_epsilon(sigma, q, int(c), s.dp_delta)})
         eps = [c["epsilon"] for c in clients]
-        report.update(planned_steps=planned, spent_epsilon_max=max(eps), spent_epsilon_mean=float(np.mean(eps)),
-                      clients=clients)
+        report.update(calibrate=s.dp_calibrate, planned_steps=planned_steps(s.rounds, s.fraction),
+                      spent_epsilon_max=max(eps), spent_epsilon_mean=float(np.mean(eps)), clients=clients)
     else:
         from defenses.udp import udp_sigma
 

@@ -21,25 +21,49 @@ def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([a.ravel() for a in arrays.values()])
 
 
-def test_reported_epsilon_is_what_opacus_accountant_computes():
-    sizes = [7, 20, 35, 60, 90, 140, 33, 48, 25, 70]
-    s = RunSettings(prepared="x.npz", algorithm="fedsgd", rounds=60, fraction=0.3, dp_mode="sample", dp_epsilon=5.0,
-                    dp_delta=1e-5, dp_clip=1.0)
-    report = privacy_report(s, sizes)
+SIZES = [7, 20, 35, 60, 90, 140, 33, 48, 25, 70]
+
+
+def _dp_settings(calibrate: str) -> RunSettings:
+    return RunSettings(prepared="x.npz", algorithm="fedsgd", rounds=60, fraction=0.3, dp_mode="sample",
+                       dp_epsilon=5.0, dp_delta=1e-5, dp_clip=1.0, dp_calibrate=calibrate)
+
+
+def _opacus_epsilon(sigma: float, q: float, steps: int) -> float:
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    return acc.get_epsilon(1e-5)
+
+
+@pytest.mark.parametrize("calibrate", ["per_client", "expected"])
+def test_reported_epsilon_is_what_opacus_accountant_computes(calibrate):
+    s = _dp_settings(calibrate)
+    report = privacy_report(s, SIZES)
     assert sum(c["steps"] for c in report["clients"]) == 60 * 3  # every round's selection is counted
-    for n, c in zip(sizes, report["clients"]):
+    for n, c in zip(SIZES, report["clients"]):
         assert c["sample_rate"] == min(20, n) / n
-        acc = RDPAccountant()
-        acc.history = [(c["noise_multiplier"], c["sample_rate"], c["steps"])]
-        assert c["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
-        # the noise was calibrated so that the planned participations spend the target
-        acc.history = [(c["noise_multiplier"], c["sample_rate"], planned_steps(60, 0.3))]
-        assert 5.0 - 0.05 <= acc.get_epsilon(1e-5) <= 5.0
+        assert c["epsilon"] == pytest.approx(_opacus_epsilon(c["noise_multiplier"], c["sample_rate"], c["steps"]),
+                                             rel=1e-9)
+        # the noise was calibrated so that the calibrated number of steps spends the target
+        assert 5.0 - 0.05 <= _opacus_epsilon(c["noise_multiplier"], c["sample_rate"], c["calibrated_steps"]) <= 5.0
     assert report["spent_epsilon_max"] == max(c["epsilon"] for c in report["clients"])
-    # the client uses the noise multiplier the server reports for it
-    X, y = np.random.default_rng(0).normal(size=(35, 12)).astype(np.float32), np.arange(35) % 4
-    r = client_update(build_model(12, 0.0, 0), X, y, s, seed=1)
-    assert r.metrics["dp-noise-multiplier"] == report["clients"][2]["noise_multiplier"]
+    # the clients use the noise multipliers the server reports for them
+    for pid in (2, 5):
+        n = SIZES[pid]
+        X, y = np.random.default_rng(0).normal(size=(n, 12)).astype(np.float32), np.arange(n) % 4
+        r = client_update(build_model(12, 0.0, 0), X, y, s, seed=1, pid=pid, num_clients=len(SIZES))
+        assert r.metrics["dp-noise-multiplier"] == report["clients"][pid]["noise_multiplier"]
+
+
+def test_per_client_calibration_keeps_every_client_within_the_target_epsilon():
+    per_client, expected = (privacy_report(_dp_settings(c), SIZES) for c in ("per_client", "expected"))
+    steps = [c["steps"] for c in per_client["clients"]]
+    assert len(set(steps)) > 1 and max(steps) > planned_steps(60, 0.3)  # the schedule is uneven
+    assert [c["calibrated_steps"] for c in per_client["clients"]] == steps
+    assert per_client["spent_epsilon_max"] <= 5.0
+    assert per_client["spent_epsilon_mean"] >= 5.0 - 0.05
+    # planning with the expected count lets the clients selected most often overspend
+    assert expected["spent_epsilon_max"] > 5.0 + 0.5
 
 
 def test_dp_fedsgd_gradient_is_the_mean_of_clipped_per_sample_gradients():
@@ -93,6 +117,7 @@ def test_udp_clips_the_whole_update_before_adding_noise():
     (["dp=sample", "dp.epsilon=-3"], "dp.epsilon"),
     (["dp=sample", "dp.delta=1.0"], "dp.delta"),
     (["dp=user", "fl=fedavg", "dp.clip=0"], "dp.clip"),
+    (["dp=sample", "dp.calibrate=mean"], "dp.calibrate"),
     (["dp=sample", "fl=fedavg"], "dp.mode=sample"),
     (["dp=user", "fl=fedsgd"], "dp.mode=user"),
     (["dp.mode=central"], "dp.mode"),
