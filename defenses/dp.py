@@ -6,9 +6,11 @@ gradients) and ``DPOptimizer.pre_step`` (clip each per-sample gradient to ``clip
 ``N(0, (noise_multiplier * clip)^2)``, divide by ``b``), inside the shared local loop.
 
 Accounting per client, with Opacus' RDP accountant: one step per round the client takes part
-in, sample rate ``q = b / n``. The noise multiplier is calibrated so that the *planned*
-participations (``rounds * fraction``, the expected number) spend ``epsilon`` at ``delta``; the
-epsilon *spent* is computed afterwards from the participations that happened.
+in, sample rate ``q = b / n``. The noise multiplier is calibrated so that a given number of
+steps spends ``epsilon`` at ``delta``; the caller chooses that number (fed_ser passes each
+client's scheduled participations, ``dp.calibrate=per_client``, or the expected
+``rounds * fraction``, :func:`planned_steps`). The epsilon *spent* is computed afterwards from
+the participations that happened.
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> dict:
         "asr_pooled": {str(k): attack_success_rate(fused, clients, p_labels, trials, int(k), seed)
                        for k in cfg.attack.pool_rounds},
         "fusion_weights": dict(zip(acfg.layers, trained.model.fusion_weights.tolist())),
-        "defence": {"dp_mode": str(cfg.dp.mode), "dp_epsilon": float(cfg.dp.epsilon), "dropout": float(cfg.model.dropout),
+        "defence": {"dp_mode": str(cfg.dp.mode), "dp_epsilon": float(cfg.dp.epsilon), "dp_clip": float(cfg.dp.clip),
+                    "dp_calibrate": str(cfg.dp.calibrate), "dropout": float(cfg.model.dropout),
                     "spent_epsilon_max": (priv_fl.get("privacy") or {}).get("spent_epsilon_max")},
         "profile": _profile_attack(cfg, shadow_store, s_updates, s_labels, priv_store, p_updates, p_labels),
         "attack_history": trained.history,
@@ -170,11 +171,20 @@ def run_experiment(cfg: DictConfig) -> dict:
 
 
 def collect_summaries(grid_dir: Path) -> list[dict]:
-    """The finished cell summaries (``*/results.json`` with a mean) under ``grid_dir``, by folder name."""
+    """The finished cell summaries (``*/results.json`` with a mean) under ``grid_dir``, by folder name.
+
+    Cells written before ``defence`` carried the DP clip and calibration get them from the cell's
+    own ``config.yaml``, so old and new cells share one table.
+    """
     found = []
     for path in sorted(Path(grid_dir).glob("*/results.json")):
         summary = json.loads(path.read_text())
         if "mean" in summary and "defence" in summary:
+            config = path.with_name("config.yaml")
+            if "dp_clip" not in summary["defence"] and config.exists():
+                dp = OmegaConf.load(config).get("dp") or {}
+                summary["defence"].update(dp_clip=float(dp.get("clip", "nan")),
+                                          dp_calibrate=str(dp.get("calibrate", "expected")))
             found.append(summary)
     return found
 

@@ -139,8 +139,9 @@ def _defence_rows(summaries: list[dict]) -> list[dict]:
     rows = []
     for s in summaries:
         d, m = s["defence"], s["mean"]
-        eps = d["dp_epsilon"] if d["dp_mode"] != "none" else None
-        rows.append({"private": s["private"], "algorithm": s["algorithm"], "dp_mode": d["dp_mode"], "epsilon": eps,
+        dp = d["dp_mode"] != "none"
+        rows.append({"private": s["private"], "algorithm": s["algorithm"], "dp_mode": d["dp_mode"],
+                     "epsilon": d["dp_epsilon"] if dp else None, "clip": d.get("dp_clip") if dp else None,
                      "spent_epsilon_max": d.get("spent_epsilon_max"), "dropout": d["dropout"], "ser_uar": m["ser_uar"],
                      "asr": m["asr"], **{f"asr_pool{k}": v for k, v in m["asr_pooled"].items() if k != "1"},
                      **{f"profile_asr_pool{k}": v for k, v in (m.get("profile_asr_pooled") or {}).items()}})
@@ -160,12 +161,12 @@ def _defence_figure(path: Path, rows: list[dict]) -> None:
 
     pools = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith(("asr_pool", "profile_asr_pool"))]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    groups = dict.fromkeys((r["private"], r["algorithm"], r["dp_mode"], r["dropout"]) for r in rows if r["epsilon"] is not None)
-    for private, algorithm, mode, dropout in groups:
-        dp = sorted((r for r in rows if (r["private"], r["algorithm"], r["dp_mode"], r["dropout"]) == (private, algorithm, mode, dropout)),
-                    key=lambda r: r["epsilon"])
+    group = lambda r: (r["private"], r["algorithm"], r["dp_mode"], r.get("clip"), r["dropout"])  # noqa: E731
+    groups = dict.fromkeys(group(r) for r in rows if r["epsilon"] is not None)
+    for private, algorithm, mode, clip, dropout in groups:
+        dp = sorted((r for r in rows if group(r) == (private, algorithm, mode, clip, dropout)), key=lambda r: r["epsilon"])
         none = [r for r in rows if r["epsilon"] is None and (r["private"], r["algorithm"], r["dropout"]) == (private, algorithm, dropout)]
-        tag = f"{private} {algorithm} {mode}" if len(groups) > 1 else ""
+        tag = f"{private} {algorithm} {mode}" + (f" clip {clip:g}" if clip is not None else "") if len(groups) > 1 else ""
         for ax, keys in ((axes[0], ["ser_uar"]), (axes[1], ["asr", *pools])):
             for k in keys:
                 label = {"ser_uar": "UAR", "asr": "CNN, 1 round"}.get(k, _pool_label(k))
@@ -192,18 +193,20 @@ def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))  # cells written by older versions lack some
     pools = [k for k in keys if k.startswith("asr_pool")]
     profile = [k for k in keys if k.startswith("profile_asr_pool")]
-    head = "| private | algorithm | DP | epsilon (spent) | dropout | SER UAR | CNN ASR | " + " | ".join(
+    head = "| private | algorithm | DP | epsilon (spent) | clip | dropout | SER UAR | CNN ASR | " + " | ".join(
         f"CNN {k[8:]} rounds" for k in pools) + "".join(f" | profile {k[16:]} round{'s' * (k[16:] != '1')}"
                                                          for k in profile) + " |"
     lines = ["# Defences: DP and dropout", "", "Attacks on the first layer (dense1) updates, from one round and "
              "pooled over several rounds of the same client: the paper's CNN (k rounds: mean prediction) and the "
              "input-profile attack (attacks/profile.py; k rounds: mean profile, which averages DP noise away).", "",
-             head, "|" + "---|" * (7 + len(pools) + len(profile))]
-    key = lambda r: (r["dp_mode"] == "none", r["epsilon"] or 0, r["dropout"])  # noqa: E731
+             head, "|" + "---|" * (8 + len(pools) + len(profile))]
+    key = lambda r: (r["private"], r["algorithm"], r["dp_mode"] == "none", r["epsilon"] or 0, r.get("clip") or 0,  # noqa: E731
+                     r["dropout"])
     for r in sorted(rows, key=key):
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:g} ({r['spent_epsilon_max']:.2f})" \
             if r["spent_epsilon_max"] is not None else f"{r['epsilon']:g}"
-        lines.append(f"| {r['private']} | {r['algorithm']} | {r['dp_mode']} | {eps} | {r['dropout']:g} | "
+        clip = "-" if r.get("clip") is None else f"{r['clip']:g}"
+        lines.append(f"| {r['private']} | {r['algorithm']} | {r['dp_mode']} | {eps} | {clip} | {r['dropout']:g} | "
                      f"{_pct(r['ser_uar'])} | {_pct(r['asr'])} | " + " | ".join(_pct(r.get(k)) for k in pools + profile) + " |")
     nodp = [r for r in rows if r["dp_mode"] == "none"]
     if len({r["dropout"] for r in nodp}) > 1:

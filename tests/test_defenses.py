@@ -133,3 +133,26 @@ def test_noise_grows_as_epsilon_shrinks():
     sigmas = [noise_multiplier(DPConfig(e), q, steps) for e in (1, 5, 10, 100)]
     assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
     assert math.isfinite(sigmas[0]) and sigmas[-1] > 0
+
+
+def _cell(mode: str, eps: float, clip: float, uar: float, asr: float, dropout: float = 0.2) -> dict:
+    return {"private": "iemocap", "algorithm": "fedsgd",
+            "defence": {"dp_mode": mode, "dp_epsilon": eps, "dp_clip": clip, "dropout": dropout,
+                        "spent_epsilon_max": eps if mode != "none" else None},
+            "mean": {"ser_uar": uar, "asr": asr, "asr_pooled": {"1": asr, "5": asr + 0.01},
+                     "profile_asr_pooled": {"1": 0.5, "10": 0.6}}}
+
+
+def test_defence_report_keeps_cells_that_differ_only_in_clip_apart(tmp_path):
+    from fed_ser.report import write_defense_report
+
+    cells = [_cell("sample", 10.0, 5.0, 0.71, 0.52), _cell("none", 10.0, 1.0, 0.81, 0.77),
+             _cell("sample", 10.0, 1.0, 0.64, 0.51), _cell("sample", 1.0, 1.0, 0.55, 0.50)]
+    write_defense_report(tmp_path, cells)
+    rows = [line for line in (tmp_path / "defense_report.md").read_text().splitlines()
+            if line.startswith("| iemocap")]
+    assert [r.split(" | ")[3:7] for r in rows] == [  # DP cells by epsilon then clip, the no-DP cell last
+        ["1 (1.00)", "1", "0.2", "55.00%"], ["10 (10.00)", "1", "0.2", "64.00%"],
+        ["10 (10.00)", "5", "0.2", "71.00%"], ["-", "-", "0.2", "81.00%"]]
+    assert "clip" in (tmp_path / "defense.csv").read_text().splitlines()[0]
+    assert (tmp_path / "defense.png").stat().st_size > 0
