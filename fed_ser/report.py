@@ -27,9 +27,9 @@ def _pyplot():
     return plt
 
 
-def _save_png(fig, path: Path) -> None:
-    """Write ``fig`` as a PNG atomically and free it."""
-    fig.tight_layout()
+def _save_png(fig, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
+    """Write ``fig`` as a PNG atomically and free it (``rect``: the area the axes may fill)."""
+    fig.tight_layout(rect=rect)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     _pyplot().close(fig)
@@ -156,32 +156,43 @@ def _pool_label(key: str) -> str:
 
 
 def _defence_figure(path: Path, rows: list[dict]) -> None:
-    """UAR and ASR vs epsilon, one line per (private corpus, DP mode); dotted: the same cell without DP."""
+    """UAR vs epsilon (one line per defence group) and, one panel per group, each attack's ASR vs
+    epsilon; dotted lines: the same private corpus and algorithm without DP."""
     plt = _pyplot()
 
-    pools = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith(("asr_pool", "profile_asr_pool"))]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    attacks = ["asr", *(k for k in dict.fromkeys(k for r in rows for k in r)
+                        if k.startswith(("asr_pool", "profile_asr_pool")))]
     group = lambda r: (r["private"], r["algorithm"], r["dp_mode"], r.get("clip"), r["dropout"])  # noqa: E731
-    groups = dict.fromkeys(group(r) for r in rows if r["epsilon"] is not None)
-    for private, algorithm, mode, clip, dropout in groups:
+    groups = list(dict.fromkeys(group(r) for r in rows if r["epsilon"] is not None))
+    fig, axes = plt.subplots(1, 1 + len(groups), figsize=(4.2 * (1 + len(groups)), 4.2), squeeze=False)
+    axes = axes[0]
+    colours = {k: f"C{i}" for i, k in enumerate(attacks)}
+    for i, (private, algorithm, mode, clip, dropout) in enumerate(groups):
         dp = sorted((r for r in rows if group(r) == (private, algorithm, mode, clip, dropout)), key=lambda r: r["epsilon"])
         none = [r for r in rows if r["epsilon"] is None and (r["private"], r["algorithm"], r["dropout"]) == (private, algorithm, dropout)]
-        tag = f"{private} {algorithm} {mode}" + (f" clip {clip:g}" if clip is not None else "") if len(groups) > 1 else ""
-        for ax, keys in ((axes[0], ["ser_uar"]), (axes[1], ["asr", *pools])):
-            for k in keys:
-                label = {"ser_uar": "UAR", "asr": "CNN, 1 round"}.get(k, _pool_label(k))
-                style = "s--" if k.startswith("profile") else "o-"
-                line = ax.plot([r["epsilon"] for r in dp], [np.nan if r.get(k) is None else r[k] for r in dp], style, label=f"{tag} {label}".strip())[0]
-                if none and none[0].get(k) is not None:
-                    ax.axhline(none[0][k], color=line.get_color(), ls=":", lw=1)
-    for ax, title in ((axes[0], "SER UAR"), (axes[1], "attack success rate")):
+        tag = f"{private} {algorithm} {mode}" + (f", clip {clip:g}" if clip is not None else "")
+        eps = [r["epsilon"] for r in dp]
+        line = axes[0].plot(eps, [r["ser_uar"] for r in dp], "o-", color=f"C{i}", label=tag)[0]
+        if none:
+            axes[0].axhline(none[0]["ser_uar"], color=line.get_color(), ls=":", lw=1)
+        ax = axes[1 + i]
+        for k in attacks:
+            label = "CNN, 1 round" if k == "asr" else _pool_label(k)
+            ax.plot(eps, [np.nan if r.get(k) is None else r[k] for r in dp], "s--" if k.startswith("profile") else "o-",
+                    color=colours[k], label=label)
+            if none and none[0].get(k) is not None:
+                ax.axhline(none[0][k], color=colours[k], ls=":", lw=1)
+        ax.axhline(0.5, color="k", lw=0.8, ls="--")
+        ax.set_title(f"ASR: {tag}", fontsize=9)
+    axes[0].set_title("SER UAR")
+    axes[0].legend(fontsize=7)
+    for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("epsilon (dotted: no DP)")
-        ax.set_title(title)
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
-    axes[1].axhline(0.5, color="k", lw=0.8, ls="--")
-    _save_png(fig, path)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    _save_png(fig, path, rect=(0, 0.08, 1, 1))
 
 
 def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
