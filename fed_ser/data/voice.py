@@ -126,8 +126,9 @@ class Speaker:
 def sample_speaker(speaker_id: str, gender: str, rng: np.random.Generator, gender_style: float = 1.0) -> Speaker:
     """Draw a speaker's voice; distributions differ by gender as in adult speech.
 
-    ``gender_style`` scales the gender-by-emotion interaction (0: none, so updates carry no
-    gender cue beyond what z-normalisation leaves of static voice differences).
+    ``gender_style`` scales the explicit gender-by-emotion interaction. At 0 a weaker cue remains
+    after z-normalisation: a higher F0 changes how an emotion moves the higher MFCCs' dynamics
+    (measured in the README: client-level linear probe 0.90-0.98, the paper's attack 59%).
     """
     if gender not in ("F", "M"):
         raise ValueError(f"speaker {speaker_id!r}: gender must be 'F' or 'M', got {gender!r}")
