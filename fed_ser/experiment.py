@@ -173,8 +173,8 @@ def run_experiment(cfg: DictConfig) -> dict:
 def collect_summaries(grid_dir: Path) -> list[dict]:
     """The finished cell summaries (``*/results.json`` with a mean) under ``grid_dir``, by folder name.
 
-    Cells written before ``defence`` carried the DP clip and calibration get them from the cell's
-    own ``config.yaml``, so old and new cells share one table.
+    Cells written before ``defence`` carried the DP clip get it from the cell's own
+    ``config.yaml``, so old and new cells share one table.
     """
     found = []
     for path in sorted(Path(grid_dir).glob("*/results.json")):
@@ -182,9 +182,7 @@ def collect_summaries(grid_dir: Path) -> list[dict]:
         if "mean" in summary and "defence" in summary:
             config = path.with_name("config.yaml")
             if "dp_clip" not in summary["defence"] and config.exists():
-                dp = OmegaConf.load(config).get("dp") or {}
-                summary["defence"].update(dp_clip=float(dp.get("clip", "nan")),
-                                          dp_calibrate=str(dp.get("calibrate", "expected")))
+                summary["defence"]["dp_clip"] = float((OmegaConf.load(config).get("dp") or {}).get("clip", "nan"))
             found.append(summary)
     return found
 

@@ -165,11 +165,10 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: "RunSetting
                   pid: int, num_clients: int) -> LocalResult:
     """What one client sends in one round under run settings ``s``, defences included.
 
-    ``pid`` and ``num_clients`` place the client in the shared schedule (DP-FedSGD's calibration).
-
     The single entry point of the Flower ClientApp and the in-process engine: plain FedSGD /
     FedAvg, DP-FedSGD (``dp.mode=sample``), UDP-FedAvg (``dp.mode=user``) and federated
     adversarial training (``adv.mix > 0``, examples crafted against the received global model).
+    ``pid`` and ``num_clients`` place the client in the shared schedule (DP-FedSGD's calibration).
     """
     privacy = s.privacy()
     hook = None
