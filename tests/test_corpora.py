@@ -132,3 +132,88 @@ def test_gender_style_scales_only_the_gender_by_emotion_interaction():
         2 * (utterance_prosody(weak, "happy").f0_semitones - shared))
     with pytest.raises(ValueError, match="gender_style"):
         sample_speaker("F2", "F", rng, gender_style=-1.0)
+
+
+# --------------------------------------------------------------------------- EmoDB, RAVDESS, manifest
+def test_emodb_reads_its_coding_flat_or_under_wav_and_names_bad_files(tmp_path):
+    from fed_ser.data.corpora import EMODB_GENDERS, load_emodb
+
+    root = generate(tmp_path / "emodb", "emodb", scale=0.2, seed=1)
+    wavs = sorted((root / "wav").glob("*.wav"))
+    assert any(p.stem[5] in "LEA" for p in wavs)  # boredom / disgust / fear exist and are dropped silently
+    shutil.copy(wavs[0], root / "wav" / "03a01Xa.wav")  # unknown emotion letter
+    shutil.copy(wavs[0], root / "wav" / "99a01Wa.wav")  # not one of the ten speakers
+    shutil.copy(wavs[0], root / "wav" / "take2.wav")  # not the coding at all
+    df, issues = load_emodb(root)
+    reasons = {i.path.split("/")[-1]: i.reason for i in issues}
+    assert set(reasons) == {"03a01Xa.wav", "99a01Wa.wav", "take2.wav"}
+    assert "unknown emotion letter 'X'" in reasons["03a01Xa.wav"] and "speaker 99" in reasons["99a01Wa.wav"]
+    assert dict(df.groupby("speaker").gender.first()) == EMODB_GENDERS  # genders from the documentation
+    assert set(df.emotion) == {"neutral", "happy", "sad", "angry"}
+    assert (df.utt_id.str[5] == "W").sum() == (df.emotion == "angry").sum()  # W is anger (German: Wut)
+    for p in (root / "wav").iterdir():  # the flat layout reads the same
+        p.rename(root / p.name)
+    (root / "wav").rmdir()
+    assert len(load_emodb(root)[0]) == len(df)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorpusError, match="no .wav files"):
+        load_emodb(tmp_path / "empty")
+
+
+def test_ravdess_keeps_audio_only_speech_of_four_emotions_gender_from_actor_parity(tmp_path):
+    from fed_ser.data.corpora import load_ravdess
+
+    root = generate(tmp_path / "ravdess", "ravdess", scale=0.1, seed=1)
+    wave, rate = sf.read(next((root / "Actor_01").glob("03-01-*.wav")))
+    assert rate == 48_000 and wave.ndim == 2  # the corpus' own format: 48 kHz stereo
+    assert any((root / "Actor_01").glob("03-02-*.wav"))  # song files exist on disk
+    src = next((root / "Actor_01").glob("03-01-05-*.wav"))
+    shutil.copy(src, root / "Actor_02" / src.name)  # actor 01 in actor 02's folder
+    shutil.copy(src, root / "Actor_01" / "03-01-09-01-01-01-01.wav")  # no emotion 09
+    shutil.copy(src, root / "Actor_01" / "01-01-05-01-01-01-01.wav")  # full AV modality: not audio-only
+    shutil.copy(src, root / "Actor_01" / "clip.wav")
+    df, issues = load_ravdess(root)
+    reasons = {(i.path.split("/")[-2], i.path.split("/")[-1]): i.reason for i in issues}
+    assert "in Actor_02" in reasons[("Actor_02", src.name)]
+    assert "unknown emotion code '09'" in reasons[("Actor_01", "03-01-09-01-01-01-01.wav")]
+    assert ("Actor_01", "clip.wav") in reasons and len(reasons) == 3
+    assert df.speaker.nunique() == 24 and set(df.emotion) == {"neutral", "happy", "sad", "angry"}
+    assert all(g == ("M" if int(s[-2:]) % 2 else "F") for s, g in zip(df.speaker, df.gender))
+    assert df.utt_id.str.startswith("03-01-").all()  # no song, no video
+    with pytest.raises(CorpusError, match="Actor_NN"):
+        load_ravdess(tmp_path)
+
+
+def test_manifest_reads_relative_paths_maps_labels_and_names_each_bad_row(tmp_path):
+    from fed_ser.data.corpora import load_manifest
+
+    root = generate(tmp_path / "rec", "emodb", scale=0.1, seed=2)
+    wavs = sorted((root / "wav").glob("*.wav"))[:9]
+    rel = [str(p.relative_to(tmp_path)) for p in wavs]
+    rows = [
+        "path,speaker,gender,emotion,session",
+        f"{rel[0]},s1,F,neutral,a", f"{rel[1]},s1,female,joy,a",  # mapped label
+        f"{rel[2]},s2,M,fear,b",  # mapped to null: dropped silently
+        f"{rel[3]},s2,M,boredom,b",  # unmapped and not one of the four
+        f"{rel[4]},s2,M,,b",  # missing label
+        "missing/nothing.wav,s3,M,sad,c",
+        f"{rel[5]},s3,X,sad,c",  # unknown gender
+        f"{rel[0]},s1,F,neutral,a",  # listed twice
+        f"{rel[6]},s4,F,angry,d", f"{rel[7]},s4,M,angry,d",  # a speaker listed with two genders
+        f"{wavs[8]},s5,m,SAD,e",  # absolute path, case-insensitive labels
+    ]
+    csv_path = tmp_path / "manifest.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    df, issues = load_manifest(csv_path, {"Joy": "happy", "fear": None})
+    assert list(df.emotion) == ["neutral", "happy", "sad"] and list(df.speaker) == ["s1", "s1", "s5"]
+    text = "\n".join(f"{i.path} {i.reason}" for i in issues)
+    assert "manifest.csv:5 emotion 'boredom' is not one of" in text and "data.manifest.emotion_map" in text
+    assert "manifest.csv:6 missing emotion" in text
+    assert "nothing.wav audio listed at" in text and "manifest.csv:8 gender 'X'" in text
+    assert "listed twice" in text and "speaker 's4' is listed as both F and M" in text
+    assert len(load_manifest(tmp_path, {"joy": "happy", "fear": None})[0]) == 3  # a folder: its manifest.csv
+    csv_path.write_text("path,speaker,emotion\n")
+    with pytest.raises(CorpusError, match=r"lacks the column\(s\) \['gender'\]"):
+        load_manifest(csv_path)
+    with pytest.raises(CorpusError, match="emotion_map"):
+        load_manifest(tmp_path, {"joy": "elated"})

@@ -1,4 +1,4 @@
-"""Loaders for IEMOCAP, CREMA-D and MSP-Improv in their published layouts, into one manifest.
+"""Loaders for the supported corpora in their published layouts, into one manifest.
 
 A manifest is a :class:`pandas.DataFrame` with one row per usable utterance and the columns
 ``utt_id, path, corpus, speaker, gender, emotion, session``. Only the four emotions of the paper
@@ -6,6 +6,9 @@ are kept (IEMOCAP ``exc`` counts as happy); IEMOCAP keeps improvised dialogs and
 improvised conditions. Anything wrong with an entry (unknown emotion code, missing audio, a
 speaker without gender, an unreadable label file) is recorded as a :class:`LoadIssue` naming the
 file and the rest still loads; a missing corpus-level label file is a :class:`CorpusError`.
+
+Corpora: IEMOCAP, CREMA-D and MSP-Improv (the paper's), EmoDB and RAVDESS (the most used free
+corpora), and ``manifest``: any recordings listed in a CSV (``path, speaker, gender, emotion``).
 """
 
 from __future__ import annotations
@@ -193,11 +196,175 @@ def load_msp_improv(root: str | Path, conditions: tuple[str, ...] = MSP_IMPROVIS
     return _frame(rows), issues
 
 
-LOADERS = {"crema_d": load_crema_d, "iemocap": load_iemocap, "msp_improv": load_msp_improv}
+# --------------------------------------------------------------------------- EmoDB
+#: Speaker genders from the corpus documentation (Burkhardt et al. 2005).
+EMODB_GENDERS = {"03": "M", "08": "F", "09": "F", "10": "M", "11": "M", "12": "M", "13": "F", "14": "F",
+                 "15": "M", "16": "F"}
+_EMODB_EMOTIONS = {"N": "neutral", "F": "happy", "T": "sad", "W": "angry"}
+_EMODB_OTHER = {"L", "E", "A"}  # boredom, disgust, fear
+_EMODB_NAME = re.compile(r"^(\d{2})([ab]\d{2})([A-Z])([a-z])$")
 
 
-def load_corpus(corpus: str, root: str | Path) -> tuple[pd.DataFrame, list[LoadIssue]]:
-    """Load ``corpus`` (one of :data:`LOADERS`) from ``root``."""
+def load_emodb(root: str | Path) -> tuple[pd.DataFrame, list[LoadIssue]]:
+    """EmoDB: ``SSTTTEV.wav`` (speaker, text, emotion letter, version), flat or under ``wav/``.
+
+    Emotion letters are German: W anger, F happiness, T sadness, N neutral (kept); L boredom,
+    E disgust, A fear (dropped). Genders come from the documentation (:data:`EMODB_GENDERS`).
+    """
+    root = Path(root)
+    folder = root / "wav" if (root / "wav").is_dir() else root
+    wavs = sorted(folder.glob("*.wav"))
+    if not wavs:
+        raise CorpusError(f"EmoDB: no .wav files in {folder} (expected SSTTTEV.wav names, flat or under wav/)")
+    rows, issues = [], []
+    for wav in wavs:
+        m = _EMODB_NAME.match(wav.stem)
+        if not m:
+            issues.append(LoadIssue(str(wav), "file name does not follow EmoDB's SSTTTEV coding"))
+            continue
+        speaker, text, code, _ = m.groups()
+        if code in _EMODB_OTHER:
+            continue
+        if code not in _EMODB_EMOTIONS:
+            issues.append(LoadIssue(str(wav), f"unknown emotion letter {code!r}"))
+            continue
+        if speaker not in EMODB_GENDERS:
+            issues.append(LoadIssue(str(wav), f"speaker {speaker} is not one of EmoDB's ten speakers (no gender)"))
+            continue
+        rows.append(dict(utt_id=wav.stem, path=str(wav), corpus="emodb", speaker=speaker,
+                         gender=EMODB_GENDERS[speaker], emotion=_EMODB_EMOTIONS[code], session=text))
+    return _frame(rows), issues
+
+
+# --------------------------------------------------------------------------- RAVDESS
+_RAVDESS_EMOTIONS = {"01": "neutral", "03": "happy", "04": "sad", "05": "angry"}
+_RAVDESS_OTHER = {"02", "06", "07", "08"}  # calm, fearful, disgust, surprised
+_RAVDESS_NAME = re.compile(r"^(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})$")
+
+
+def load_ravdess(root: str | Path) -> tuple[pd.DataFrame, list[LoadIssue]]:
+    """RAVDESS: ``Actor_NN/MM-VV-EE-II-SS-RR-NN.wav`` (modality, vocal channel, emotion, intensity,
+    statement, repetition, actor).
+
+    Audio-only (modality 03) speech (vocal channel 01) is kept; emotions 01 neutral, 03 happy,
+    04 sad, 05 angry. Gender from the actor number: odd male, even female. The files are 48 kHz
+    and some are stereo: :func:`fed_ser.data.audio.read_audio` makes them mono.
+    """
+    root = Path(root)
+    actors = sorted(p for p in root.glob("Actor_*") if p.is_dir())
+    if not actors:
+        raise CorpusError(f"RAVDESS: no Actor_NN folders under {root}")
+    rows, issues = [], []
+    for folder in actors:
+        for wav in sorted(folder.glob("*.wav")):
+            m = _RAVDESS_NAME.match(wav.stem)
+            if not m:
+                issues.append(LoadIssue(str(wav), "file name does not follow RAVDESS's MM-VV-EE-II-SS-RR-NN coding"))
+                continue
+            modality, channel, code, _, statement, repetition, actor = m.groups()
+            if modality != "03" or channel != "01":
+                continue  # video, or song: not audio-only speech
+            if f"Actor_{actor}" != folder.name:
+                issues.append(LoadIssue(str(wav), f"actor {actor} in the name but the file is in {folder.name}"))
+                continue
+            if code in _RAVDESS_OTHER:
+                continue
+            if code not in _RAVDESS_EMOTIONS:
+                issues.append(LoadIssue(str(wav), f"unknown emotion code {code!r}"))
+                continue
+            rows.append(dict(utt_id=wav.stem, path=str(wav), corpus="ravdess", speaker=folder.name,
+                             gender="M" if int(actor) % 2 else "F", emotion=_RAVDESS_EMOTIONS[code],
+                             session=f"{statement}-{repetition}"))
+    return _frame(rows), issues
+
+
+# --------------------------------------------------------------------------- manifest CSV
+MANIFEST_COLUMNS = ("path", "speaker", "gender", "emotion")
+_GENDERS = {"f": "F", "female": "F", "m": "M", "male": "M"}
+
+
+def manifest_file(root: str | Path) -> Path:
+    """The CSV a ``manifest`` corpus root names: the file itself, or ``manifest.csv`` in a folder."""
+    root = Path(root)
+    return root / "manifest.csv" if root.is_dir() else root
+
+
+def load_manifest(root: str | Path, emotion_map: dict[str, str | None] | None = None) -> tuple[pd.DataFrame, list[LoadIssue]]:
+    """Recordings listed in a CSV with ``path, speaker, gender, emotion`` (optional ``session``).
+
+    Paths are relative to the CSV's folder (absolute paths are kept). ``gender`` is F/M (or
+    female/male); ``emotion`` is one of neutral/happy/sad/angry, or a label that
+    ``emotion_map`` maps to one of them (a label mapped to ``None`` is dropped silently). A
+    speaker listed with two genders is skipped as a whole.
+    """
+    path = manifest_file(root)
+    if not path.is_file():
+        raise CorpusError(f"manifest: no CSV at {path}")
+    mapping = {str(k).strip().lower(): v for k, v in (emotion_map or {}).items()}
+    bad_targets = sorted({v for v in mapping.values() if v is not None and v not in EMOTIONS})
+    if bad_targets:
+        raise CorpusError(f"data.manifest.emotion_map: maps to {bad_targets}, which are not among {list(EMOTIONS)}")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in reader.fieldnames or []]
+            records = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CorpusError(f"manifest: cannot read {path} ({exc})") from exc
+    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    if missing:
+        raise CorpusError(f"manifest: {path} lacks the column(s) {missing} (it has {header})")
+    rows, issues, seen = [], [], set()
+    for lineno, raw in enumerate(records, start=2):
+        rec = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        where = f"{path}:{lineno}"
+        empty = [c for c in MANIFEST_COLUMNS if not rec.get(c)]
+        if empty:
+            issues.append(LoadIssue(where, f"missing {', '.join(empty)}"))
+            continue
+        gender = _GENDERS.get(rec["gender"].lower())
+        if gender is None:
+            issues.append(LoadIssue(where, f"gender {rec['gender']!r} is not F/M (or female/male)"))
+            continue
+        label = rec["emotion"].lower()
+        if label in mapping:
+            emotion = mapping[label]
+            if emotion is None:
+                continue
+        elif label in EMOTIONS:
+            emotion = label
+        else:
+            issues.append(LoadIssue(where, f"emotion {rec['emotion']!r} is not one of {list(EMOTIONS)}; map it in "
+                                           "data.manifest.emotion_map (to null to drop it)"))
+            continue
+        wav = Path(rec["path"])
+        wav = wav if wav.is_absolute() else path.parent / wav
+        if not wav.is_file():
+            issues.append(LoadIssue(str(wav), f"audio listed at {where} is missing"))
+            continue
+        if str(wav) in seen:
+            issues.append(LoadIssue(str(wav), f"listed twice (again at {where})"))
+            continue
+        seen.add(str(wav))
+        rows.append(dict(utt_id=str(wav.relative_to(path.parent)) if wav.is_relative_to(path.parent) else str(wav),
+                         path=str(wav), corpus="manifest", speaker=rec["speaker"], gender=gender, emotion=emotion,
+                         session=rec.get("session", "")))
+    genders: dict[str, set[str]] = {}
+    for r in rows:
+        genders.setdefault(r["speaker"], set()).add(r["gender"])
+    mixed = {s for s, g in genders.items() if len(g) > 1}
+    for s in sorted(mixed):
+        issues.append(LoadIssue(str(path), f"speaker {s!r} is listed as both F and M; all of their rows skipped"))
+    return _frame([r for r in rows if r["speaker"] not in mixed]), issues
+
+
+LOADERS = {"crema_d": load_crema_d, "iemocap": load_iemocap, "msp_improv": load_msp_improv, "emodb": load_emodb,
+           "ravdess": load_ravdess, "manifest": load_manifest}
+
+
+def load_corpus(corpus: str, root: str | Path, **options) -> tuple[pd.DataFrame, list[LoadIssue]]:
+    """Load ``corpus`` (one of :data:`LOADERS`) from ``root``; ``options`` go to its loader
+    (``emotion_map`` for ``manifest``)."""
     if corpus not in LOADERS:
         raise KeyError(f"dataset.name: unknown corpus {corpus!r}; expected one of {sorted(LOADERS)}")
-    return LOADERS[corpus](root)
+    return LOADERS[corpus](root, **options)

@@ -8,6 +8,8 @@ read them unchanged:
 * IEMOCAP: ``Session<k>/sentences/wav/<dialog>/<utt>.wav`` and
   ``Session<k>/dialog/EmoEvaluation/<dialog>.txt`` (improvised and scripted dialogs).
 * MSP-Improv: ``session<k>/<scenario>/<condition>/MSP-IMPROV-<...>.wav`` and ``Evaluation.txt``.
+* EmoDB: ``wav/SSTTTEV.wav`` (speaker, text, German emotion letter, version), 16 kHz.
+* RAVDESS: ``Actor_NN/03-01-EE-II-SS-RR-NN.wav`` at 48 kHz, stereo (and some song files, ``03-02``).
 
 Speaker counts and gender splits match the real corpora; emotion proportions follow the counts
 the paper used; ``scale`` shrinks utterances per speaker (tests use ~0.05). A few utterances with
@@ -26,18 +28,23 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from fed_ser.data.audio import resample
+from fed_ser.data.corpora import EMODB_GENDERS
 from fed_ser.data.voice import DEFAULT_GENDER_STYLE, SAMPLE_RATE, Speaker, sample_speaker, synthesize
 from fed_ser.io import atomic_write_text
 
-CORPORA = ("crema_d", "iemocap", "msp_improv")
+CORPORA = ("crema_d", "iemocap", "msp_improv", "emodb", "ravdess")  # every layout the generator writes
+PAPER_CORPORA = CORPORA[:3]  # the paper's three, the attacker's default shadow corpora
 
 # Utterances per emotion in the paper's Table I (neutral, happy, sad, angry), per corpus.
 _TABLE_I = {
     "crema_d": (1972, 1219, 588, 1019),
     "iemocap": (1099, 947, 608, 289),
     "msp_improv": (2072, 1184, 739, 585),
+    "emodb": (79, 71, 62, 127),  # the corpus' own counts
+    "ravdess": (96, 192, 192, 192),  # per actor: neutral 2 statements x 2 repetitions, others x 2 intensities
 }
-_SPEAKERS = {"crema_d": (48, 43), "iemocap": (5, 5), "msp_improv": (6, 6)}  # (male, female)
+_SPEAKERS = {"crema_d": (48, 43), "iemocap": (5, 5), "msp_improv": (6, 6), "emodb": (5, 5), "ravdess": (12, 12)}  # (male, female)
 _EXTRA_SHARE = 0.08  # utterances with labels the loaders must drop
 
 
@@ -60,6 +67,10 @@ def _speaker_list(corpus: str, rng: np.random.Generator) -> list[tuple[str, str]
         return [(str(1001 + i), str(g)) for i, g in enumerate(genders)]
     if corpus == "iemocap":
         return [(f"Ses0{s}{g}", g) for s in range(1, 6) for g in ("F", "M")]
+    if corpus == "emodb":
+        return sorted(EMODB_GENDERS.items())
+    if corpus == "ravdess":
+        return [(f"{a:02d}", "M" if a % 2 else "F") for a in range(1, 25)]
     return [(f"{g}0{s}", g) for s in range(1, 7) for g in ("F", "M")]
 
 
@@ -68,10 +79,10 @@ def _per_speaker_counts(corpus: str, n_speakers: int, scale: float) -> tuple[int
     return tuple(counts)  # type: ignore[return-value]
 
 
-def _write_wav(path: Path, wave: np.ndarray) -> None:
+def _write_wav(path: Path, wave: np.ndarray, rate: int = SAMPLE_RATE) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    sf.write(tmp, wave, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    sf.write(tmp, wave, rate, subtype="PCM_16", format="WAV")
     os.replace(tmp, path)
 
 
@@ -242,7 +253,58 @@ def _msp_metadata(root: Path, records: list[str], rng: np.random.Generator) -> N
     atomic_write_text(root / "Evaluation.txt", "\n".join(out))
 
 
-_WRITERS = {"crema_d": _crema_speaker, "iemocap": _iemocap_speaker, "msp_improv": _msp_speaker}
+# --------------------------------------------------------------------------- EmoDB
+_EMODB_TEXTS = ("a01", "a02", "a04", "a05", "a07", "b01", "b02", "b03", "b09", "b10")
+_EMODB_LETTERS = {"neutral": "N", "happy": "F", "sad": "T", "angry": "W"}
+
+
+def _emodb_speaker(job: _Job) -> list[str]:
+    rng = np.random.default_rng([job.seed, 4, job.index])
+    used: dict[tuple[str, str], int] = {}
+    for emotion in _emotion_plan(job, rng):
+        letter = _EMODB_LETTERS.get(emotion) or str(rng.choice(["L", "E", "A"]))  # boredom, disgust, fear
+        text = str(rng.choice(_EMODB_TEXTS))
+        version = used.get((text, letter), 0)
+        used[(text, letter)] = version + 1
+        wave, _ = _render(job, rng, emotion)
+        _write_wav(Path(job.root) / "wav" / f"{job.speaker.speaker_id}{text}{letter}{'abcdefghijklmnopqrstuvwxyz'[version % 26]}"
+                   f"{'' if version < 26 else version // 26}.wav", wave)
+    return []
+
+
+# --------------------------------------------------------------------------- RAVDESS
+_RAVDESS_CODES = {"neutral": "01", "happy": "03", "sad": "04", "angry": "05"}
+RAVDESS_RATE = 48_000
+
+
+def _ravdess_speaker(job: _Job) -> list[str]:
+    """Audio-only speech (03-01) at 48 kHz stereo, as the corpus ships it; a few song files (03-02)."""
+    rng = np.random.default_rng([job.seed, 5, job.index])
+    actor = job.speaker.speaker_id
+    taken: dict[tuple[str, str], int] = {}
+    plan = _emotion_plan(job, rng)
+    plan += ["song"] * max(1, len(plan) // 12)
+    for emotion in plan:
+        channel = "02" if emotion == "song" else "01"
+        code = _RAVDESS_CODES.get(emotion) or str(rng.choice(["02", "06", "07", "08"]))
+        # the corpus' design: intensity (none strong for neutral) x statement x repetition, in a seeded
+        # order; repetitions beyond 02 only when the scale asks for more than the design holds
+        k = taken.get((channel, code), 0)
+        taken[(channel, code)] = k + 1
+        levels = ("01",) if code == "01" else ("01", "02")
+        intensity, statement = levels[k % len(levels)], f"{1 + (k // len(levels)) % 2:02d}"
+        repetition = f"{1 + k // (2 * len(levels)):02d}"
+        voiced = emotion if emotion in _RAVDESS_CODES else "neutral"
+        wave = synthesize(job.speaker, voiced, rng, intensity=1.3 if intensity == "02" else 1.0)
+        wave = resample(wave, SAMPLE_RATE, RAVDESS_RATE)
+        stereo = np.stack([wave, np.roll(wave, 3) * 0.9], axis=1)  # two microphones: not identical channels
+        name = f"03-{channel}-{code}-{intensity}-{statement}-{repetition}-{actor}"
+        _write_wav(Path(job.root) / f"Actor_{actor}" / f"{name}.wav", stereo, RAVDESS_RATE)
+    return []
+
+
+_WRITERS = {"crema_d": _crema_speaker, "iemocap": _iemocap_speaker, "msp_improv": _msp_speaker, "emodb": _emodb_speaker,
+            "ravdess": _ravdess_speaker}
 
 
 def _run_job(job: _Job) -> list[str]:
@@ -287,7 +349,7 @@ def generate(root: str | Path, corpus: str, scale: float = 1.0, seed: int = 0, w
         _crema_metadata(root, speakers, rng)
     elif corpus == "iemocap":
         _iemocap_metadata(root, lines, rng)
-    else:
+    elif corpus == "msp_improv":
         _msp_metadata(root, lines, rng)
     atomic_write_text(root / ".fed_ser_synthetic", _stamp(corpus, scale, seed, gender_style))
     return root
@@ -318,13 +380,14 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: ``fed-ser-synth OUT --corpus crema_d --scale 1.0 --seed 0``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--corpus", choices=CORPORA + ("all",), default="all")
+    ap.add_argument("--corpus", choices=CORPORA + ("paper", "all"), default="paper",
+                    help="one corpus, the paper's three (paper), or every layout (all)")
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gender-style", type=float, default=DEFAULT_GENDER_STYLE,
                     help="strength of the gender-by-emotion expression style (0: none)")
     args = ap.parse_args(argv)
-    for corpus in CORPORA if args.corpus == "all" else (args.corpus,):
+    for corpus in {"paper": PAPER_CORPORA, "all": CORPORA}.get(args.corpus, (args.corpus,)):
         t0 = time.perf_counter()
         generate(args.out / corpus, corpus, scale=args.scale, seed=args.seed, gender_style=args.gender_style)
         n = sum(1 for _ in (args.out / corpus).rglob("*.wav"))

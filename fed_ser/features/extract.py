@@ -24,7 +24,7 @@ from fed_ser.io import atomic_save_npy
 
 
 class FeatureExtractor(Protocol):
-    """Maps a 16 kHz waveform to one feature vector."""
+    """Maps a mono waveform at its native sample rate to one feature vector."""
 
     name: str
     version: str
@@ -76,8 +76,8 @@ def _extract_one(args: tuple[str, str, Callable[[], FeatureExtractor]]) -> tuple
         except (OSError, ValueError):
             pass  # unreadable cache entry: recompute and replace it atomically
     try:
-        wave = read_audio(path)
-        vec = np.asarray(ex(wave, 16_000), dtype=np.float32).reshape(-1)
+        wave, rate = read_audio(path)
+        vec = np.asarray(ex(wave, rate), dtype=np.float32).reshape(-1)
     except AudioError as exc:
         return path, None, str(exc).removeprefix(f"{path}: ")
     except Exception as exc:  # an extractor crash on one file must not stop the batch

@@ -127,10 +127,11 @@ class S3prlUpstream:
             raise RuntimeError(f"{self.name} features are not in the cache and s3prl is not installed in this "
                                f"environment: run `.venv-s3prl/bin/fed-ser-extract features={self.name}` first "
                                f"(environment: `fed-ser-s3prl-env`)")
-        if rate != 16_000:
-            raise ValueError(f"{self.name} expects 16 kHz audio, got {rate} Hz")
         import torch
 
+        from fed_ser.data.audio import resample
+
+        wave = resample(wave, rate, 16_000)  # every upstream was trained on 16 kHz speech
         with torch.no_grad():
             hidden = self._expert([torch.as_tensor(wave, dtype=torch.float32)])["hidden_states"][-1]
         return hidden[0].mean(0).double().numpy()
