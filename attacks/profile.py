@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from attacks.evaluate import client_trials
+from attacks.evaluate import client_success
 from fed_ser.store import UpdateInfo, UpdateStore
 
 
@@ -78,12 +78,15 @@ def train_profile_attack(profiles: np.ndarray, labels: np.ndarray, layer: str = 
     return ProfileAttack(layer, mean, std, clf)
 
 
+def pooled_scorer(attack: ProfileAttack, profiles: np.ndarray):
+    """``score_of(indices)`` for :mod:`attacks.evaluate`: k pooled rounds average their input
+    profiles before the prediction (which averages DP noise away)."""
+    return lambda idx: float(attack.p_female(profiles[idx].mean(0, keepdims=True))[0])
+
+
 def profile_asr(attack: ProfileAttack, profiles: np.ndarray, clients: np.ndarray, labels: np.ndarray,
                 trials: int = 10, pool_rounds: int = 1, seed: int = 0) -> float:
     """ASR as in :func:`attacks.evaluate.attack_success_rate`, pooling k rounds by averaging the
     k input profiles of a trial before the prediction."""
-    per_client: dict[int, list[int]] = {}
-    for client, truth, pick in client_trials(clients, labels, trials, pool_rounds, seed):
-        hit = int((attack.p_female(profiles[pick].mean(0, keepdims=True))[0] > 0.5) == truth)
-        per_client.setdefault(client, []).append(hit)
-    return float(np.mean([np.mean(v) for v in per_client.values()])) if per_client else float("nan")
+    success = client_success(pooled_scorer(attack, profiles), clients, labels, trials, pool_rounds, seed)
+    return float(np.mean(list(success.values()))) if success else float("nan")

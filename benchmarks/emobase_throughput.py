@@ -17,11 +17,9 @@ import soundfile as sf
 from _common import parser, report
 
 from fed_ser.cli import load_config
-from fed_ser.data.corpora import load_corpus
-from fed_ser.data.synthetic import ensure_corpus
 from fed_ser.features.emobase import emobase_factory
 from fed_ser.features.extract import extract_features
-from fed_ser.pipeline import corpus_root
+from fed_ser.pipeline import corpus_manifest, corpus_source
 
 
 def main() -> None:
@@ -29,9 +27,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=400)
     args = p.parse_args()
     cfg = load_config(["dataset=iemocap", *args.overrides])
-    root = corpus_root(cfg, cfg.dataset.name)
-    ensure_corpus(root, cfg.dataset.name, scale=float(cfg.data.scale), seed=int(cfg.data.seed))
-    paths = load_corpus(cfg.dataset.name, root)[0].path.tolist()[: args.n]
+    paths = corpus_manifest(cfg, corpus_source(cfg, str(cfg.dataset.name)))[0].path.tolist()[: args.n]
     audio_s = sum(sf.info(p).duration for p in paths)
     cores = os.cpu_count() or 1
     rates = {}

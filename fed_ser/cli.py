@@ -11,20 +11,74 @@ import sys
 import time
 from pathlib import Path
 
+import functools
+import re
+
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from fed_ser.data.federated import FederatedData
 from fed_ser.io import atomic_write_json, atomic_write_text
-from fed_ser.settings import RunSettings
+from fed_ser.settings import ConfigError, RunSettings
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def _source(corpus: str, *, _root_: DictConfig) -> str:
+    """``${source:<corpus>}`` in ``conf/``: ``real`` if ``data.roots.<corpus>`` is set, else ``synthetic``."""
+    return "real" if (_root_.data.get("roots") or {}).get(corpus) else "synthetic"
+
+
+if not OmegaConf.has_resolver("source"):
+    OmegaConf.register_new_resolver("source", _source)
+
+
 def load_config(overrides: list[str], config_name: str = "config") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with Hydra overrides."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides.
+
+    A wrong override raises :class:`ConfigError` with one line naming the key and what it could be.
+    """
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+    except MissingConfigException as exc:  # a group option that does not exist (dataset=timit)
+        group = next((o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].lstrip("+~") and
+                      f"'{o.split('=', 1)[0].lstrip('+~')}/" in str(exc)), None)
+        options = re.findall(r"^\t(\S+)$", str(exc), re.M)
+        what = f"{group}: no such option" if group else str(exc).splitlines()[0]
+        raise ConfigError(f"{what} (available: {', '.join(options)})" if options else what) from None
+    except HydraException as exc:
+        m = re.search(r"Could not override '([^']+)'", str(exc))
+        if m is None:
+            raise ConfigError(" ".join(str(exc).split("\n")[:2])) from None
+        key = m.group(1)
+        cause = str(exc.__cause__ or "").splitlines()
+        if cause and "not in struct" not in cause[0]:  # the key exists; the value does not fit it
+            raise ConfigError(f"{key}: {cause[0]}") from None
+        parent, _, leaf = key.rpartition(".")
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            base = compose(config_name=config_name)
+        node = OmegaConf.select(base, parent) if parent else base
+        known = sorted(f"{parent + '.' if parent else ''}{k}" for k in node) if isinstance(node, DictConfig) else []
+        raise ConfigError(f"{key}: no such setting" + (f" (known: {', '.join(known)})" if known else "")) from None
+
+
+def console(main):
+    """Console-script wrapper: a configuration or input error is one line on stderr (exit 2), no traceback."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        from fed_ser.data.corpora import CorpusError
+        from fed_ser.data.partition import PartitionError
+
+        try:
+            return main(*args, **kwargs)
+        except (ConfigError, CorpusError, PartitionError) as exc:
+            print(f"[fed-ser] error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return run
 
 
 def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = "") -> RunSettings:
@@ -130,6 +184,7 @@ def table_iii(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@console
 def train(argv: list[str] | None = None) -> None:
     """Console script: private FL training on one corpus and fold, with the recorder on.
 
@@ -141,7 +196,7 @@ def train(argv: list[str] | None = None) -> None:
     rows = []
     for overrides in runs:
         cfg = load_config(overrides)
-        prepared = prepare(cfg, [cfg.dataset.name], int(cfg.fold))
+        prepared = prepare(cfg, [str(cfg.dataset.name)], int(cfg.fold))
         out = Path(cfg.out_dir)
         res = run_fl(cfg, prepared, str(out), str(out / "updates") if cfg.recorder.enabled else "")
         f = res["final"]

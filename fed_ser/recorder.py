@@ -1,9 +1,10 @@
 """The eavesdropper's record of one client update, independent of how it travelled.
 
 :class:`UpdateRecorder` turns (round, node, update, global parameters) into store records:
-FedSGD gradients as they are; FedAvg as ``theta(t) - theta_k(t)`` plus the round's global
-parameters once. The Flower strategy feeds it from Message replies; the in-process engine feeds
-it directly, so both produce the same store format.
+FedSGD gradients as they are; FedAvg as ``theta(t) - theta_k(t)``; and, for both, the round's
+global parameters once (the server sent them, so it knows them: the feature-space attack inverts
+a gradient at the model it was computed at). The Flower strategy feeds it from Message replies;
+the in-process engine feeds it directly, so both produce the same store format.
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ class UpdateRecorder:
                arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], sync: bool = True) -> None:
         meta = dict(round=round, node=node, partition=partition, num_examples=num_examples, steps=steps,
                     lr=self.lr, float16=self.float16, sync=sync)
+        if round not in self._globals_written and self.store.global_record(round) is None:
+            self.store.append(global_arrays, kind="global", round=round, node=-1, lr=self.lr, sync=sync)
+        self._globals_written.add(round)
         if self.algorithm == "fedsgd":
             self.store.append(select_layers(arrays, self.layers), kind="gradient", **meta)
             return
-        if round not in self._globals_written:
-            self.store.append(select_layers(global_arrays, self.layers), kind="global", round=round, node=-1, lr=self.lr,
-                              sync=sync)
-            self._globals_written.add(round)
         delta = {k: global_arrays[k] - arrays[k] for k in arrays}
         self.store.append(select_layers(delta, self.layers), kind="delta", **meta)

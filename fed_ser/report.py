@@ -48,103 +48,164 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+ATTACK_NAMES = {"cnn": "paper's CNN (fused)", "profile": "input profile", "feature-space": "feature-space (inversion)"}
+
+
+def _attack_label(name: str) -> str:
+    base, control = (name[:-8], True) if name.endswith("-control") else (name, False)
+    return ATTACK_NAMES.get(base, base) + (" - control (shuffled genders)" if control else "")
+
+
+def _ci(m: dict, k: str | None = None) -> str:
+    lo, hi = m["asr_ci"] if k is None else m["asr_pooled_ci"][k]
+    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _num(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
 def _fold_rows(summary: dict) -> list[dict]:
     rows = []
     for f in summary["folds"]:
-        row = {"private": f["private"], "algorithm": f["algorithm"], "features": f["features"], "fold": f["fold"],
-               "control": f["control"], "ser_acc": f["ser"]["test_acc"], "ser_uar": f["ser"]["test_uar"], "asr": f["asr"]}
-        row.update({f"asr_{l}": v for l, v in f["asr_per_layer"].items()})
-        row.update({f"asr_pool{k}": v for k, v in f["asr_pooled"].items()})
-        row.update({f"profile_asr_pool{k}": v for k, v in (f.get("profile") or {}).get("asr_pooled", {}).items()})
-        rows.append(row)
+        for name, m in f["attacks"].items():
+            row = {"private": f["private"], "shadow_mode": f["shadow_mode"], "shadow": "+".join(f["shadow"]),
+                   "algorithm": f["algorithm"], "features": f["features"], "fold": f["fold"], "attack": name,
+                   "ser_uar": f["ser"]["test_uar"], "asr": m["asr"], "asr_ci_low": m["asr_ci"][0],
+                   "asr_ci_high": m["asr_ci"][1], "auc": m["auc"], **{f"tpr_at_fpr{t}": v for t, v in m["tpr_at_fpr"].items()},
+                   **{f"asr_pool{k}": v for k, v in m["asr_pooled"].items() if k != "1"},
+                   "clients": m["clients"], "updates": m["updates"]}
+            if name == "cnn":
+                row.update({f"asr_{l}": v for l, v in f["asr_per_layer"].items()})
+            rows.append(row)
     return rows
 
 
+def _cell_name(s: dict) -> str:
+    return f"{s['private_corpus']} {s['algorithm']} ({s['shadow_mode']})"
+
+
 def _figure(path: Path, summaries: list[dict]) -> None:
+    """ASR with its 95% interval per cell and attack (dashed: chance)."""
     plt = _pyplot()
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    labels, groups = [], []
-    for s in summaries:
-        m = s["mean"]
-        labels.append(f"{s['private']}\n{s['algorithm']}")
-        groups.append([m["asr"]] + list(m["asr_per_layer"].values()) + [m["asr_pooled"][k] for k in m["asr_pooled"] if k != "1"])
-    names = ["fused"] + list(summaries[0]["mean"]["asr_per_layer"]) + [f"pooled k={k}" for k in summaries[0]["mean"]["asr_pooled"] if k != "1"]
-    width = 0.8 / len(names)
+    names = list(dict.fromkeys(n for s in summaries for n in s["attacks"]))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(summaries) * max(len(names), 1) / 2), 4.0))
+    width = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
-        ax.bar([i + j * width for i in range(len(groups))], [g[j] for g in groups], width, label=name)
+        xs, ys, err = [], [], [[], []]
+        for i, s in enumerate(summaries):
+            m = s["attacks"].get(name)
+            if m is None:
+                continue
+            xs.append(i + j * width)
+            ys.append(m["asr"])
+            err[0].append(m["asr"] - m["asr_ci"][0])
+            err[1].append(m["asr_ci"][1] - m["asr"])
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=_attack_label(name), hatch="//" if "control" in name else None)
     ax.axhline(0.5, color="k", lw=0.8, ls="--")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], labels)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(summaries))], [_cell_name(s).replace(" (", "\n(") for s in summaries],
+                  fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("attack success rate")
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.set_ylabel("attack success rate (95% CI)")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     ax.set_title("Gender inference from shared updates (dashed: chance)")
+    _save_png(fig, path)
+
+
+def _roc_figure(path: Path, summaries: list[dict]) -> None:
+    """ROC curve of every cell's attacks (single updates), log-scaled FPR to show the low-FPR regime."""
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for s in summaries:
+        for name, m in s["attacks"].items():
+            if not m["roc"]["fpr"]:
+                continue
+            label = f"{_cell_name(s)}: {_attack_label(name)} (AUC {_num(m['auc'])})"
+            for ax in axes:
+                ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], ls=":" if "control" in name else "-", label=label)
+    for ax, scale in zip(axes, ("linear", "log")):
+        ax.plot([1e-3, 1], [1e-3, 1], color="k", lw=0.8, ls="--")
+        ax.set_xscale(scale)
+        ax.set_xlim(1e-3 if scale == "log" else 0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"false positive rate ({scale})")
+        ax.set_ylabel("true positive rate (women found)")
+    axes[0].legend(fontsize=6, loc="lower right")
+    fig.suptitle("ROC of the attacks on single updates (dashed: chance)")
     _save_png(fig, path)
 
 
 def _tables(summaries: list[dict]) -> str:
     lines = ["## SER performance (Table III shape): held-out speakers, model chosen by client validation UAR", "",
-             "| private corpus | algorithm | Acc | UAR | paper UAR |", "|---|---|---|---|---|"]
+             "| private corpus | algorithm | folds | Acc | UAR | paper UAR |", "|---|---|---|---|---|---|"]
     for s in summaries:
-        m = s["mean"]
-        lines.append(f"| {s['private']} | {s['algorithm']} | {_pct(m['ser_acc'])} | {_pct(m['ser_uar'])} | "
-                     f"{_pct(PAPER_UAR.get((s['private'], s['algorithm'])))} |")
-    lines += ["", "## Attack success rate (Table IV shape)", "",
-              "| private corpus | algorithm | ASR | paper ASR | control (shuffled genders) |", "|---|---|---|---|---|"]
+        lines.append(f"| {s['private_corpus']} | {s['algorithm']} | {len(s['folds'])} | {_pct(s['ser']['acc'])} | "
+                     f"{_pct(s['ser']['uar'])} | {_pct(PAPER_UAR.get((s['private'], s['algorithm'])))} |")
+    ks = list(dict.fromkeys(k for s in summaries for m in s["attacks"].values() for k in m["asr_pooled"] if k != "1"))
+    lines += ["", "## Attack success rate (Table IV shape), pooled over the folds' attacked clients", "",
+              "ASR: share of 10 random single updates per client whose gender is inferred right, averaged over "
+              "clients; 95% interval: bootstrap over attacked clients. AUC and TPR at 10% / 1% FPR: the "
+              "attack's score on single updates. k rounds: k updates of a client pooled.", "",
+              "| private corpus | algorithm | threat model | attack | ASR [95% CI] | AUC | TPR@10%FPR | TPR@1%FPR | "
+              + " | ".join(f"k={k} [95% CI]" for k in ks) + " | clients | paper ASR |",
+              "|---|---|---|---|---|---|---|---|" + "---|" * len(ks) + "---|---|"]
     for s in summaries:
-        lines.append(f"| {s['private']} | {s['algorithm']} | {_pct(s['mean']['asr'])} | "
-                     f"{_pct(PAPER_ASR.get((s['private'], s['algorithm'])))} | {'yes' if s['control'] else 'no'} |")
-    layer_names = list(summaries[0]["mean"]["asr_per_layer"])
-    lines += ["", "## Per-layer ASR without fusion (Table V shape)", "",
-              "| private corpus | algorithm | " + " | ".join(layer_names) + " |", "|---|---|" + "---|" * len(layer_names)]
+        for name, m in s["attacks"].items():
+            t = m["tpr_at_fpr"]
+            lines.append(f"| {s['private_corpus']} | {s['algorithm']} | {s['shadow_mode']} | {_attack_label(name)} | "
+                         f"{_num(m['asr'], True)} {_ci(m)} | {_num(m['auc'])} | {_num(t.get('0.1'), True)} | "
+                         f"{_num(t.get('0.01'), True)} | "
+                         + " | ".join(f"{_num(m['asr_pooled'].get(k), True)} {_ci(m, k) if k in m['asr_pooled'] else ''}"
+                                      for k in ks)
+                         + f" | {m['clients']} | {_pct(PAPER_ASR.get((s['private'], s['algorithm']))) if name == 'cnn' else ''} |")
+    layer_names = list(summaries[0]["asr_per_layer"])
+    lines += ["", "## Per-layer ASR of the paper's CNN without fusion (Table V shape), mean over folds", "",
+              "| private corpus | algorithm | threat model | " + " | ".join(layer_names) + " |",
+              "|---|---|---|" + "---|" * len(layer_names)]
     for s in summaries:
-        lines.append(f"| {s['private']} | {s['algorithm']} | " + " | ".join(_pct(v) for v in s["mean"]["asr_per_layer"].values()) + " |")
-    ks = list(summaries[0]["mean"]["asr_pooled"])
-    lines += ["", "## ASR with k rounds of a client's updates pooled", "",
-              "| private corpus | algorithm | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-    for s in summaries:
-        lines.append(f"| {s['private']} | {s['algorithm']} | " + " | ".join(_pct(s["mean"]["asr_pooled"][k]) for k in ks) + " |")
-    profiled = [s for s in summaries if s["mean"].get("profile_asr_pooled")]
-    if profiled:
-        pk = list(profiled[0]["mean"]["profile_asr_pooled"])
-        layer = profiled[0]["folds"][0]["profile"]["layer"]
-        lines += ["", f"## Input-profile attack ({layer} update summed over output units; k rounds averaged)", "",
-                  "| private corpus | algorithm | " + " | ".join(f"k={k}" for k in pk) + " |", "|---|---|" + "---|" * len(pk)]
-        for s in profiled:
-            lines.append(f"| {s['private']} | {s['algorithm']} | "
-                         + " | ".join(_pct(s["mean"]["profile_asr_pooled"][k]) for k in pk) + " |")
+        lines.append(f"| {s['private_corpus']} | {s['algorithm']} | {s['shadow_mode']} | "
+                     + " | ".join(_num(v, True) for v in s["asr_per_layer"].values()) + " |")
+    lines += ["", "## Threat models", ""] + [f"- {_cell_name(s)}: {s['threat_model']}." for s in summaries]
     return "\n".join(lines) + "\n"
 
 
 def write_run_report(out: Path, summary: dict, suffix: str = "") -> None:
-    """``results<suffix>.csv``, ``report<suffix>.md`` and ``asr<suffix>.png`` for one experiment cell."""
+    """``results<suffix>.csv``, ``report<suffix>.md``, ``asr<suffix>.png`` and ``roc<suffix>.png`` for one cell."""
     atomic_write_text(out / f"results{suffix}.csv", _csv(_fold_rows(summary)))
     folds = ", ".join(str(f["fold"]) for f in summary["folds"])
-    head = (f"# fed-ser attack report: private {summary['private']}, {summary['algorithm']}, {summary['features']}\n\n"
-            f"Folds: {folds}. Shadow corpora: {', '.join(summary['folds'][0]['shadow'])}. "
-            f"Wall time {summary['wall_seconds']:.0f} s.\n\n![ASR](asr{suffix}.png)\n\n")
+    head = (f"# fed-ser attack report: private {summary['private_corpus']}, {summary['algorithm']}, "
+            f"{summary['features']}\n\n{summary['threat_model']}.\n\nFolds: {folds}. Wall time "
+            f"{summary['wall_seconds']:.0f} s.\n\n![ASR](asr{suffix}.png)\n\n![ROC](roc{suffix}.png)\n\n")
     atomic_write_text(out / f"report{suffix}.md", head + _tables([summary]))
     _figure(out / f"asr{suffix}.png", [summary])
+    _roc_figure(out / f"roc{suffix}.png", [summary])
 
 
 def write_grid_report(grid_dir: Path, summaries: list[dict]) -> None:
-    """``grid.csv``, ``grid_report.md`` and ``grid_asr.png`` over a multirun."""
+    """``grid.csv``, ``grid_report.md``, ``grid_asr.png`` and ``grid_roc.png`` over a multirun."""
     grid_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(grid_dir / "grid.csv", _csv([r for s in summaries for r in _fold_rows(s)]))
-    atomic_write_text(grid_dir / "grid_report.md", "# fed-ser grid report\n\n![ASR](grid_asr.png)\n\n" + _tables(summaries))
+    atomic_write_text(grid_dir / "grid_report.md", "# fed-ser grid report\n\n![ASR](grid_asr.png)\n\n"
+                      "![ROC](grid_roc.png)\n\n" + _tables(summaries))
     _figure(grid_dir / "grid_asr.png", summaries)
+    _roc_figure(grid_dir / "grid_roc.png", summaries)
 
 
 def _defence_rows(summaries: list[dict]) -> list[dict]:
     rows = []
     for s in summaries:
-        d, m = s["defence"], s["mean"]
+        d, cnn, profile = s["defence"], s["attacks"]["cnn"], s["attacks"].get("profile") or {}
         dp = d["dp_mode"] != "none"
-        rows.append({"private": s["private"], "algorithm": s["algorithm"], "dp_mode": d["dp_mode"],
+        rows.append({"private": s["private_corpus"], "algorithm": s["algorithm"], "dp_mode": d["dp_mode"],
                      "epsilon": d["dp_epsilon"] if dp else None, "clip": d.get("dp_clip") if dp else None,
-                     "spent_epsilon_max": d.get("spent_epsilon_max"), "dropout": d["dropout"], "ser_uar": m["ser_uar"],
-                     "asr": m["asr"], **{f"asr_pool{k}": v for k, v in m["asr_pooled"].items() if k != "1"},
-                     **{f"profile_asr_pool{k}": v for k, v in (m.get("profile_asr_pooled") or {}).items()}})
+                     "spent_epsilon_max": d.get("spent_epsilon_max"), "dropout": d["dropout"], "ser_uar": s["ser"]["uar"],
+                     "asr": cnn["asr"], "asr_ci_low": cnn["asr_ci"][0], "asr_ci_high": cnn["asr_ci"][1],
+                     **{f"asr_pool{k}": v for k, v in cnn["asr_pooled"].items() if k != "1"},
+                     **{f"profile_asr_pool{k}": v for k, v in profile.get("asr_pooled", {}).items()}})
     return rows
 
 

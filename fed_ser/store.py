@@ -199,10 +199,8 @@ class UpdateStore:
         return [r for r in self.records if r.kind != "global" and (kind is None or r.kind == kind)]
 
     def global_record(self, round: int) -> UpdateInfo | None:
-        for r in self.records:
-            if r.kind == "global" and r.round == round:
-                return r
-        return None
+        """The global parameters the server sent in ``round`` (None if not recorded)."""
+        return next((r for r in reversed(self.records) if r.kind == "global" and r.round == round), None)
 
     def attack_input(self, info: UpdateInfo, layers: list[str] | None = None) -> dict[str, np.ndarray]:
         """What the attack consumes: the gradient, or the pseudo-gradient ``delta / (lr * T)``."""

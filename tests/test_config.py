@@ -76,10 +76,10 @@ def test_checkpoint_fingerprint_ignores_operational_keys_and_inactive_defences()
 
 def test_synthetic_gender_style_default_matches_the_generator_and_bad_values_name_the_key(tmp_path):
     from fed_ser.data.voice import DEFAULT_GENDER_STYLE
-    from fed_ser.pipeline import corpus_manifest
+    from fed_ser.pipeline import corpus_source
 
     assert load_config([]).data.gender_style == DEFAULT_GENDER_STYLE  # one default, not two
     cfg = load_config([f"data.root={tmp_path}", "data.gender_style=-1"])
     with pytest.raises(ConfigError, match="data.gender_style"):
-        corpus_manifest(cfg, "iemocap")
+        corpus_source(cfg, "iemocap")
     assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -136,11 +136,12 @@ def test_noise_grows_as_epsilon_shrinks():
 
 
 def _cell(mode: str, eps: float, clip: float, uar: float, asr: float, dropout: float = 0.2) -> dict:
-    return {"private": "iemocap", "algorithm": "fedsgd",
+    return {"private": "iemocap", "private_corpus": "iemocap", "algorithm": "fedsgd",
             "defence": {"dp_mode": mode, "dp_epsilon": eps, "dp_clip": clip, "dropout": dropout,
                         "spent_epsilon_max": eps if mode != "none" else None},
-            "mean": {"ser_uar": uar, "asr": asr, "asr_pooled": {"1": asr, "5": asr + 0.01},
-                     "profile_asr_pooled": {"1": 0.5, "10": 0.6}}}
+            "ser": {"uar": uar},
+            "attacks": {"cnn": {"asr": asr, "asr_ci": [asr - 0.1, asr + 0.1], "asr_pooled": {"1": asr, "5": asr + 0.01}},
+                        "profile": {"asr_pooled": {"1": 0.5, "10": 0.6}}}}
 
 
 def test_defence_report_keeps_cells_that_differ_only_in_clip_apart(tmp_path):

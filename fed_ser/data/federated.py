@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from fed_ser.data.corpora import EMOTIONS
-from fed_ser.data.partition import shard_speakers, speaker_folds, validation_mask
+from fed_ser.data.partition import attacker_speakers, shard_speakers, speaker_folds, validation_mask
 from fed_ser.io import atomic_save_npz
 
 TRAIN, VAL, TEST = 0, 1, 2
@@ -66,37 +66,54 @@ def build_federated(
     n_folds: int = 5,
     train_share: float = 1.0,
     seed: int = 0,
+    speaker_role: str | None = None,
+    attacker_share: float = 0.5,
 ) -> FederatedData:
     """Partition z-normalised features ``Z`` (rows of ``manifest``) into clients for ``fold``.
 
     ``manifest`` may hold several corpora (the attacker's shadow union); folds are drawn per
-    corpus. ``train_share < 1`` keeps that share of each client's rows (the shadow models use
-    80% of the attacker's data).
+    corpus and source (a real corpus and its synthetic twin are two corpora here; the optional
+    ``source`` column says which). ``train_share < 1`` keeps that share of each client's rows (the
+    shadow models use 80% of the attacker's data). ``speaker_role`` (``shadow.mode=speakers``)
+    keeps, of each corpus' training speakers, the ``private`` ones or those the ``attacker``
+    holds (:func:`fed_ser.data.partition.attacker_speakers`); the fold's test speakers stay test.
     """
     if not 0 <= fold < n_folds:
         raise ValueError(f"fold must be in 0..{n_folds - 1}, got {fold}")
     if len(manifest) != len(Z):
         raise ValueError("manifest and features differ in length")
+    if speaker_role not in (None, "private", "attacker"):
+        raise ValueError(f"speaker_role: {speaker_role!r} is not 'private' or 'attacker'")
     rng = np.random.default_rng([seed, 31, fold])
     keep = np.ones(len(manifest), dtype=bool)
     client = np.full(len(manifest), -1, dtype=np.int64)
+    names = manifest.corpus.to_numpy()
+    labels = corpus_labels(manifest)
     cs, cg, cc = [], [], []
-    for corpus in sorted(manifest.corpus.unique()):
-        part = manifest.corpus.to_numpy() == corpus
+    for label in sorted(set(labels)):
+        part = labels == label
+        corpus = names[part][0]
         spk = manifest.speaker.to_numpy()[part]
         gen = manifest.gender.to_numpy()[part]
         first = {s: g for s, g in zip(spk, gen)}
         folds = speaker_folds(list(first), list(first.values()), n_folds, seed)
         is_test = np.array([folds[s] == fold for s in spk])
-        train_idx = np.flatnonzero(part)[~is_test]
-        local = shard_speakers(spk[~is_test], shards_per_speaker.get(corpus, 1), seed)
+        if speaker_role is not None:
+            train_spk = [s for s in first if folds[s] != fold]
+            held = attacker_speakers(train_spk, [first[s] for s in train_spk], attacker_share, seed * 7919 + fold)
+            outside = np.array([(s in held) != (speaker_role == "attacker") for s in spk]) & ~is_test
+            keep[np.flatnonzero(part)[outside]] = False
+        else:
+            outside = np.zeros(len(spk), dtype=bool)
+        train_idx = np.flatnonzero(part)[~is_test & ~outside]
+        local = shard_speakers(spk[~is_test & ~outside], shards_per_speaker.get(corpus, 1), seed)
         offset = len(cs)
         client[train_idx] = local + offset
         for c in range(local.max() + 1):
-            s = spk[~is_test][local == c][0]
+            s = spk[~is_test & ~outside][local == c][0]
             cs.append(s)
             cg.append(first[s])
-            cc.append(corpus)
+            cc.append(label)
         if train_share < 1.0:
             for c in range(offset, len(cs)):
                 rows = np.flatnonzero(client == c)
@@ -111,3 +128,12 @@ def build_federated(
         split=split.astype(np.int8), client_speaker=np.array(cs, dtype=str),
         client_gender=np.array(cg, dtype=str), client_corpus=np.array(cc, dtype=str),
     )
+
+
+def corpus_labels(manifest: pd.DataFrame) -> np.ndarray:
+    """Per row, the corpus as reports name it: ``iemocap`` (real) or ``iemocap (synthetic)``."""
+    names = manifest.corpus.to_numpy().astype(str)
+    if "source" not in manifest:
+        return names
+    synthetic = manifest.source.to_numpy() == "synthetic"
+    return np.where(synthetic, np.char.add(names, " (synthetic)"), names)

@@ -4,6 +4,8 @@
   into ``shards_per_speaker`` equal random shards, one client each (the paper's code used 10).
 * Five folds over speakers; each fold holds out 20% of the speakers as test, balanced by gender.
 * Inside each client, 20% of its utterances validate and 80% train.
+* ``shadow.mode=speakers``: the training speakers of a fold are split, balanced by gender, between
+  the private federation and the attacker (:func:`attacker_speakers`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,27 @@ def speaker_folds(speakers: list[str], genders: list[str], n_folds: int = 5, see
     if len(set(fold.values())) < n_folds:
         raise PartitionError(f"{len(speakers)} speakers cannot fill {n_folds} folds")
     return fold
+
+
+def attacker_speakers(speakers: list[str], genders: list[str], share: float, seed: int = 0) -> set[str]:
+    """The seeded, gender-balanced ``share`` of ``speakers`` the attacker holds (``shadow.speaker_share``).
+
+    Both sides keep at least one speaker of each gender, so neither the private clients nor the
+    attacker's shadow clients are single-gender (the attack could not be trained or scored).
+    """
+    if not 0.0 < share < 1.0:
+        raise PartitionError(f"shadow.speaker_share: must be in (0, 1), got {share}")
+    rng = np.random.default_rng([seed, 37])
+    held: set[str] = set()
+    for g in sorted(set(genders)):
+        group = sorted(s for s, gg in zip(speakers, genders) if gg == g)
+        if len(group) < 2:
+            raise PartitionError(f"shadow.mode=speakers: only {len(group)} training speaker(s) of gender {g}; "
+                                 "the private clients and the attacker need one each")
+        rng.shuffle(group)
+        k = min(max(int(round(len(group) * share)), 1), len(group) - 1)
+        held.update(group[:k])
+    return held
 
 
 def shard_speakers(speakers: np.ndarray, shards_per_speaker: int, seed: int = 0) -> np.ndarray:
