@@ -109,6 +109,7 @@ class _Frame:
         self.W = np.zeros_like(P)
         self.W[self.live] = P[self.live] / norms[self.live, None]  # unit rows; the others stay 0
         self.R2 = R2  # 256 x B: span of the whole batch's post-dropout activations
+        self.W1V: np.ndarray | None = None  # the first layer's pre-activation as a function of a
 
     def row(self, j: int) -> np.ndarray:
         """Unit ``j``'s row of the gradient, ``[dL/dW1_j, dL/db1_j]``."""
@@ -128,7 +129,9 @@ def _normal_of(W: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
 def _certify(frame: _Frame, layers: _Layers, q: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """(residual, [x; 1], kept units) of the sample whose normal is ``q``."""
     kept = frame.live & (np.abs(frame.W @ q) >= frame.tol)
-    K = np.where(kept[:, None], layers.W1 @ frame.V, 0.0)  # masked pre-activation as a function of a
+    if frame.W1V is None:
+        frame.W1V = layers.W1 @ frame.V
+    K = np.where(kept[:, None], frame.W1V, 0.0)  # masked pre-activation as a function of a
     outside = K - frame.R2 @ (frame.R2.T @ K)  # the part outside G2's row space must vanish
     _, s, vt = np.linalg.svd(outside, full_matrices=False)
     x = frame.V @ vt[-1]
@@ -140,24 +143,31 @@ def _certify(frame: _Frame, layers: _Layers, q: np.ndarray) -> tuple[float, np.n
 
 
 def _ransac_normals(W: np.ndarray, tol: np.ndarray, rng: np.random.Generator, draws: int, found: list[np.ndarray],
-                    batch: int = 500):
+                    seen, batch: int = 500):
     """Hyperplanes through ``r - 1`` random rows that many rows lie on (normals to certify).
 
     Rows are drawn with weights that grow with how many of the samples found so far are zero on
-    them: a unit inactive for most samples is likely inactive for the missing ones too.
+    them: a unit inactive for most samples is likely inactive for the missing ones too. ``seen(q,
+    tol)`` says whether a normal is known already (found or rejected).
     """
     rows = np.flatnonzero(np.linalg.norm(W, axis=1) > 0)
     r = W.shape[1]
     min_count = max(r + 2, int(0.25 * len(rows)))
+    if len(rows) < min_count:  # too few rows the noise leaves a direction: no plane can be trusted
+        return
     for start in range(0, draws, batch):
         weight = np.ones(len(rows))
         if found:
             weight = np.mean([np.abs(W[rows] @ q) < tol[rows] for q in found], 0) ** 2 + 0.05
-        pick = np.stack([rng.choice(rows, r - 1, replace=False, p=weight / weight.sum()) for _ in range(batch)])
+        # r - 1 distinct rows per draw, with these weights: the smallest exponential keys (vectorised)
+        keys = rng.exponential(size=(batch, len(rows))) / weight
+        pick = rows[np.argpartition(keys, r - 2, axis=1)[:, : r - 1]]
         _, s, vt = np.linalg.svd(W[pick])
         q = vt[:, -1, :]
         on = np.abs(W @ q.T) < tol[:, None]
         for b in np.flatnonzero((s[:, -1] > 1e-5) & (on.sum(0) >= min_count)):
+            if seen(q[b], 1e-3):  # a plane already found (or rejected): no need to refine it again
+                continue
             refined = _normal_of(W, on[:, b])
             if refined is not None:
                 yield start + batch, refined
@@ -175,12 +185,20 @@ def _search(frame: _Frame, layers: _Layers, known: list[_Sample], rng: np.random
             ransac_draws: int) -> tuple[list[_Sample], int]:
     """Certified samples of the (residual) gradient in ``frame``, and the RANSAC draws spent."""
     found: list[tuple[_Sample, np.ndarray]] = []
+    rejected: list[np.ndarray] = []
     r = frame.r
 
+    def seen(q: np.ndarray, tol: float = 1e-6) -> bool:
+        """Known already: within ``tol`` of a found normal, or (exactly) one that failed its certificate."""
+        near = lambda ns, t: bool(ns) and float(np.abs(np.array(ns) @ q).max()) > 1 - t  # noqa: E731
+        return near([n for _, n in found], tol) or near(rejected, 1e-6)
+
     def accept(q: np.ndarray | None) -> None:
-        if q is None or any(abs(q @ n) > 1 - 1e-6 for _, n in found):
+        if q is None or seen(q):
             return
         cert, x, kept = _certify(frame, layers, q)
+        if cert >= CERTIFICATE:
+            rejected.append(q)
         scale = np.abs(x).max()
         if cert < CERTIFICATE and not any(np.abs(x - o.x).max() <= 1e-4 * scale for o in known + [f for f, _ in found]):
             found.append((_Sample(cert, x, kept, frame.P @ q), q))
@@ -191,16 +209,20 @@ def _search(frame: _Frame, layers: _Layers, known: list[_Sample], rng: np.random
     # 1. rows a sample dominates: the row over its bias entry lands in that sample's activation
     #    cell, whose inactive units give the sample's normal
     bias = np.abs(frame.P @ frame.V[-1])
+    tried: set[bytes] = set()
     for j in np.argsort(-bias):
         if len(found) == r or bias[j] <= 1e-6 * bias.max():
             break
         if frame.live[j]:
             x = frame.row(j)
-            accept(_normal_of(frame.W, (layers.W1 @ (x / x[-1]) < 0) & frame.live))
+            inactive = (layers.W1 @ (x / x[-1]) < 0) & frame.live
+            if (key := np.packbits(inactive).tobytes()) not in tried:  # one activation cell, one try
+                tried.add(key)
+                accept(_normal_of(frame.W, inactive))
     # 2. the rest: hyperplanes that many rows lie on
     draws = 0
     if len(found) < r and ransac_draws > 0:
-        for draws, q in _ransac_normals(frame.W, frame.tol, rng, ransac_draws, [n for _, n in found]):
+        for draws, q in _ransac_normals(frame.W, frame.tol, rng, ransac_draws, [n for _, n in found], seen):
             accept(q)
             if len(found) == r:
                 break
