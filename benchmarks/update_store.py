@@ -37,7 +37,7 @@ def record(data_path: Path, cfg, out: Path, float16: bool, rounds: int | None = 
     s = run_settings(cfg, data_path, "")
     if rounds:
         s = s.__class__(**{**s.__dict__, "rounds": rounds})
-    store = UpdateStore(out)
+    store = UpdateStore(out, mode="a")
     run_vectorized(FederatedData.load(data_path), s, UpdateRecorder(store, s.algorithm, s.lr, None, float16), progress=False)
     return store
 

@@ -14,12 +14,16 @@ Each record holds what an observer of the traffic learns from one client reply:
   the pseudo-gradient is ``delta / (lr * T)``.
 
 Appends write the frame, fsync, then the index line. A run killed mid-write leaves a partial
-frame at the end; :class:`UpdateStore` drops it (and repairs the index) on open, so the store
-reads back whole up to the last complete update and a resumed run appends after it.
+frame at the end. Readers (the default mode, ``"r"``) never modify the store: they read the
+complete frames and ignore a partial one, so an attack started while a run is recording cannot
+cut the record being written. One writer (``mode="a"``) holds an exclusive lock on the store;
+only it drops a partial tail (and repairs the index) on open, so a resumed run appends after the
+last complete update.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import struct
@@ -59,23 +63,38 @@ class UpdateInfo:
 
 
 class UpdateStore:
-    """Read and append recorded updates in ``path`` (a directory, created if missing)."""
+    """The recorded updates in ``path`` (a directory): read-only (``mode="r"``) or as its one writer
+    (``mode="a"``, which creates the directory, locks it and repairs a torn tail)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | Path, mode: str = "r"):
+        if mode not in ("r", "a"):
+            raise ValueError(f"UpdateStore mode: {mode!r} is not 'r' or 'a'")
+        self.path, self.mode = Path(path), mode
         self.data_path = self.path / "updates.bin"
         self.index_path = self.path / "index.jsonl"
         self.records: list[UpdateInfo] = []
         self.recovered_bytes = 0
-        self._recover()
+        self._lock: int | None = None
         self._fd: int | None = None  # read with positioned reads: no mapping, so page cache is not this process's RSS
+        if mode == "r":
+            if not self.data_path.exists():
+                raise FileNotFoundError(f"{self.path}: no recorded updates (no {self.data_path.name})")
+            self._scan()
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self.path / ".writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            self._lock = None
+            raise RuntimeError(f"{self.path}: another process is recording into this store") from None
+        self._recover()
 
     # ------------------------------------------------------------------ recovery
-    def _recover(self) -> None:
-        """Scan frames, drop an incomplete or corrupt tail, and make the index match."""
-        if not self.data_path.exists():
-            self.data_path.touch()
+    def _scan(self) -> int:
+        """Index the complete frames; return where they end (a partial or corrupt tail is ignored)."""
+        self.records = []
         size = self.data_path.stat().st_size
         good_end = 0
         with open(self.data_path, "rb") as fh:
@@ -94,6 +113,14 @@ class UpdateStore:
                     UpdateInfo(**{**meta, "offset": good_end + _FRAME.size + hlen, "start": good_end, "position": len(self.records)})
                 )
                 good_end = end
+        return good_end
+
+    def _recover(self) -> None:
+        """The writer's repair: drop an incomplete or corrupt tail, and make the index match."""
+        if not self.data_path.exists():
+            self.data_path.touch()
+        size = self.data_path.stat().st_size
+        good_end = self._scan()
         if good_end < size:
             self.recovered_bytes = size - good_end
             with open(self.data_path, "r+b") as fh:
@@ -123,6 +150,7 @@ class UpdateStore:
         its end; a crash before that loses at most the unfinished round, which a resumed run
         truncates and redoes anyway).
         """
+        self._writable()
         if kind not in ("gradient", "delta", "global"):
             raise ValueError(f"unknown record kind {kind!r}")
         dtype = np.float16 if float16 else np.float32
@@ -145,6 +173,10 @@ class UpdateStore:
             fh.write(info.to_json() + "\n")
         return info
 
+    def _writable(self) -> None:
+        if self.mode != "a":
+            raise PermissionError(f"{self.path}: this store is open read-only (UpdateStore(path, mode='a') records)")
+
     def sync(self) -> None:
         """Flush appended records to disk (after appends with ``sync=False``)."""
         if self.data_path.exists():
@@ -156,6 +188,7 @@ class UpdateStore:
 
         Returns how many records were dropped.
         """
+        self._writable()
         keep = [r for r in self.records if r.round <= last_round]
         dropped = len(self.records) - len(keep)
         if dropped:
@@ -228,9 +261,16 @@ class UpdateStore:
         return iter(self.updates())
 
     def close(self) -> None:
+        """Release the reader's file and the writer's lock."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def max_difference(a: UpdateStore, b: UpdateStore) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fed_ser.store import UpdateStore
 
@@ -12,27 +13,28 @@ def _update(i):
 
 
 def test_truncated_store_reads_back_up_to_last_complete_update_and_resumes(tmp_path):
-    store = UpdateStore(tmp_path)
+    store = UpdateStore(tmp_path, mode="a")
     for i in range(5):
         store.append(_update(i), round=i + 1, node=10 + i, num_examples=20)
     size = store.data_path.stat().st_size
     store.close()
     with open(store.data_path, "r+b") as fh:  # kill mid-write of the 5th update
         fh.truncate(size - 7)
-    reopened = UpdateStore(tmp_path)
+    reopened = UpdateStore(tmp_path, mode="a")  # the resumed run's writer repairs the torn tail
     assert len(reopened) == 4 and reopened.recovered_bytes > 0
     for i, info in enumerate(reopened.updates()):
         np.testing.assert_array_equal(reopened.read(info)["dense1.weight"], _update(i)["dense1.weight"])
     assert len(reopened.index_path.read_text().splitlines()) == 4
     reopened.append(_update(9), round=5, node=99, num_examples=20)
+    reopened.close()
     again = UpdateStore(tmp_path)
     assert [r.node for r in again.updates()] == [10, 11, 12, 13, 99]
     np.testing.assert_array_equal(again.read(again.updates()[-1])["dense1.bias"], _update(9)["dense1.bias"])
 
 
 def test_corrupt_payload_is_cut_and_float16_halves_bytes(tmp_path):
-    s32 = UpdateStore(tmp_path / "a")
-    s16 = UpdateStore(tmp_path / "b")
+    s32 = UpdateStore(tmp_path / "a", mode="a")
+    s16 = UpdateStore(tmp_path / "b", mode="a")
     big = {"w": np.random.default_rng(0).normal(size=(256, 988)).astype(np.float32)}
     s32.append(big, round=1, node=1)
     s16.append(big, round=1, node=1, float16=True)
@@ -47,8 +49,32 @@ def test_corrupt_payload_is_cut_and_float16_halves_bytes(tmp_path):
 
 
 def test_truncate_after_round_for_resume(tmp_path):
-    store = UpdateStore(tmp_path)
+    store = UpdateStore(tmp_path, mode="a")
     for r in (1, 1, 2, 2, 3):
         store.append(_update(r), round=r, node=r)
     assert store.truncate_after_round(2) == 1
     assert [r.round for r in UpdateStore(tmp_path).updates()] == [1, 1, 2, 2]
+
+
+def test_a_reader_never_modifies_the_store_and_only_one_writer_records(tmp_path):
+    """An attack opened while a run is recording must not cut the writer's half-written record."""
+    writer = UpdateStore(tmp_path, mode="a")
+    for i in range(3):
+        writer.append(_update(i), round=i + 1, node=i, num_examples=20)
+    with open(writer.data_path, "ab") as fh:  # the writer is in the middle of its next record
+        fh.write(b"FSU1" + b"\x00" * 9)
+    size, index = writer.data_path.stat().st_size, writer.index_path.read_text()
+    reader = UpdateStore(tmp_path)
+    assert len(reader) == 3 and reader.recovered_bytes == 0
+    np.testing.assert_array_equal(reader.read(reader.updates()[-1])["dense1.bias"], _update(2)["dense1.bias"])
+    assert writer.data_path.stat().st_size == size and writer.index_path.read_text() == index  # untouched
+    with pytest.raises(RuntimeError, match="another process is recording"):
+        UpdateStore(tmp_path, mode="a")
+    with pytest.raises(PermissionError, match="read-only"):
+        reader.append(_update(9), round=9, node=9)
+    writer.close()
+    repaired = UpdateStore(tmp_path, mode="a")  # the next writer repairs what the last one left
+    assert repaired.recovered_bytes == 13 and repaired.data_path.stat().st_size == size - 13
+    repaired.close()
+    with pytest.raises(FileNotFoundError, match="no recorded updates"):
+        UpdateStore(tmp_path / "nothing")
