@@ -128,6 +128,32 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"{name or 'process'}: nothing listened on {HOST}:{port} within {timeout:.0f} s")
 
 
+def _terminate(proc: subprocess.Popen, sig: int, timeout: float, group: bool = True) -> None:
+    """Signal ``proc`` (its process group), wait, SIGKILL if it lingers; never raises for a process
+    that will not be reaped (it has been killed; the OS reaps it). Drains a piped output."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                print(f"[deploy] process {proc.pid} was killed but is not reaped yet", file=sys.stderr, flush=True)
+    if proc.stdout is not None and not proc.stdout.closed:
+        try:
+            proc.stdout.read()
+        finally:
+            proc.stdout.close()
+
+
 class RunFailed(RuntimeError):
     """``flwr run`` failed or did not end; the message carries its output and each process's log tail."""
 
@@ -154,6 +180,8 @@ class LocalFederation:
     startup_timeout: float = 60.0
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs_open: list = field(default_factory=list)  # every process log this federation opened (closed on stop)
+    runs: list[subprocess.Popen] = field(default_factory=list)  # `flwr run` processes started here
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -175,9 +203,11 @@ class LocalFederation:
 
     def _start(self, name: str, cmd: list[str], home: Path | None = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")
+        self.logs_open.append(log)
         env = self.env if home is None else {**self.env, "FLWR_HOME": str(home)}
         proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group: stopping it stops its children
+        proc.log = log  # type: ignore[attr-defined]
         self.procs[name] = proc
         return proc
 
@@ -221,19 +251,18 @@ class LocalFederation:
         return self._start(f"supernode{i}", self.supernode_command(i, num_partitions), home)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        """Stop one process and its process group (its ClientApp/ServerApp children)."""
+        """Stop one process and its process group (its ClientApp/ServerApp children), whatever fails:
+        SIGTERM, then SIGKILL; a process that still cannot be reaped is left to the OS, never to
+        stop the rest of the clean-up. Its log file is closed."""
         proc = self.procs.pop(name, None)
         if proc is None:
             return
         try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(5)
+            _terminate(proc, sig, timeout)
+        finally:
+            log = getattr(proc, "log", None)
+            if log is not None:
+                log.close()
 
     def __enter__(self) -> "LocalFederation":
         try:
@@ -247,10 +276,20 @@ class LocalFederation:
         return self
 
     def close(self) -> None:
-        """Stop every process of this federation, then any stray one Flower detached (SuperExec)."""
-        for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
-            self.stop(name)
-        self._stop_strays()
+        """Stop every process of this federation (``flwr run`` processes, nodes, then the SuperLink)
+        and any stray one Flower detached (SuperExec); close every log. One failure stops nothing else."""
+        try:
+            for run in self.runs:
+                _terminate(run, signal.SIGTERM, 10.0, group=False)
+            for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
+                try:
+                    self.stop(name)
+                except Exception as exc:  # noqa: BLE001 - report, and go on stopping the others
+                    print(f"[deploy] could not stop {name}: {exc}", file=sys.stderr, flush=True)
+            self._stop_strays()
+        finally:
+            for log in self.logs_open:
+                log.close()
 
     def _stop_strays(self) -> None:
         """Kill leftover processes started under this federation's ``FLWR_HOME`` (Linux ``/proc``).
@@ -303,10 +342,13 @@ class LocalFederation:
         return tails
 
     def start_run(self, run_config: dict) -> subprocess.Popen:
-        """Start ``flwr run ... --stream`` without waiting (its output: the ServerApp's log)."""
+        """Start ``flwr run ... --stream`` without waiting (its output: the ServerApp's log). The caller
+        reads its output (``communicate``); :meth:`close` stops it if it is still running."""
         cfg = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        return subprocess.Popen([_bin("flwr"), "run", str(PROJECT), "fedser", "--run-config", cfg, "--stream"],
+        proc = subprocess.Popen([_bin("flwr"), "run", str(PROJECT), "fedser", "--run-config", cfg, "--stream"],
                                 cwd=PROJECT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.runs.append(proc)
+        return proc
 
 
 def deploy(cfg) -> dict:

@@ -87,3 +87,24 @@ def test_a_supernode_with_an_unregistered_key_is_refused(prepared, tmp_path):
         assert "Failed to activate SuperNode" in (tmp_path / "fed" / "supernode1.log").read_text()
         nodes = json.loads(fed.flwr("supernode", "list", "fedser", "--format", "json").stdout)["nodes"]
     assert len(nodes) == 1  # only the registered node is known
+
+
+def test_cleanup_stops_every_process_even_when_one_will_not_die(tmp_path, monkeypatch):
+    """A wait that times out after SIGKILL must not leave the SuperLink running or a log file open."""
+    import subprocess
+
+    fed = LocalFederation(tmp_path / "fed", 1, insecure=True)
+    stuck = fed._start("supernode0", ["sleep", "300"])
+    link = fed._start("superlink", ["sleep", "300"])
+    real_wait = subprocess.Popen.wait
+
+    def never(self, timeout=None):  # this node's process cannot be reaped in time
+        if self is stuck:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", never)
+    fed.close()
+    monkeypatch.setattr(subprocess.Popen, "wait", real_wait)
+    assert link.wait(5) is not None and stuck.wait(5) is not None  # both were killed
+    assert not fed.procs and all(log.closed for log in fed.logs_open)
