@@ -104,8 +104,10 @@ class _Frame:
         # error of what was subtracted), as a spectral norm spread over the rows
         spread = noise * np.sqrt(self.r) / (np.sqrt(len(P)) + np.sqrt(len(V)))
         self.tol = np.maximum(ON_PLANE, 10 * spread / np.maximum(norms, 1e-300))
-        # a row whose direction the noise could turn (a unit only removed samples used) says nothing
-        self.live = (norms > 1e-6 * norms.max()) & (self.tol < 1e-3)
+        # a row whose direction the noise could turn (a unit only removed samples used) says nothing;
+        # after deflation such rows sit decades below the rest: a gap of more than 2 decades in the
+        # row norms separates them even where the spectrum underestimates the subtraction's error
+        self.live = (norms > max(1e-6 * norms.max(), _norm_gap(norms))) & (self.tol < 1e-3)
         self.W = np.zeros_like(P)
         self.W[self.live] = P[self.live] / norms[self.live, None]  # unit rows; the others stay 0
         self.R2 = R2  # 256 x B: span of the whole batch's post-dropout activations
@@ -114,6 +116,16 @@ class _Frame:
     def row(self, j: int) -> np.ndarray:
         """Unit ``j``'s row of the gradient, ``[dL/dW1_j, dL/db1_j]``."""
         return self.P[j] @ self.V.T
+
+
+def _norm_gap(norms: np.ndarray, decades: float = 2.0) -> float:
+    """A threshold in the widest gap (if wider than ``decades``) of the log row norms, else 0."""
+    logs = np.sort(np.log10(norms[norms > 0]))
+    if len(logs) < 2:
+        return 0.0
+    gaps = np.diff(logs)
+    k = int(np.argmax(gaps))
+    return float(10 ** (logs[k] + gaps[k] / 2)) if gaps[k] > decades else 0.0
 
 
 def _normal_of(W: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
