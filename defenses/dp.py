@@ -1,16 +1,19 @@
 """DP-FedSGD: per-sample clipping and Gaussian noise on each client's gradient, with Opacus.
 
-A FedSGD client shares the gradient of one mini-batch of ``b`` rows drawn from its ``n`` rows.
-Under sample-level DP that gradient is computed with Opacus' ``GradSampleModule`` (per-sample
-gradients) and ``DPOptimizer.pre_step`` (clip each per-sample gradient to ``clip``, sum, add
-``N(0, (noise_multiplier * clip)^2)``, divide by ``b``), inside the shared local loop.
+A FedSGD client shares the gradient of one mini-batch drawn from its ``n`` rows. Under
+sample-level DP the batch is a **Poisson sample**: each row independently with probability
+``q = b / n`` (``b`` the batch size; as Opacus' ``DPDataLoader`` draws it, and as the RDP
+analysis of the subsampled Gaussian mechanism assumes). The gradient is computed with Opacus'
+``GradSampleModule`` (per-sample gradients) and ``DPOptimizer.pre_step`` (clip each per-sample
+gradient to ``clip``, sum, add ``N(0, (noise_multiplier * clip)^2)``, divide by the expected batch
+size ``b``), inside the shared local loop; an empty sample sends the noise alone.
 
-Accounting per client, with Opacus' RDP accountant: one step per round the client takes part
-in, sample rate ``q = b / n``. The noise multiplier is calibrated so that a given number of
-steps spends ``epsilon`` at ``delta``; the caller chooses that number (fed_ser passes each
-client's scheduled participations, ``dp.calibrate=per_client``, or the expected
+Accounting per client (:mod:`defenses.accounting`, Opacus' RDP accountant): one step per round
+the client takes part in, sample rate ``q``. The noise multiplier is calibrated so that a given
+number of steps spends ``epsilon`` at ``delta``; the caller chooses that number (fed_ser passes
+each client's scheduled participations, ``dp.calibrate=per_client``, or the expected
 ``rounds * fraction``, :func:`planned_steps`). The epsilon *spent* is computed afterwards from
-the participations that happened.
+the participations that happened. The guarantee is per utterance (sample level), not per client.
 """
 
 from __future__ import annotations
@@ -18,16 +21,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from defenses import check_privacy_parameters
+from defenses.accounting import calibrate, spent
 
 
 @dataclass(frozen=True)
@@ -52,20 +54,19 @@ def planned_steps(rounds: int, fraction: float) -> int:
     return max(round(rounds * fraction), 1)
 
 
-@lru_cache(maxsize=4096)
 def noise_multiplier(cfg: DPConfig, q: float, steps: int) -> float:
     """The smallest noise multiplier for which ``steps`` steps at rate ``q`` spend ``cfg.epsilon``."""
-    return float(get_noise_multiplier(target_epsilon=cfg.epsilon, target_delta=cfg.delta, sample_rate=q,
-                                      steps=steps, accountant="rdp"))
+    return calibrate(cfg.epsilon, cfg.delta, q, steps)
 
 
 def spent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     """Epsilon spent by ``steps`` steps of the subsampled Gaussian mechanism (Opacus' RDP accountant)."""
-    if steps == 0:
-        return 0.0
-    acc = RDPAccountant()
-    acc.history = [(sigma, q, steps)]
-    return float(acc.get_epsilon(delta))
+    return spent(sigma, q, steps, delta)
+
+
+def poisson_batch(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Row indices of one Poisson sample: each of ``n`` rows with probability ``min(b, n) / n``."""
+    return np.flatnonzero(rng.random(n) < sample_rate(batch_size, n))
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""User-level DP (UDP) for FedAvg: each client clips its whole model update and adds noise.
+"""UDP as published (``dp.mode=udp``): the defence of the paper's code, *not a formal guarantee*.
 
 Following UDP (Wei et al. 2021) as used by the paper's code: the client's update
 ``delta = theta_k - theta`` is clipped to L2 norm ``clip``; Gaussian noise with
@@ -6,8 +6,11 @@ Following UDP (Wei et al. 2021) as used by the paper's code: the client's update
     sigma = (2 * clip / m) * sqrt(2 * q * T * ln(1 / delta_dp)) / epsilon
 
 is added to every parameter (``m``: the client's sample count, ``q``: the fraction of clients a
-round, ``T``: rounds). The client then sends ``theta + clipped delta + noise``. The epsilon of
-this mechanism is the closed form above (no accountant), as in the UDP paper.
+round, ``T``: rounds). The client then sends ``theta + clipped delta + noise``. Why its epsilon
+guarantees nothing about a client: the update is clipped as a whole (user level) but the noise is
+scaled to a per-record sensitivity ``2C / m``, and the published ``delta = 0.5`` allows anything.
+Kept to reproduce the paper's defence; every report labels it "as published, not a formal
+guarantee". For a guarantee, use user-level DP (:mod:`defenses.user_dp`, ``dp.mode=user``).
 """
 
 from __future__ import annotations

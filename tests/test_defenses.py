@@ -24,9 +24,15 @@ def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
 SIZES = [7, 20, 35, 60, 90, 140, 33, 48, 25, 70]
 
 
-def _dp_settings(calibrate: str) -> RunSettings:
-    return RunSettings(prepared="x.npz", algorithm="fedsgd", rounds=60, fraction=0.3, dp_mode="sample",
-                       dp_epsilon=5.0, dp_delta=1e-5, dp_clip=1.0, dp_calibrate=calibrate)
+def _dp_settings(calibrate: str, mode: str = "sample") -> RunSettings:
+    return RunSettings(prepared="x.npz", algorithm="fedsgd" if mode == "sample" else "fedavg", rounds=60,
+                       fraction=0.3, dp_mode=mode, dp_epsilon=5.0, dp_delta=1e-5, dp_clip=1.0, dp_calibrate=calibrate)
+
+
+def _scheduled(s: RunSettings) -> list[int]:
+    from fed_ser.schedule import participations
+
+    return list(participations(s.seed, s.rounds, len(SIZES), s.fraction))
 
 
 def _opacus_epsilon(sigma: float, q: float, steps: int) -> float:
@@ -38,7 +44,7 @@ def _opacus_epsilon(sigma: float, q: float, steps: int) -> float:
 @pytest.mark.parametrize("calibrate", ["per_client", "expected"])
 def test_reported_epsilon_is_what_opacus_accountant_computes(calibrate):
     s = _dp_settings(calibrate)
-    report = privacy_report(s, SIZES)
+    report = privacy_report(s, SIZES, _scheduled(s))
     assert sum(c["steps"] for c in report["clients"]) == 60 * 3  # every round's selection is counted
     for n, c in zip(SIZES, report["clients"]):
         assert c["sample_rate"] == min(20, n) / n
@@ -56,7 +62,8 @@ def test_reported_epsilon_is_what_opacus_accountant_computes(calibrate):
 
 
 def test_per_client_calibration_keeps_every_client_within_the_target_epsilon():
-    per_client, expected = (privacy_report(_dp_settings(c), SIZES) for c in ("per_client", "expected"))
+    per_client, expected = (privacy_report(_dp_settings(c), SIZES, _scheduled(_dp_settings(c)))
+                            for c in ("per_client", "expected"))
     steps = [c["steps"] for c in per_client["clients"]]
     assert len(set(steps)) > 1 and max(steps) > planned_steps(60, 0.3)  # the schedule is uneven
     assert [c["calibrated_steps"] for c in per_client["clients"]] == steps
@@ -112,6 +119,93 @@ def test_udp_clips_the_whole_update_before_adding_noise():
     np.testing.assert_array_equal(_flat(clip_update(small, old, cfg.clip)), _flat(exact))
 
 
+def test_dp_fedsgd_draws_poisson_batches_as_its_accountant_assumes():
+    """Opacus' RDP accountant is for Poisson sampling at rate q = b / n: each row in with probability q."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 12)).astype(np.float32), np.arange(60) % 4
+    sizes = [local_update(build_model(12, 0.0, 0), X, y, algorithm="fedsgd", dp_sgd=(1.0, 1.0), seed=s).metrics["dp-batch"]
+             for s in range(300)]
+    q = 20 / 60
+    assert np.mean(sizes) == pytest.approx(60 * q, abs=0.6) and np.var(sizes) == pytest.approx(60 * q * (1 - q), rel=0.25)
+    empty = next(r for r in (local_update(build_model(12, 0.0, 0), X[:3], y[:3], algorithm="fedsgd", batch_size=1,
+                                          dp_sgd=(2.0, 0.5), seed=s) for s in range(50)) if r.metrics["dp-batch"] == 0)
+    assert _flat(empty.arrays).std() == pytest.approx(2.0 * 0.5 / 1, rel=0.1)  # the noise alone, at its scale
+
+
+def test_privacy_report_counts_the_participations_that_happened():
+    s = _dp_settings("per_client")
+    scheduled = _scheduled(s)
+    took_part = [max(c - 2, 0) for c in scheduled]  # some rounds short: a node was down
+    planned, actual = privacy_report(s, SIZES, scheduled), privacy_report(s, SIZES, took_part)
+    assert [c["steps"] for c in actual["clients"]] == took_part
+    assert all(a["epsilon"] < p["epsilon"] for a, p, n in zip(actual["clients"], planned["clients"], took_part) if n < 58)
+    assert "sample-level" in actual["guarantee"]
+
+
+def test_a_client_calibrates_to_the_schedule_the_server_draws_from(tmp_path):
+    """With fl.min_available=3 the server schedules partitions 0-2 only; the clients must calibrate to it."""
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fed_ser.client_app import handle_train
+    from fed_ser.data.federated import FederatedData
+    from fed_ser.schedule import federation_size
+    from fed_ser.strategy import numpy_to_arrays
+
+    rng = np.random.default_rng(0)
+    n_clients = 12
+    client = np.repeat(np.arange(n_clients), 10)
+    data = FederatedData(X=rng.normal(size=(120, 8)).astype(np.float32), y=np.tile(np.arange(4), 30), client=client,
+                         split=np.zeros(120, dtype=np.int8), client_speaker=np.array([f"s{i}" for i in range(n_clients)]),
+                         client_gender=np.array(["F", "M"] * 6), client_corpus=np.array(["x"] * n_clients))
+    data.save(tmp_path / "d.npz")
+    s = RunSettings(prepared=str(tmp_path / "d.npz"), algorithm="fedsgd", rounds=30, fraction=0.5, dp_mode="sample",
+                    dp_epsilon=5.0, min_available=3)
+    n = federation_size(s.min_available, data.num_clients)
+    report = privacy_report(s, [8] * n, [0] * n)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    model = build_model(8, s.dropout, s.seed)
+    msg = Message(RecordDict({"arrays": numpy_to_arrays({k: v.numpy() for k, v in model.state_dict().items()}),
+                              "config": ConfigRecord({"server-round": 1})}), dst_node_id=5, message_type=MessageType.TRAIN)
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    reply = handle_train(msg, ctx, s)
+    sigma = float(reply.content.metric_records["metrics"]["dp-noise-multiplier"])
+    assert sigma == pytest.approx(report["clients"][1]["noise_multiplier"])
+
+
+def test_user_level_dp_is_accounted_against_the_server_over_the_clients_participations():
+    from defenses.accounting import spent
+    from defenses.user_dp import privatize
+
+    s = _dp_settings("per_client", mode="user")
+    scheduled = _scheduled(s)
+    report = privacy_report(s, SIZES, scheduled)
+    assert "user-level" in report["guarantee"] and "against the server" in report["guarantee"]
+    for c, k in zip(report["clients"], scheduled):
+        # a Gaussian mechanism of sensitivity 2C per participation: noise multiplier sigma / 2, no sampling
+        assert c["epsilon"] == pytest.approx(spent(c["noise_multiplier"] / 2, 1.0, k, 1e-5), rel=1e-9)
+        assert 5.0 - 0.05 <= c["epsilon"] <= 5.0  # calibrated to its own participations
+    assert report["aggregate_observer_epsilon"] < report["spent_epsilon_max"]  # subsampling + summed noise
+    rng = np.random.default_rng(1)
+    old = {"w": rng.normal(size=(50, 40))}
+    new = {"w": old["w"] + rng.normal(scale=5.0, size=(50, 40))}
+    sent = privatize(new, old, clip=1.0, sigma=0.0, rng=rng)["w"] - old["w"]
+    assert np.linalg.norm(sent) == pytest.approx(1.0, rel=1e-5)  # the whole update clipped to C
+    noisy = privatize(new, old, clip=1.0, sigma=3.0, rng=np.random.default_rng(2))["w"] - old["w"] - sent
+    assert noisy.std() == pytest.approx(3.0, rel=0.05)  # noise std sigma * C on every parameter
+    udp = privacy_report(_dp_settings("per_client", mode="udp"), SIZES, scheduled)
+    assert udp["guarantee"].startswith("as published, not a formal guarantee")
+
+
+def test_user_level_delta_must_be_well_below_one_over_the_clients():
+    from fed_ser.training import check_privacy
+
+    s = RunSettings(prepared="x.npz", algorithm="fedavg", dp_mode="user", dp_delta=0.01)
+    with pytest.raises(ConfigError, match=r"dp\.delta: 0\.01 is not well below 1/80"):
+        check_privacy(s, 80)
+    check_privacy(RunSettings(prepared="x.npz", algorithm="fedavg", dp_mode="user", dp_delta=1e-5), 80)
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["dp=sample", "dp.epsilon=0"], "dp.epsilon"),
     (["dp=sample", "dp.epsilon=-3"], "dp.epsilon"),
@@ -120,6 +214,7 @@ def test_udp_clips_the_whole_update_before_adding_noise():
     (["dp=sample", "dp.calibrate=mean"], "dp.calibrate"),
     (["dp=sample", "fl=fedavg"], "dp.mode=sample"),
     (["dp=user", "fl=fedsgd"], "dp.mode=user"),
+    (["dp=udp", "fl=fedsgd"], "dp.mode=udp"),
     (["dp.mode=central"], "dp.mode"),
 ])
 def test_wrong_dp_settings_fail_at_start_naming_the_key(overrides, key):
