@@ -45,7 +45,7 @@ def main() -> None:
             t = time.perf_counter()
             fn(data, s, None, **kw)
             times[name] = time.perf_counter() - t
-            rec = UpdateRecorder(UpdateStore(f"{tmp}/{name}"), s.algorithm, s.lr, s.layers(), s.recorder_float16)
+            rec = UpdateRecorder(UpdateStore(f"{tmp}/{name}", mode="a"), s.algorithm, s.lr, s.layers(), s.recorder_float16)
             t = time.perf_counter()
             fn(data, s, rec, **kw)
             times[name + "+store"] = time.perf_counter() - t

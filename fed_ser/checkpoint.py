@@ -1,8 +1,9 @@
 """The global model after a finished round: ``<out_dir>/checkpoint.npz``, one format for every engine.
 
 The Flower ServerApp writes it after each round (and resumes from it); the in-process engine
-writes it at the end. Besides the parameters it holds the round and the settings' fingerprint,
-so a run never resumes from, or overwrites, a checkpoint of different settings.
+writes it at the end. Besides the parameters it holds the round, the settings' fingerprint (a run
+never resumes from, or overwrites, a checkpoint of different settings) and the run's history up to
+that round, so a run resumed after a crash continues its history instead of forgetting it.
 """
 
 from __future__ import annotations
@@ -31,9 +32,17 @@ def fingerprint(s: RunSettings) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
-def save_checkpoint(path: str | Path, rnd: int, s: RunSettings, params: dict[str, np.ndarray]) -> None:
-    """Write the global ``params`` after round ``rnd`` atomically."""
-    atomic_save_npz(path, __round__=np.array(rnd), __fingerprint__=np.array(fingerprint(s)), **params)
+def save_checkpoint(path: str | Path, rnd: int, s: RunSettings, params: dict[str, np.ndarray],
+                    history: list[dict] | None = None) -> None:
+    """Write the global ``params`` after round ``rnd``, with the history so far, atomically."""
+    atomic_save_npz(path, __round__=np.array(rnd), __fingerprint__=np.array(fingerprint(s)),
+                    __history__=np.array(json.dumps(history or [])), **params)
+
+
+def checkpoint_history(path: str | Path) -> list[dict]:
+    """The per-round history saved with a checkpoint (empty for checkpoints written without one)."""
+    with np.load(path) as z:
+        return json.loads(str(z["__history__"])) if "__history__" in z.files else []
 
 
 def load_checkpoint(path: str | Path, s: RunSettings | None = None) -> tuple[int, dict[str, np.ndarray]]:
@@ -43,8 +52,11 @@ def load_checkpoint(path: str | Path, s: RunSettings | None = None) -> tuple[int
         raise FileNotFoundError(f"{path}: no checkpoint (has the run finished a round?)")
     with np.load(path) as z:
         if s is not None and str(z["__fingerprint__"]) != fingerprint(s):
+            theirs, ours = json.loads(str(z["__fingerprint__"])), json.loads(fingerprint(s))
+            differ = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now"
+                               for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
             raise RuntimeError(
-                f"{path.parent} holds a run with different settings ({NAME}); refusing to resume or overwrite it. "
+                f"{path.parent} holds a run with different settings ({differ}); refusing to resume or overwrite it. "
                 "Choose another out_dir, or set resume=false to start over there.")
         return int(z["__round__"]), {k: z[k] for k in z.files if not k.startswith("__")}
 

@@ -130,7 +130,7 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
           f"{settings.rounds} rounds -> {out_dir}", flush=True)
     recorder = None
     if recorder_dir:
-        store = UpdateStore(recorder_dir)
+        store = UpdateStore(recorder_dir, mode="a")
         store.truncate_after_round(0)
         recorder = UpdateRecorder(store, settings.algorithm, settings.lr, settings.layers(), settings.recorder_float16)
     if settings.dp_mode == "none" and settings.adv_mix == 0:
@@ -149,6 +149,7 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
     if recorder is not None:
         res["recorder"] = {"dir": recorder_dir, "updates": len(recorder.store),
                            "bytes_per_update": recorder.store.bytes_per_update()}
+        recorder.store.close()
     atomic_write_json(Path(out_dir) / "results.json", res)
     return res
 
@@ -182,6 +183,21 @@ def table_iii(rows: list[dict]) -> str:
             uar = sum(r["uar"] for r in rs) / len(rs)
             lines.append(f"| {corpus} | {alg} | mean of {len(rs)} | {100 * acc:.2f}% | {100 * uar:.2f}% |")
     return "\n".join(lines) + "\n"
+
+
+@console
+def prepare_main(argv: list[str] | None = None) -> None:
+    """Console script ``fed-ser-prepare dataset=crema_d [fold=0] key=value ...``: build (or find) the
+    prepared data set of this config and print its path (for ``flwr run --run-config data.prepared=...``);
+    the client count, and the matching ``flwr run`` command, go to stderr."""
+    from fed_ser.pipeline import prepare
+
+    cfg = load_config(list(sys.argv[1:] if argv is None else argv))
+    path = prepare(cfg, [str(cfg.dataset.name)], int(cfg.fold)).resolve()
+    n = FederatedData.load(path).num_clients
+    print(f"[fed-ser] {path.name}: {n} clients. Simulate them all: flwr run . --run-config \"data.prepared='{path}'\" "
+          f"--federation-config \"num-supernodes={n}\"", file=sys.stderr, flush=True)
+    print(path)
 
 
 @console

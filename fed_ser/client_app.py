@@ -15,7 +15,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_ser.data.federated import TRAIN, VAL, FederatedData
-from fed_ser.schedule import client_seed
+from fed_ser.schedule import client_seed, federation_size
 from fed_ser.model import build_model
 from fed_ser.settings import RunSettings
 from fed_ser.strategy import numpy_to_arrays
@@ -47,7 +47,7 @@ def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
     X, y = data.client_rows(pid, TRAIN)
     rnd = int(msg.content.config_records["config"]["server-round"])
     result = client_update(_model(s, data, msg), X, y, s, client_seed(s.seed, rnd, pid), pid=pid,
-                           num_clients=data.num_clients)
+                           num_clients=federation_size(s.min_available, data.num_clients))
     metrics = MetricRecord({"num-examples": result.num_examples, "local-steps": result.steps,
                             "train-loss": result.loss, "partition-id": pid, **result.metrics})
     return Message(RecordDict({"arrays": numpy_to_arrays(result.arrays), "metrics": metrics}), reply_to=msg)

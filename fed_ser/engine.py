@@ -17,9 +17,9 @@ from fed_ser.checkpoint import NAME as CHECKPOINT, save_checkpoint
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.model import build_model
 from fed_ser.recorder import UpdateRecorder
-from fed_ser.schedule import client_seed, select_clients
+from fed_ser.schedule import client_seed, federation_size, select_clients
 from fed_ser.settings import RunSettings
-from fed_ser.training import client_update, evaluate
+from fed_ser.training import check_privacy, client_update, evaluate
 
 
 def server_step(theta: dict[str, np.ndarray], mean: dict[str, np.ndarray], algorithm: str, lr: float) -> dict[str, np.ndarray]:
@@ -49,12 +49,14 @@ def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder 
     torch.set_num_threads(1)
     model = build_model(data.X.shape[1], s.dropout, s.seed)
     theta = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    n = federation_size(s.min_available, data.num_clients)
+    check_privacy(s, n)
     for rnd in range(1, s.rounds + 1):
         updates, weights = [], []
-        for pid in select_clients(s.seed, rnd, data.num_clients, s.fraction):
+        for pid in select_clients(s.seed, rnd, n, s.fraction):
             model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
             X, y = data.client_rows(pid, TRAIN)
-            r = client_update(model, X, y, s, client_seed(s.seed, rnd, pid), pid=pid, num_clients=data.num_clients)
+            r = client_update(model, X, y, s, client_seed(s.seed, rnd, pid), pid=pid, num_clients=n)
             if recorder is not None:
                 recorder.record(round=rnd, node=pid, partition=pid, num_examples=r.num_examples, steps=r.steps,
                                 arrays=r.arrays, global_arrays=theta)

@@ -23,6 +23,7 @@ finished cell there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -38,7 +39,8 @@ from attacks.feature_space import train_feature_space_attack
 from attacks.inversion import Recovered, invert_fedsgd
 from attacks.profile import pooled_scorer, train_profile_attack, update_profiles
 from attacks.train import AttackConfig, predict, train_attack
-from fed_ser.cli import console, expand_overrides, load_config, run_fl, run_vectorized_fl
+from fed_ser.checkpoint import fingerprint
+from fed_ser.cli import console, expand_overrides, load_config, run_fl, run_settings, run_vectorized_fl
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.data.synthetic import PAPER_CORPORA
 from fed_ser.io import atomic_write_json, atomic_write_text
@@ -102,21 +104,35 @@ def threat_model(cfg: DictConfig, fold: int) -> ThreatModel:
     return ThreatModel(mode, src.label, tuple(s.label for s in shadow_src), priv, shadow)
 
 
-def _fl_done(out: Path, rounds: int) -> dict | None:
-    path = out / "results.json"
-    if path.exists():
-        res = json.loads(path.read_text())
-        if res.get("final", {}).get("round") == rounds:
-            return res
-    return None
+def run_key(cfg: DictConfig, prepared: Path, engine: str) -> str:
+    """What a recorded FL run is known by: every setting that shapes its updates or its SER numbers.
+
+    The checkpoint's fingerprint (the run settings, the content-keyed data file) plus client
+    evaluation and the engine; not the number of rounds (a longer run extends a shorter one, as a
+    resume does) nor operational settings (paths, timeouts).
+    """
+    s = run_settings(cfg, prepared, "")
+    key = {"run": json.loads(fingerprint(s)), "eval": [s.eval_every, s.eval_fraction], "engine": engine}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _train_recorded(cfg: DictConfig, prepared: Path, out: Path, engine: str = "flower") -> dict:
-    """Run (or reuse a finished) recorded FL run on Flower or on the vectorised engine."""
+def train_recorded(cfg: DictConfig, prepared: Path, fold_dir: Path, role: str, engine: str = "flower") -> dict:
+    """Run, or reuse, the recorded FL run ``role`` (private / shadow) of these settings.
+
+    Each run lives in ``<fold_dir>/<role>-<run key>``: a run of other settings is never reused nor
+    written over; the same settings reuse a finished run and resume an unfinished or shorter one.
+    """
     if engine not in ("flower", "vectorised"):
         raise ConfigError(f"private_engine / shadow.engine: {engine!r} is not 'flower' or 'vectorised'")
+    out = fold_dir / f"{role}-{run_key(cfg, prepared, engine)}"
+    done = out / "results.json"
+    if done.exists():
+        res = json.loads(done.read_text())
+        if res.get("final", {}).get("round") == int(cfg.fl.rounds):
+            res["dir"] = str(out)
+            return res
     run = run_fl if engine == "flower" else run_vectorized_fl
-    return _fl_done(out, int(cfg.fl.rounds)) or run(cfg, prepared, str(out), str(out / "updates"))
+    return {**run(cfg, prepared, str(out), str(out / "updates")), "dir": str(out)}
 
 
 def _shuffled_genders(updates: list, labels: np.ndarray, seed: int) -> np.ndarray:
@@ -230,13 +246,13 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
     """Private training, shadow training, attack training and evaluation for one fold."""
     t0 = time.perf_counter()
     tm = threat_model(cfg, fold)
-    priv_fl = _train_recorded(cfg, tm.private_data, out / f"fold{fold}" / "private", str(cfg.private_engine))
-    shadow_fl = _train_recorded(cfg, tm.shadow_data, out / f"fold{fold}" / "shadow", str(cfg.shadow.engine))
+    priv_fl = train_recorded(cfg, tm.private_data, out / f"fold{fold}", "private", str(cfg.private_engine))
+    shadow_fl = train_recorded(cfg, tm.shadow_data, out / f"fold{fold}", "shadow", str(cfg.shadow.engine))
     t_fl = time.perf_counter() - t0
 
-    shadow_store = UpdateStore(out / f"fold{fold}" / "shadow" / "updates")
+    shadow_store = UpdateStore(Path(shadow_fl["dir"]) / "updates")
     s_updates, s_labels = labelled_updates(shadow_store, FederatedData.load(tm.shadow_data).client_gender)
-    priv_store = UpdateStore(out / f"fold{fold}" / "private" / "updates")
+    priv_store = UpdateStore(Path(priv_fl["dir"]) / "updates")
     p_updates, p_labels = labelled_updates(priv_store, FederatedData.load(tm.private_data).client_gender)
     seed = int(cfg.attack.seed)
     control = bool(cfg.attack.control)

@@ -41,13 +41,16 @@ def feature_factory(features: DictConfig):
     raise KeyError(f"features.name: unknown feature set {name!r}; available: {['emobase', *UPSTREAMS]}")
 
 
-def _upstream_version(features: DictConfig) -> dict:
-    """For an s3prl upstream, the checkpoint's content hash (part of the prepared data's key)."""
+def _extractor_version(features: DictConfig) -> dict:
+    """The feature extractor's version (openSMILE's; an s3prl checkpoint's content hash): part of the
+    prepared data's key, so new features never meet old prepared data."""
     from fed_ser.features.ssl import UPSTREAMS, S3prlUpstream
 
-    if str(features.name) not in UPSTREAMS:
-        return {}
-    return {"upstream": S3prlUpstream(str(features.name), features.get("ckpt") or None, load=False).version}
+    if str(features.name) in UPSTREAMS:
+        return {"upstream": S3prlUpstream(str(features.name), features.get("ckpt") or None, load=False).version}
+    from importlib.metadata import version
+
+    return {"extractor": f"opensmile{version('opensmile')}"}
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def prepare(cfg: DictConfig, corpora: list[str | CorpusSource], fold: int, train
     shards = {s.corpus: int(cfg.shards.get(s.corpus, 1)) for s in sources}
     share = float(cfg.shadow.speaker_share) if speaker_role else None
     key = json.dumps(dict(sources=[_source_key(cfg, s) for s in sources], fold=fold, share=train_share, shards=shards,
-                          features=cfg.features.name, **_upstream_version(cfg.features), n_folds=int(cfg.n_folds),
+                          features=cfg.features.name, **_extractor_version(cfg.features), n_folds=int(cfg.n_folds),
                           seed=int(cfg.seed), speaker_role=speaker_role, speaker_share=share), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     name = tag or "+".join(s.corpus + ("-synthetic" if s.synthetic else "") for s in sources)

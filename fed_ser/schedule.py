@@ -12,6 +12,15 @@ import random
 from functools import lru_cache
 
 
+def federation_size(min_available: int, num_clients: int) -> int:
+    """How many clients (partition ids ``0..n-1``) the schedule draws from: ``fl.min_available`` when
+    set, else every client of the data set. The server schedules with it and every client
+    calibrates its DP noise with it, so the two always agree."""
+    if min_available < 0 or min_available > num_clients:
+        raise ValueError(f"fl.min_available: {min_available} is not in 0..{num_clients} (the data set's clients)")
+    return min_available or num_clients
+
+
 def client_seed(seed: int, rnd: int, pid: int) -> int:
     """The local-batch seed of client ``pid`` in round ``rnd``."""
     return hash((seed, rnd, pid)) % (2**31)

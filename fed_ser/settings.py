@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 ALGORITHMS = ("fedsgd", "fedavg")
-DP_MODES = {"none": None, "sample": "fedsgd", "user": "fedavg"}  # mode -> the algorithm it protects
+DP_MODES = {"none": None, "sample": "fedsgd", "user": "fedavg", "udp": "fedavg"}  # mode -> the algorithm it protects
 DP_CALIBRATIONS = ("per_client", "expected")
 
 
@@ -29,7 +29,7 @@ class RunSettings:
     lr: float = 0.1  # FedSGD: server step size; FedAvg: client learning rate
     local_epochs: int = 1
     batch_size: int = 20
-    optimizer: str = "adam"  # FedAvg clients' optimiser
+    optimizer: str = "sgd"  # FedAvg clients' optimiser (fl=fedavg: adam, as the paper's code)
     dropout: float = 0.2
     eval_every: int = 20
     eval_fraction: float = 1.0
@@ -41,7 +41,7 @@ class RunSettings:
     out_dir: str = ""
     resume: bool = True
     seed: int = 0
-    dp_mode: str = "none"  # none | sample (DP-FedSGD, Opacus) | user (UDP for FedAvg)
+    dp_mode: str = "none"  # none | sample (DP-FedSGD, Opacus) | user (user-level DP, FedAvg) | udp (as published)
     dp_epsilon: float = 10.0
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
@@ -93,7 +93,7 @@ class RunSettings:
         if self.dp_mode != "none":
             if DP_MODES[self.dp_mode] != self.algorithm:
                 raise ConfigError(f"dp.mode={self.dp_mode} protects fl.algorithm={DP_MODES[self.dp_mode]}, "
-                                  f"not {self.algorithm} (use dp.mode=sample with fedsgd, dp.mode=user with fedavg)")
+                                  f"not {self.algorithm} (use dp.mode=sample with fedsgd, dp.mode=user or udp with fedavg)")
             try:
                 self.privacy()
             except ValueError as exc:
@@ -113,12 +113,16 @@ class RunSettings:
         return cfg if self.adv_mix > 0 else None
 
     def privacy(self):
-        """The defence's config (:class:`defenses.dp.DPConfig` or :class:`defenses.udp.UDPConfig`), or None."""
+        """The defence's config (DP-FedSGD's, user-level DP's or UDP's), or None."""
         if self.dp_mode == "sample":
             from defenses.dp import DPConfig
 
             return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip)
         if self.dp_mode == "user":
+            from defenses.user_dp import UserDPConfig
+
+            return UserDPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip)
+        if self.dp_mode == "udp":
             from defenses.udp import UDPConfig
 
             return UDPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip)
@@ -136,8 +140,9 @@ class RunSettings:
         for key, value in cfg.items():
             name = inverse[key]
             kwargs[name] = _coerce(value, types[name], key)
-        if "prepared" not in kwargs:
-            raise ConfigError("run config lacks 'data.prepared' (the prepared data set path)")
+        if not kwargs.get("prepared"):
+            raise ConfigError("data.prepared: empty; prepare a data set with `fed-ser-prepare dataset=crema_d` and pass "
+                              "the path it prints: flwr run . --run-config \"data.prepared='PATH'\"")
         return cls(**kwargs)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:

@@ -76,7 +76,7 @@ def local_update(
     """Run one client's local computation; ``model`` holds the current global parameters.
 
     ``dp_sgd=(noise_multiplier, clip)`` makes the FedSGD gradient sample-level DP (Opacus:
-    per-sample clipping, Gaussian noise; see :mod:`defenses.dp`).
+    per-sample clipping, Gaussian noise, on a Poisson sample of the rows; see :mod:`defenses.dp`).
     """
     if len(X) == 0:
         raise ValueError("local_update: the client's training shard is empty")
@@ -96,15 +96,28 @@ def local_update(
     model.zero_grad(set_to_none=True)
     losses: list[float] = []
     steps = 0
+    metrics: dict[str, float] = {}
     if dp_sgd is not None:
-        from defenses.dp import private_gradients
+        from defenses.dp import poisson_batch, private_gradients
 
+        batches = lambda: iter([poisson_batch(len(X), batch_size, rng)])  # noqa: E731
         private = private_gradients(model, dp_sgd[0], dp_sgd[1], min(batch_size, len(X)))
     else:
+        batches = lambda: _batches(len(X), batch_size, rng)  # noqa: E731
         private = nullcontext(None)
     with private as dp_opt:
         for _ in range(epochs if algorithm == "fedavg" else 1):
-            for idx in _batches(len(X), batch_size, rng):
+            for idx in batches():
+                if dp_opt is not None:
+                    metrics["dp-batch"] = len(idx)
+                    if len(idx) == 0:  # an empty Poisson sample: the client sends the noise alone
+                        for p in model.parameters():
+                            p.summed_grad = torch.zeros_like(p)
+                        dp_opt.add_noise()
+                        for p in model.parameters():
+                            p.grad /= dp_opt.expected_batch_size
+                        steps, losses = 1, [float("nan")]
+                        break
                 xb, yb = Xt[idx], yt[idx]
                 if batch_hook is not None:
                     xb, yb = batch_hook(model, xb, yb)
@@ -123,7 +136,8 @@ def local_update(
         arrays = {k: p.grad.detach().cpu().numpy().copy() for k, p in model.named_parameters()}
     else:
         arrays = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-    return LocalResult(arrays=arrays, num_examples=len(X), steps=steps, loss=float(np.mean(losses)))
+    return LocalResult(arrays=arrays, num_examples=len(X), steps=steps, loss=float(np.nanmean(losses) if
+                       np.isfinite(losses).any() else np.nan), metrics=metrics)
 
 
 def unweighted_average_recall(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = 4) -> float:
@@ -147,7 +161,7 @@ def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]
 
 
 def dp_steps(s: "RunSettings", pid: int, num_clients: int) -> int:
-    """The DP-FedSGD steps client ``pid``'s noise is calibrated for (``dp.calibrate``).
+    """The participations client ``pid``'s DP noise is calibrated for (``dp.calibrate``).
 
     ``per_client``: the rounds the shared schedule selects it for, so that no client spends more
     than ``dp.epsilon`` (a client never selected gets 1). ``expected``: ``rounds * fraction`` for
@@ -166,9 +180,10 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: "RunSetting
     """What one client sends in one round under run settings ``s``, defences included.
 
     The single entry point of the Flower ClientApp and the in-process engine: plain FedSGD /
-    FedAvg, DP-FedSGD (``dp.mode=sample``), UDP-FedAvg (``dp.mode=user``) and federated
-    adversarial training (``adv.mix > 0``, examples crafted against the received global model).
-    ``pid`` and ``num_clients`` place the client in the shared schedule (DP-FedSGD's calibration).
+    FedAvg, DP-FedSGD (``dp.mode=sample``), user-level DP (``dp.mode=user``), UDP as published
+    (``dp.mode=udp``) and federated adversarial training (``adv.mix > 0``, examples crafted against
+    the received global model). ``pid`` and ``num_clients`` place the client in the shared schedule
+    (the DP calibration): ``num_clients`` is :func:`fed_ser.schedule.federation_size`.
     """
     privacy = s.privacy()
     hook = None
@@ -184,48 +199,87 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: "RunSetting
         q = sample_rate(s.batch_size, len(X))
         sigma = noise_multiplier(privacy, q, dp_steps(s, pid, num_clients))
         dp_sgd, metrics = (sigma, privacy.clip), {"dp-noise-multiplier": sigma, "dp-sample-rate": q}
-    old = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if s.dp_mode == "user" else None
+    old = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if s.dp_mode in ("user", "udp") else None
     r = local_update(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr, epochs=s.local_epochs,
                      optimizer=s.optimizer, seed=seed, dp_sgd=dp_sgd, batch_hook=hook)
     if s.dp_mode == "user":
+        from defenses.user_dp import privatize, server_noise_multiplier
+
+        sigma = server_noise_multiplier(privacy, dp_steps(s, pid, num_clients))
+        r.arrays = privatize(r.arrays, old, privacy.clip, sigma, np.random.default_rng(seed + 1))
+        metrics = {"dp-noise-multiplier": sigma}
+    elif s.dp_mode == "udp":
         from defenses.udp import privatize_update, udp_sigma
 
         sigma = udp_sigma(privacy, len(X), s.fraction, s.rounds)
         r.arrays = privatize_update(r.arrays, old, privacy, sigma, np.random.default_rng(seed + 1))
         metrics = {"dp-sigma": sigma}
-    r.metrics = metrics
+    r.metrics = {**r.metrics, **metrics}
     return r
 
 
-def privacy_report(s: "RunSettings", num_examples: list[int]) -> dict | None:
-    """Per-client privacy spent over the run (``num_examples[pid]`` = client ``pid``'s rows).
+def check_privacy(s: "RunSettings", num_clients: int) -> None:
+    """Checks that need the federation's size: user-level delta well below 1/N (:class:`ConfigError`)."""
+    if s.dp_mode == "user":
+        from defenses.user_dp import check_delta
+        from fed_ser.settings import ConfigError
 
-    Participations come from the shared schedule (a client whose node was down in a round is
-    counted anyway: an upper bound). DP-FedSGD: Opacus' RDP accountant over the client's steps;
-    UDP: the closed-form target of the mechanism.
+        try:
+            check_delta(s.dp_delta, num_clients)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+#: What each DP mode's reported epsilon guarantees, and for whom (in every report).
+GUARANTEES = {
+    "sample": "sample-level (one utterance of a client), against anyone who sees the client's updates "
+              "(the server included): RDP of the Poisson-subsampled Gaussian mechanism over the client's participations",
+    "user": "user-level (all of a client's data), against the server that sees each update: Gaussian mechanism "
+            "with replace-one sensitivity 2C over the client's participations, no amplification by client sampling",
+    "udp": "as published, not a formal guarantee (per-record sensitivity 2C/m for a user-level clip; "
+           "the paper's delta 0.5 allows anything)",
+}
+
+
+def privacy_report(s: "RunSettings", num_examples: list[int], took_part: list[int]) -> dict | None:
+    """Privacy spent by each client (``num_examples[pid]`` rows, ``took_part[pid]`` rounds it replied in).
+
+    The noise was calibrated to the scheduled participations; what is spent is computed from the
+    participations that happened. Each mode says what its epsilon guarantees (:data:`GUARANTEES`).
     """
     if s.dp_mode == "none":
         return None
-    from fed_ser.schedule import participations
-
-    counts = participations(s.seed, s.rounds, len(num_examples), s.fraction)
-    report = {"mode": s.dp_mode, "target_epsilon": s.dp_epsilon, "delta": s.dp_delta, "clip": s.dp_clip}
+    if len(took_part) != len(num_examples):
+        raise ValueError("privacy_report: one participation count per client is required")
+    report = {"mode": s.dp_mode, "guarantee": GUARANTEES[s.dp_mode], "target_epsilon": s.dp_epsilon,
+              "delta": s.dp_delta, "clip": s.dp_clip}
+    cfg, clients, n = s.privacy(), [], len(num_examples)
     if s.dp_mode == "sample":
         from defenses.dp import noise_multiplier, planned_steps, sample_rate, spent_epsilon
 
-        cfg, clients = s.privacy(), []
-        for pid, (n, c) in enumerate(zip(num_examples, counts)):
-            q, calibrated = sample_rate(s.batch_size, n), dp_steps(s, pid, len(num_examples))
+        for pid, (m, c) in enumerate(zip(num_examples, took_part)):
+            q, calibrated = sample_rate(s.batch_size, m), dp_steps(s, pid, n)
             sigma = noise_multiplier(cfg, q, calibrated)
-            clients.append({"num_examples": int(n), "sample_rate": q, "noise_multiplier": sigma, "steps": int(c),
+            clients.append({"num_examples": int(m), "sample_rate": q, "noise_multiplier": sigma, "steps": int(c),
                             "calibrated_steps": calibrated, "epsilon": spent_epsilon(sigma, q, int(c), s.dp_delta)})
-        eps = [c["epsilon"] for c in clients]
-        report.update(calibrate=s.dp_calibrate, planned_steps=planned_steps(s.rounds, s.fraction),
-                      spent_epsilon_max=max(eps), spent_epsilon_mean=float(np.mean(eps)), clients=clients)
+        report.update(calibrate=s.dp_calibrate, planned_steps=planned_steps(s.rounds, s.fraction))
+    elif s.dp_mode == "user":
+        from defenses.user_dp import aggregate_epsilon, server_epsilon, server_noise_multiplier
+        from fed_ser.schedule import clients_per_round
+
+        for pid, (m, c) in enumerate(zip(num_examples, took_part)):
+            calibrated = dp_steps(s, pid, n)
+            sigma = server_noise_multiplier(cfg, calibrated)
+            clients.append({"num_examples": int(m), "noise_multiplier": sigma, "steps": int(c),
+                            "calibrated_steps": calibrated, "epsilon": server_epsilon(sigma, int(c), s.dp_delta)})
+        k = clients_per_round(n, s.fraction)
+        report.update(calibrate=s.dp_calibrate, aggregate_observer_epsilon=aggregate_epsilon(
+            min(c["noise_multiplier"] for c in clients), k, k / n, s.rounds, s.dp_delta))
     else:
         from defenses.udp import udp_sigma
 
-        report.update(spent_epsilon_max=s.dp_epsilon, spent_epsilon_mean=s.dp_epsilon,
-                      clients=[{"num_examples": int(n), "sigma": udp_sigma(s.privacy(), int(n), s.fraction, s.rounds),
-                                "rounds": int(c)} for n, c in zip(num_examples, counts)])
+        clients = [{"num_examples": int(m), "sigma": udp_sigma(cfg, int(m), s.fraction, s.rounds), "steps": int(c),
+                    "epsilon": s.dp_epsilon} for m, c in zip(num_examples, took_part)]
+    eps = [c["epsilon"] for c in clients]
+    report.update(spent_epsilon_max=max(eps), spent_epsilon_mean=float(np.mean(eps)), clients=clients)
     return report

@@ -29,7 +29,7 @@ from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.engine import server_step
 from fed_ser.model import build_model, dropout_multiplier, functional_forward
 from fed_ser.recorder import UpdateRecorder
-from fed_ser.schedule import client_seed, select_clients
+from fed_ser.schedule import client_seed, federation_size, select_clients
 from fed_ser.settings import RunSettings
 from fed_ser.training import ADAM, evaluate, seed_client_rng
 
@@ -130,11 +130,12 @@ def run_vectorized(data: FederatedData, s: RunSettings, recorder: UpdateRecorder
     model = build_model(data.X.shape[1], s.dropout, s.seed)
     width = model.dense1.out_features
     theta = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rows = {pid: data.client_rows(pid, TRAIN) for pid in range(data.num_clients)}
+    n_clients = federation_size(s.min_available, data.num_clients)
+    rows = {pid: data.client_rows(pid, TRAIN) for pid in range(n_clients)}
     t0 = time.perf_counter()
     history = []
     for rnd in tqdm(range(1, s.rounds + 1), desc=f"{s.algorithm} (vectorised)", disable=not progress, unit="round"):
-        pids = select_clients(s.seed, rnd, data.num_clients, s.fraction)
+        pids = select_clients(s.seed, rnd, n_clients, s.fraction)
         plans = [_plan(*rows[pid], s, client_seed(s.seed, rnd, pid), width) for pid in pids]
         if s.algorithm == "fedsgd":
             out, loss = fedsgd_round(theta, plans, s.batch_size, width)

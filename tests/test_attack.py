@@ -35,7 +35,7 @@ def stores(feature_cache, tmp_path_factory):
     for name, corpora_, share in (("private", ["iemocap"], 1.0), ("shadow", ["crema_d", "msp_improv"], 0.8)):
         path = prepare(cfg, corpora_, fold=0, train_share=share, tag=name)
         data = FederatedData.load(path)
-        store = UpdateStore(tmp / name)
+        store = UpdateStore(tmp / name, mode="a")
         s = RunSettings(prepared=str(path), algorithm="fedsgd", rounds=ROUNDS, fraction=0.3, lr=0.1)
         run_vectorized(data, s, UpdateRecorder(store, "fedsgd", 0.1), progress=False)
         out[name] = (store, data)

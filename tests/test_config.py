@@ -27,10 +27,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def test_pyproject_run_config_is_what_the_apps_read():
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "fed_ser.server_app:app", "clientapp": "fed_ser.client_app:app"}
-    s = RunSettings.from_run_config(_flatten(app["config"]))
+    s = RunSettings.from_run_config({**_flatten(app["config"]), "data.prepared": "x.npz"})
     assert s.algorithm == "fedsgd" and s.batch_size == 20 and s.lr == 0.1
     # `flwr run --run-config k=v` only accepts keys declared there: every setting must be
     assert set(_flatten(app["config"])) == set(RunSettings._KEYS.values())
+
+
+def test_every_default_is_the_same_whichever_entry_point_runs():
+    """fed-ser-train (Hydra), flwr run (pyproject's run config) and the in-process engines (RunSettings)
+    must start from the same values; only paths differ by entry point."""
+    app = _flatten(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    hydra = run_settings(load_config([]), Path("x.npz"), "out", "out/updates").to_run_config()
+    dataclass = RunSettings(prepared="x.npz").to_run_config()
+    paths = {"data.prepared", "out_dir", "recorder.dir"}
+    differ = {k: (dataclass[k], app[k], hydra[k]) for k in dataclass
+              if k not in paths and len({repr(v) for v in (dataclass[k], app[k], hydra[k])}) > 1}
+    assert not differ, f"defaults differ (dataclass, pyproject, hydra): {differ}"
+    for group in ("sample", "user", "udp"):  # a DP mode switched on changes no other default
+        dp = run_settings(load_config([f"dp={group}", "fl=fedavg" if group != "sample" else "fl=fedsgd"]), Path("x"), "")
+        assert (dp.dp_delta, dp.dp_clip, dp.dp_epsilon) == (hydra["dp.delta"], hydra["dp.clip"], hydra["dp.epsilon"])
 
 
 def test_hydra_overrides_reach_the_run_settings():

@@ -36,10 +36,13 @@ def test_short_fedsgd_simulation_records_every_update_and_resumes(cfg_and_data, 
     assert partitions <= set(range(16)) and len(partitions) > 1
     first = [(r.round, r.node) for r in store.updates()]
 
-    # a longer run in the same folder resumes after round 3 and appends
+    # a longer run in the same folder resumes after round 3 and appends; results.json is gone, as
+    # after a crash: the history comes back from the checkpoint (round 2's evaluation included)
+    (out / "results.json").unlink()
     cfg.fl.rounds = 5
     res2 = run_fl(cfg, prepared, str(out), str(out / "updates"))
     assert [r["round"] for r in res2["rounds"]] == [1, 2, 3, 4, 5]
+    assert "test_uar" in res2["rounds"][1] and res2["rounds"][1]["test_uar"] == res["rounds"][1]["test_uar"]
     store = UpdateStore(out / "updates")
     assert len(store) == 20
     assert [(r.round, r.node) for r in store.updates()][:12] == first

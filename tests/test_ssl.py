@@ -91,7 +91,7 @@ def test_fl_pipeline_trains_on_s3prl_features(checkpoints, corpora, tmp_path):
     cfg = load_config(_overrides("npc", checkpoints["npc"], corpora, tmp_path / "cache", tmp_path / "prep"))
     data = FederatedData.load(prepare(cfg, ["crema_d"], fold=0))  # main env: read from the cache only
     assert data.X.shape[1] == 512
-    store = UpdateStore(tmp_path / "updates")
+    store = UpdateStore(tmp_path / "updates", mode="a")
     s = RunSettings(prepared="", algorithm="fedsgd", rounds=5, fraction=0.3, lr=0.1)
     res = run_vectorized(data, s, UpdateRecorder(store, "fedsgd", 0.1), progress=False)
     assert len(store) == 5 * int(data.num_clients * 0.3)

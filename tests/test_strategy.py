@@ -62,7 +62,7 @@ def test_fedavg_is_sample_weighted_mean_of_client_parameters():
 
 
 def test_recorder_holds_selected_clients_times_rounds(tmp_path):
-    store = UpdateStore(tmp_path / "u")
+    store = UpdateStore(tmp_path / "u", mode="a")
     nodes = list(range(100, 120))
     s = FedSerStrategy(algorithm="fedsgd", lr=0.1, fraction_train=0.1, min_available_nodes=20, min_train_nodes=1,
                        recorder=Recorder(UpdateRecorder(store, "fedsgd", 0.1, layers=["w"])))
@@ -83,7 +83,7 @@ def test_fedavg_pseudo_gradient_equals_true_gradient_for_one_sgd_step(tmp_path):
     grad = local_update(build_model(6, 0.0, seed=1), X, y, algorithm="fedsgd", batch_size=20).arrays
     local = local_update(model, X, y, algorithm="fedavg", batch_size=20, lr=0.01, epochs=1, optimizer="sgd")
     assert local.steps == 1
-    store = UpdateStore(tmp_path / "u")
+    store = UpdateStore(tmp_path / "u", mode="a")
     rec = Recorder(UpdateRecorder(store, "fedavg", lr=0.01))
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     q = Message(RecordDict({}), dst_node_id=7, message_type=MessageType.TRAIN)
@@ -111,4 +111,29 @@ def test_selection_by_partition_follows_the_shared_schedule_and_skips_gone_nodes
     chosen = select_clients(4, 3, 20, 0.25)
     online = [n for p, n in nodes.items() if p != chosen[0]]  # one selected node has gone away
     msgs = strat.configure_train(3, arrays, ConfigRecord({}), FakeGrid(online))
-    assert len(msgs) == len(chosen) - 1 and strat.sampled_per_round[3] == len(chosen)
+    assert len(msgs) == len(chosen) - 1 and strat.rounds[3]["sampled"] == len(chosen)
+
+
+def test_a_reply_without_a_required_metric_is_an_error_naming_the_node(tmp_path):
+    """A silent default (local-steps=1) would scale a FedAvg pseudo-gradient wrongly by T."""
+    s = FedSerStrategy(algorithm="fedavg", lr=5e-4, fraction_train=1.0, min_available_nodes=2, min_train_nodes=2,
+                       recorder=Recorder(UpdateRecorder(UpdateStore(tmp_path / "u", mode="a"), "fedavg", 5e-4)))
+    msgs = list(s.configure_train(1, numpy_to_arrays(THETA), ConfigRecord({}), FakeGrid([11, 22])))
+    good = _reply(msgs[0], THETA, 10, 0)
+    bad = Message(RecordDict({"arrays": numpy_to_arrays(THETA),
+                              "metrics": MetricRecord({"num-examples": 10, "partition-id": 1})}), reply_to=msgs[1])
+    node = msgs[1].metadata.dst_node_id
+    with pytest.raises(ValueError, match=rf"reply of node {node} lacks the metric\(s\) \['local-steps'\]"):
+        s.aggregate_train(1, [good, bad])
+
+
+def test_a_federation_smaller_than_the_data_set_stops_naming_both_numbers():
+    """flwr run's default local federation has 2 nodes: the ServerApp must not wait for 72 for ever."""
+    import time
+
+    from fed_ser.server_app import FederationTooSmall, discover_partitions
+
+    t0 = time.monotonic()
+    with pytest.raises(FederationTooSmall, match=r"has 2 node\(s\) but x\.npz has 72 clients.*num-supernodes=72"):
+        discover_partitions(FakeGrid([1, 2]), 72, "x.npz", settle=1.0)
+    assert time.monotonic() - t0 < 10

@@ -39,8 +39,8 @@ def test_fedsgd_run_equals_the_per_client_loop(data_path, tmp_path):
     data = FederatedData.load(data_path)
     assert min(len(data.client_rows(p, TRAIN)[0]) for p in range(data.num_clients)) < 20  # padding is exercised
     s = RunSettings(prepared=str(data_path), algorithm="fedsgd", rounds=6, fraction=0.3, lr=0.1, dropout=0.4)
-    a = UpdateRecorder(UpdateStore(tmp_path / "loop"), "fedsgd", 0.1)
-    b = UpdateRecorder(UpdateStore(tmp_path / "vec"), "fedsgd", 0.1)
+    a = UpdateRecorder(UpdateStore(tmp_path / "loop", mode="a"), "fedsgd", 0.1)
+    b = UpdateRecorder(UpdateStore(tmp_path / "vec", mode="a"), "fedsgd", 0.1)
     ref = run_inprocess(data, s, a)
     res = run_vectorized(data, s, b, progress=False)
     assert len(b.store) == 6 * int(0.3 * data.num_clients)
