@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fed_ser.cli import load_config  # noqa: E402
-from fed_ser.pipeline import prepare  # noqa: E402
+from fed_ser.experiments.config import load_config  # noqa: E402
+from fed_ser.experiments.prepare import prepare  # noqa: E402
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -16,10 +16,10 @@ import time
 import soundfile as sf
 from _common import parser, report
 
-from fed_ser.cli import load_config
+from fed_ser.experiments.config import load_config
+from fed_ser.experiments.prepare import corpus_manifest, corpus_source
 from fed_ser.features.emobase import emobase_factory
 from fed_ser.features.extract import extract_features
-from fed_ser.pipeline import corpus_manifest, corpus_source
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 The paper's FedSGD set-up on the CREMA-D-sized synthetic corpus (73 training clients, 10% a
 round, batch 20, server lr 0.1; 200 rounds by default). Both runs select the same clients with
-the same seeds (fed_ser.schedule), so their final test UAR must agree: the ratio compares like
+the same seeds (fed_ser.core.schedule), so their final test UAR must agree: the ratio compares like
 with like. Target: Flower within 3x of the loop.
 
     python benchmarks/flower_vs_loop.py [fl.rounds=200] [data.scale=0.5]
@@ -15,9 +15,9 @@ import time
 
 from _common import parser, prepared, report
 
-from fed_ser.cli import run_fl, run_settings
 from fed_ser.data.federated import FederatedData
-from fed_ser.engine import run_inprocess
+from fed_ser.engines.inprocess import run_inprocess
+from fed_ser.experiments.cli import run_fl, run_settings
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 The attacker's shadow training (the two non-private corpora, 80% of their data, FedSGD by
 default) run twice with the same seed: once client by client through the shared local loop
-(fed_ser.engine, the kind of loop the paper's code used), once with every client of a round
-stacked under torch.func.vmap (fed_ser.vectorized). Prints the speed-up with and without
+(fed_ser.engines.inprocess, the kind of loop the paper's code used), once with every client of a round
+stacked under torch.func.vmap (fed_ser.engines.vectorized). Prints the speed-up with and without
 recording, checks that both recorded the same updates, and profiles the vectorised run.
 Target: at least 50x, updates equal to 1e-5.
 
@@ -20,13 +20,13 @@ import time
 
 from _common import parser, prepared, report
 
-from fed_ser.cli import run_settings
 from fed_ser.data.federated import FederatedData
 from fed_ser.data.synthetic import CORPORA
-from fed_ser.engine import run_inprocess
-from fed_ser.recorder import UpdateRecorder
-from fed_ser.store import UpdateStore, difference_by_round
-from fed_ser.vectorized import run_vectorized
+from fed_ser.engines.inprocess import run_inprocess
+from fed_ser.engines.vectorized import run_vectorized
+from fed_ser.experiments.cli import run_settings
+from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.recording.store import UpdateStore, difference_by_round
 
 
 def main() -> None:

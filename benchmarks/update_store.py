@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 from _common import parser, peak_rss_mb, prepared, report
 
-from attacks.data import UpdateDataset, labelled_updates
-from attacks.evaluate import attack_success_rate
-from attacks.train import AttackConfig, predict, train_attack
-from fed_ser.cli import run_settings
+from attacks.inference.data import UpdateDataset, labelled_updates
+from attacks.inference.evaluate import attack_success_rate
+from attacks.inference.train import AttackConfig, predict, train_attack
 from fed_ser.data.federated import FederatedData
-from fed_ser.recorder import UpdateRecorder
-from fed_ser.store import UpdateStore
-from fed_ser.vectorized import run_vectorized
+from fed_ser.engines.vectorized import run_vectorized
+from fed_ser.experiments.cli import run_settings
+from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.recording.store import UpdateStore
 
 ATTACK = dict(layers=["dense1", "dense2", "out"], pools=(1, 4, 4), first_stride=4, max_epochs=6, max_updates=1000)
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.adversarial import PerturbationConfig, fgsm, perturb, pgd, robust_metrics
-from defenses.adversarial import AdversarialBatches, AdversarialTrainingConfig
-from defenses.randomization import RandomizationConfig, RandomizedModel
-from fed_ser.checkpoint import load_model
-from fed_ser.cli import load_config
+from attacks.evasion.adversarial import PerturbationConfig, fgsm, perturb, pgd, robust_metrics
+from defenses.evasion.adversarial_training import AdversarialBatches, AdversarialTrainingConfig
+from defenses.evasion.randomization import RandomizationConfig, RandomizedModel
+from fed_ser.core.model import build_model
+from fed_ser.core.settings import ConfigError, RunSettings
+from fed_ser.core.training import local_update
 from fed_ser.data.federated import FederatedData
-from fed_ser.engine import run_inprocess
-from fed_ser.model import build_model
-from fed_ser.pipeline import prepare
-from fed_ser.settings import ConfigError, RunSettings
-from fed_ser.training import local_update
+from fed_ser.engines.inprocess import run_inprocess
+from fed_ser.experiments.config import load_config
+from fed_ser.experiments.prepare import prepare
+from fed_ser.recording.checkpoint import load_model
 
 EPS = 0.2  # the adversarial-training radius, and the radius its robustness is judged at
 

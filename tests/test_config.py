@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fed_ser.cli import load_config, run_settings
-from fed_ser.settings import ConfigError, RunSettings
+from fed_ser.core.settings import ConfigError, RunSettings
+from fed_ser.experiments.cli import load_config, run_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def test_pyproject_run_config_is_what_the_apps_read():
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "fed_ser.server_app:app", "clientapp": "fed_ser.client_app:app"}
+    assert app["components"] == {"serverapp": "fed_ser.flower.server_app:app", "clientapp": "fed_ser.flower.client_app:app"}
     s = RunSettings.from_run_config({**_flatten(app["config"]), "data.prepared": "x.npz"})
     assert s.algorithm == "fedsgd" and s.batch_size == 20 and s.lr == 0.1
     # `flwr run --run-config k=v` only accepts keys declared there: every setting must be
@@ -71,7 +71,7 @@ def test_bad_values_name_their_key(key, value, match):
 
 
 def test_multirun_expands_the_cartesian_product_of_comma_lists():
-    from fed_ser.cli import expand_overrides
+    from fed_ser.experiments.cli import expand_overrides
 
     multirun, runs = expand_overrides(["-m", "private=iemocap,crema_d", "fl=fedsgd,fedavg", "folds=[0,1]"])
     assert multirun and len(runs) == 4
@@ -80,7 +80,7 @@ def test_multirun_expands_the_cartesian_product_of_comma_lists():
 
 
 def test_checkpoint_fingerprint_ignores_operational_keys_and_inactive_defences():
-    from fed_ser.checkpoint import fingerprint
+    from fed_ser.recording.checkpoint import fingerprint
 
     base = fingerprint(RunSettings(prepared="a/x.npz"))
     same = RunSettings(prepared="b/x.npz", rounds=7, round_timeout=5.0, adv_epsilon=0.3)  # folder, rounds, timeout, adv off
@@ -91,7 +91,7 @@ def test_checkpoint_fingerprint_ignores_operational_keys_and_inactive_defences()
 
 def test_synthetic_gender_style_default_matches_the_generator_and_bad_values_name_the_key(tmp_path):
     from fed_ser.data.voice import DEFAULT_GENDER_STYLE
-    from fed_ser.pipeline import corpus_source
+    from fed_ser.experiments.prepare import corpus_source
 
     assert load_config([]).data.gender_style == DEFAULT_GENDER_STYLE  # one default, not two
     cfg = load_config([f"data.root={tmp_path}", "data.gender_style=-1"])

@@ -9,12 +9,13 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from defenses.dp import DPConfig, noise_multiplier, planned_steps, sample_rate
-from defenses.udp import UDPConfig, clip_update, privatize_update
-from fed_ser.cli import load_config, run_settings
-from fed_ser.model import build_model
-from fed_ser.settings import ConfigError, RunSettings
-from fed_ser.training import client_update, local_update, privacy_report
+from defenses.privacy.dp_fedsgd import DPConfig, noise_multiplier, planned_steps, sample_rate
+from defenses.privacy.report import privacy_report
+from defenses.privacy.udp import UDPConfig, clip_update, privatize_update
+from fed_ser.core.model import build_model
+from fed_ser.core.settings import ConfigError, RunSettings
+from fed_ser.core.training import client_update, local_update
+from fed_ser.experiments.cli import load_config, run_settings
 
 
 def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -30,7 +31,7 @@ def _dp_settings(calibrate: str, mode: str = "sample") -> RunSettings:
 
 
 def _scheduled(s: RunSettings) -> list[int]:
-    from fed_ser.schedule import participations
+    from fed_ser.core.schedule import participations
 
     return list(participations(s.seed, s.rounds, len(SIZES), s.fraction))
 
@@ -147,10 +148,10 @@ def test_a_client_calibrates_to_the_schedule_the_server_draws_from(tmp_path):
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fed_ser.client_app import handle_train
+    from fed_ser.core.schedule import federation_size
     from fed_ser.data.federated import FederatedData
-    from fed_ser.schedule import federation_size
-    from fed_ser.strategy import numpy_to_arrays
+    from fed_ser.flower.client_app import handle_train
+    from fed_ser.flower.strategy import numpy_to_arrays
 
     rng = np.random.default_rng(0)
     n_clients = 12
@@ -174,8 +175,8 @@ def test_a_client_calibrates_to_the_schedule_the_server_draws_from(tmp_path):
 
 
 def test_user_level_dp_is_accounted_against_the_server_over_the_clients_participations():
-    from defenses.accounting import spent
-    from defenses.user_dp import privatize
+    from defenses.privacy.accounting import spent
+    from defenses.privacy.user_dp import privatize
 
     s = _dp_settings("per_client", mode="user")
     scheduled = _scheduled(s)
@@ -198,7 +199,7 @@ def test_user_level_dp_is_accounted_against_the_server_over_the_clients_particip
 
 
 def test_user_level_delta_must_be_well_below_one_over_the_clients():
-    from fed_ser.training import check_privacy
+    from defenses.privacy.report import check_privacy
 
     s = RunSettings(prepared="x.npz", algorithm="fedavg", dp_mode="user", dp_delta=0.01)
     with pytest.raises(ConfigError, match=r"dp\.delta: 0\.01 is not well below 1/80"):
@@ -240,7 +241,7 @@ def _cell(mode: str, eps: float, clip: float, uar: float, asr: float, dropout: f
 
 
 def test_defence_report_keeps_cells_that_differ_only_in_clip_apart(tmp_path):
-    from fed_ser.report import write_defense_report
+    from fed_ser.experiments.report import write_defense_report
 
     cells = [_cell("sample", 10.0, 5.0, 0.71, 0.52), _cell("none", 10.0, 1.0, 0.81, 0.77),
              _cell("sample", 10.0, 1.0, 0.64, 0.51), _cell("sample", 1.0, 1.0, 0.55, 0.50)]

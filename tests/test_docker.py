@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fed_ser.deployment import LocalFederation
+from fed_ser.deployment.federation import LocalFederation
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker" / "compose.yaml"

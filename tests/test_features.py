@@ -51,7 +51,7 @@ def test_nan_features_are_a_failure_naming_the_file(tmp_path, corpora):
             return np.array([1.0, np.nan, 2.0])
 
     df, _ = load_iemocap(corpora / "iemocap")
-    X, ok, failures = extract_features(df.path.tolist()[:2], NanExtractor, tmp_path, workers=1)
+    _X, ok, failures = extract_features(df.path.tolist()[:2], NanExtractor, tmp_path, workers=1)
     assert not ok.any()
     assert "NaN" in failures[0].reason and failures[0].path == df.path.iloc[0]
     # a later extraction with another extractor in worker processes is not served the NaN one

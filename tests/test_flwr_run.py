@@ -9,8 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from fed_ser.cli import load_config
-from fed_ser.pipeline import prepare
+from fed_ser.experiments.config import load_config
+from fed_ser.experiments.prepare import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Exact inversion of FedSGD updates (attacks/inversion.py) on the model's real gradients."""
+"""Exact inversion of FedSGD updates (attacks/inference/inversion.py) on the model's real gradients."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.inversion import invert_fedsgd
-from fed_ser.cli import load_config
+from attacks.inference.inversion import invert_fedsgd
+from fed_ser.core.model import build_model
+from fed_ser.core.training import local_update
 from fed_ser.data.federated import TRAIN, FederatedData
-from fed_ser.model import build_model
-from fed_ser.pipeline import prepare
-from fed_ser.training import local_update
+from fed_ser.experiments.config import load_config
+from fed_ser.experiments.prepare import prepare
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_a_larger_batch_is_recovered_sample_by_sample_and_only_exactly(setting):
 
 
 def test_noise_or_a_full_rank_update_is_not_inverted(setting):
-    grad, params, X, _ = _batch(setting, 7, seed=3)
+    grad, params, _X, _ = _batch(setting, 7, seed=3)
     noisy = {k: v + np.random.default_rng(0).normal(0, 1e-3 * np.abs(v).max(), v.shape).astype(np.float32)
              for k, v in grad.items()}  # what DP noise does to the low-rank structure
     rec = invert_fedsgd(noisy, params, 7, dropout=0.2)
@@ -90,7 +90,7 @@ def test_noise_or_a_full_rank_update_is_not_inverted(setting):
 
 
 def test_a_mixture_of_two_samples_normals_fails_the_certificate(setting):
-    from attacks.inversion import _Frame, _Layers, _certify
+    from attacks.inference.inversion import _certify, _Frame, _Layers
 
     grad, params, X, _ = _batch(setting, 7, seed=5)
     G1 = np.concatenate([grad["dense1.weight"], grad["dense1.bias"][:, None]], 1).astype(np.float64)

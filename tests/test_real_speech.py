@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from attacks.evaluate import bootstrap_interval, evaluate_attack, roc_metrics, summarize
-from fed_ser.cli import load_config
+from attacks.inference.evaluate import bootstrap_interval, evaluate_attack, roc_metrics, summarize
+from fed_ser.core.settings import ConfigError
 from fed_ser.data.federated import TEST, build_federated
 from fed_ser.data.synthetic import generate
-from fed_ser.pipeline import corpus_source
-from fed_ser.settings import ConfigError
+from fed_ser.experiments.config import load_config
+from fed_ser.experiments.prepare import corpus_source
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The real recordings the project is measured on (EmoDB, 535 utterances); CI machines without the
@@ -33,7 +33,7 @@ def _readme_commands() -> list[list[str]]:
 
 
 def test_the_readmes_real_corpus_commands_compose_as_printed():
-    from fed_ser.cli import expand_overrides
+    from fed_ser.experiments.cli import expand_overrides
 
     commands = _readme_commands()
     assert len(commands) >= 3  # the paper's corpora, EmoDB, and a manifest
@@ -55,7 +55,7 @@ def test_the_readmes_real_corpus_commands_compose_as_printed():
     (["shadow.mode=guess"], ["shadow.mode: 'guess'"]),
 ])
 def test_a_wrong_override_or_root_is_one_line_naming_the_key(args, words, capsys, tmp_path):
-    from fed_ser.experiment import main
+    from fed_ser.experiments.attack import main
 
     with pytest.raises(SystemExit) as exc:
         main([f"data.prepared_dir={tmp_path}", *args])
@@ -132,7 +132,7 @@ def test_emodb_end_to_end_from_audio_to_report(tmp_path):
     the recovered batches, and every attack's shuffled-gender control stays at chance."""
     import json
 
-    from fed_ser.experiment import main
+    from fed_ser.experiments.attack import main
 
     out = tmp_path / "cell"
     main([f"data.roots.emodb={EMODB}", "private=emodb", "shadow.mode=speakers", "shadow.speaker_share=0.75",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fed_ser.cli import load_config
+from fed_ser.experiments.config import load_config
 
 #: Every setting that changes what a recorded FL run holds (or the SER numbers read from it).
 SETTINGS = [
@@ -23,7 +23,7 @@ SETTINGS = [
 @pytest.fixture()
 def cell(feature_cache, tmp_path, monkeypatch):
     """An experiment whose FL runs are stubs that only record that they ran (and where)."""
-    import fed_ser.experiment as experiment
+    import fed_ser.experiments.attack as experiment
 
     ran = []
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from fed_ser.cli import load_config, run_fl, run_vectorized_fl
 from fed_ser.data.federated import FederatedData
-from fed_ser.pipeline import prepare
-from fed_ser.store import UpdateStore, max_difference
+from fed_ser.experiments.cli import load_config, run_fl, run_vectorized_fl
+from fed_ser.experiments.prepare import prepare
+from fed_ser.recording.store import UpdateStore, max_difference
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_simulation_attaches_to_a_running_ray_cluster(cfg_and_data, tmp_path):
     import sys
     from pathlib import Path
 
-    from fed_ser.deployment import free_port, wait_for_port
+    from fed_ser.deployment.federation import free_port, wait_for_port
 
     cfg, prepared = cfg_and_data
     port = free_port()

@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_ser.cli import load_config
+from fed_ser.core.settings import RunSettings
 from fed_ser.data.corpora import load_corpus
 from fed_ser.data.federated import FederatedData
-from fed_ser.features.extract import cache_path, file_digest
+from fed_ser.engines.vectorized import run_vectorized
+from fed_ser.experiments.config import load_config
+from fed_ser.experiments.prepare import prepare
 from fed_ser.features import ssl_env
+from fed_ser.features.extract import cache_path, file_digest
 from fed_ser.features.ssl import UPSTREAMS, S3prlUpstream, checkpoint_path
-from fed_ser.pipeline import prepare
-from fed_ser.recorder import UpdateRecorder
-from fed_ser.settings import RunSettings
-from fed_ser.store import UpdateStore
-from fed_ser.vectorized import run_vectorized
+from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.recording.store import UpdateStore
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = ROOT / ".venv-s3prl" / "bin"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fed_ser.store import UpdateStore
+from fed_ser.recording.store import UpdateStore
 
 
 def _update(i):

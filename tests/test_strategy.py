@@ -7,11 +7,11 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fed_ser.model import build_model
-from fed_ser.recorder import UpdateRecorder
-from fed_ser.store import UpdateStore
-from fed_ser.strategy import FedSerStrategy, Recorder, arrays_to_numpy, numpy_to_arrays
-from fed_ser.training import local_update
+from fed_ser.core.model import build_model
+from fed_ser.core.training import local_update
+from fed_ser.flower.strategy import FedSerStrategy, Recorder, arrays_to_numpy, numpy_to_arrays
+from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.recording.store import UpdateStore
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +98,7 @@ def test_fedavg_pseudo_gradient_equals_true_gradient_for_one_sgd_step(tmp_path):
 
 
 def test_selection_by_partition_follows_the_shared_schedule_and_skips_gone_nodes():
-    from fed_ser.schedule import select_clients
+    from fed_ser.core.schedule import select_clients
 
     nodes = {pid: 1000 + 17 * pid for pid in range(20)}  # partition -> node id
     strat = FedSerStrategy(algorithm="fedsgd", lr=0.1, partition_nodes=nodes, num_clients=20, seed=4,
@@ -131,7 +131,7 @@ def test_a_federation_smaller_than_the_data_set_stops_naming_both_numbers():
     """flwr run's default local federation has 2 nodes: the ServerApp must not wait for 72 for ever."""
     import time
 
-    from fed_ser.server_app import FederationTooSmall, discover_partitions
+    from fed_ser.flower.server_app import FederationTooSmall, discover_partitions
 
     t0 = time.monotonic()
     with pytest.raises(FederationTooSmall, match=r"has 2 node\(s\) but x\.npz has 72 clients.*num-supernodes=72"):

@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from fed_ser.cli import load_config
+from fed_ser.core.model import build_model, dropout_multiplier
+from fed_ser.core.settings import RunSettings
+from fed_ser.core.training import local_update, seed_client_rng
 from fed_ser.data.federated import TRAIN, FederatedData
-from fed_ser.engine import run_inprocess
-from fed_ser.model import build_model, dropout_multiplier
-from fed_ser.pipeline import prepare
-from fed_ser.recorder import UpdateRecorder
-from fed_ser.settings import RunSettings
-from fed_ser.store import UpdateStore, max_difference as max_store_difference
-from fed_ser.training import local_update, seed_client_rng
-from fed_ser.vectorized import _plan, fedavg_round, run_vectorized
+from fed_ser.engines.inprocess import run_inprocess
+from fed_ser.engines.vectorized import _plan, fedavg_round, run_vectorized
+from fed_ser.experiments.config import load_config
+from fed_ser.experiments.prepare import prepare
+from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.recording.store import UpdateStore
+from fed_ser.recording.store import max_difference as max_store_difference
 
 
 @pytest.fixture(scope="module")

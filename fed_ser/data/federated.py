@@ -53,7 +53,7 @@ class FederatedData:
         atomic_save_npz(path, **{k: getattr(self, k) for k in self.__dataclass_fields__})
 
     @classmethod
-    def load(cls, path: str | Path) -> "FederatedData":
+    def load(cls, path: str | Path) -> FederatedData:
         with np.load(path, allow_pickle=False) as z:
             return cls(**{k: z[k] for k in cls.__dataclass_fields__})
 

@@ -54,7 +54,7 @@ class Prosody:
     breathiness: float = 0.0  # added aspiration noise share
     formant_shift: float = 0.0  # relative formant shift (smiling raises, sadness lowers)
 
-    def __add__(self, other: "Prosody") -> "Prosody":
+    def __add__(self, other: Prosody) -> Prosody:
         return Prosody(
             self.f0_semitones + other.f0_semitones,
             self.f0_range * other.f0_range,
@@ -65,7 +65,7 @@ class Prosody:
             self.formant_shift + other.formant_shift,
         )
 
-    def scaled(self, k: float) -> "Prosody":
+    def scaled(self, k: float) -> Prosody:
         """The same change with strength ``k`` (0 = neutral, 1 = as defined)."""
         return Prosody(
             k * self.f0_semitones,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,7 @@ def upstream_spec(name: str) -> UpstreamSpec:
     return UPSTREAMS[name]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _checkpoint_digest(path: str) -> str:
     return file_digest(path)[:16]
 

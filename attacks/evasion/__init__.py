@@ -1,0 +1,1 @@
+"""Adversarial examples against the SER model (FGSM, PGD): evasion, not inference."""

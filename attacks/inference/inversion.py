@@ -1,0 +1,315 @@
+"""Exact reconstruction of a client's batch from its FedSGD update (dense layers with ReLU).
+
+The server that eavesdrops on FedSGD knows the global model it sent. For the SER model
+``x -> relu(W1 x + b1) -> dropout -> relu(W2 h + b2) -> W3 a + b3`` the first layer's gradient is
+
+    G1 = [dL/dW1, dL/db1] = (1/B) sum_i delta_i [x_i; 1]^T         (units x (inputs + 1))
+
+with ``delta_i`` the backpropagated error of sample ``i`` at the first layer's pre-activation. It
+vanishes on every unit sample ``i`` leaves inactive or drops. In the ``B``-dimensional row space
+of ``G1`` (coordinates ``a``, ``[x_i; 1] = V a_i``) every unit's row is therefore orthogonal to the
+normal ``q_i`` of the hyperplane spanned by the other samples whenever sample ``i`` is zero there:
+each sample is a hyperplane holding about half of the 256 rows. The reconstruction:
+
+1. **Normals.** A row that one sample dominates, divided by its bias entry, lands in that sample's
+   activation cell; the rows its pattern leaves inactive give the sample's normal as their null
+   vector. Samples no row dominates are found by RANSAC over ``B - 1`` rows.
+2. **Certificate and exact input.** The second layer's gradient ``G2 = (1/B) sum_i delta2_i h_i^T``
+   has the post-dropout activations ``h_i = 1[S_i] relu(W1 x_i + b1) / (1 - p)`` as its row
+   space, where ``S_i`` (active and kept units) is read off the normal: the units whose rows are not
+   orthogonal to ``q_i``. So ``x_i`` is the one direction of the first layer's row space whose
+   masked activation lies in ``G2``'s row space: the null vector of a ``256 x B`` system. A true
+   normal gives a null space at float32 rounding (~1e-7); a spurious one (a mixture of two
+   samples' normals) leaves a residual of order 0.1: the certificate rejects it, per sample, without
+   needing the others.
+3. **Label.** With ``x_i`` and its dropout mask known, the forward pass gives ``p_i``; of the four
+   candidate labels, the one whose backpropagated error points along ``delta_i`` is the label.
+   With every sample recovered, the output bias gradient gives the batch's label counts exactly
+   (``n_c = sum_i p_ic - B dL/db3_c``).
+
+Nothing here knows about Flower or the update store: inputs are the update's and the global
+model's arrays (``dense1.weight`` ...). What it needs of the protocol (white box, as the paper's
+attacker): the batch size and the dropout rate. Under DP-FedSGD's noise or Adam's elementwise
+normalisation (FedAvg) the structure is gone and the certificates fail: nothing is recovered,
+which the caller reports as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: A certified sample's residual is at float32 rounding (1e-7 to 1e-4 for very confident samples,
+#: whose errors are tiny); a spurious normal's is ~0.3. The threshold sits between, with margin.
+CERTIFICATE = 1e-3
+#: Rows of the normalised first-layer gradient closer than this to a hyperplane lie on it.
+ON_PLANE = 1e-6  # at least; each row's tolerance grows with the gradient's noise floor
+#: Beyond the batch size, a per-sample sum's spectrum is float32 rounding (~1e-8 of the largest
+#: singular value); anything above this is another kind of update.
+LOW_RANK = 1e-5
+
+
+@dataclass
+class Recovered:
+    """What the inversion read from one update."""
+
+    inputs: np.ndarray  # (m, d): the recovered input rows
+    labels: np.ndarray  # (m,): label per row (its backpropagated error's direction)
+    certificates: np.ndarray  # (m,): second-layer residual of each row (~1e-7: exact)
+    batch_size: int  # B: how many samples the update holds
+    label_counts: np.ndarray | None = None  # (classes,): from the output layer, when all B were recovered
+    draws: int = 0  # RANSAC draws spent
+    info: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.inputs) == self.batch_size
+
+
+class _Layers:
+    """The global model's weights as float64 arrays, and its forward pass with a given mask."""
+
+    def __init__(self, params: dict[str, np.ndarray], dropout: float):
+        self.W1 = np.concatenate([params["dense1.weight"], params["dense1.bias"][:, None]], 1).astype(np.float64)
+        self.W2, self.b2 = params["dense2.weight"].astype(np.float64), params["dense2.bias"].astype(np.float64)
+        self.W3, self.b3 = params["out.weight"].astype(np.float64), params["out.bias"].astype(np.float64)
+        self.keep = 1.0 / (1.0 - dropout)
+
+    def forward(self, x: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax output and the second layer's pre-activation for input ``[x; 1]`` and kept units."""
+        h = np.where(kept, np.maximum(self.W1 @ x, 0.0) * self.keep, 0.0)
+        z2 = self.W2 @ h + self.b2
+        logits = self.W3 @ np.maximum(z2, 0.0) + self.b3
+        p = np.exp(logits - logits.max())
+        return p / p.sum(), z2
+
+    def error(self, p: np.ndarray, z2: np.ndarray, kept: np.ndarray, label: int) -> np.ndarray:
+        """The first layer's backpropagated error of one sample with this label (up to 1/B)."""
+        e = p.copy()
+        e[label] -= 1.0
+        d2 = (self.W3.T @ e) * (z2 > 0)
+        return (self.W2.T @ d2) * kept * self.keep
+
+
+class _Frame:
+    """A rank-``r`` (residual) first-layer gradient ``U diag(S) V^T`` in its row space, beside the
+    second layer's row space ``R2``."""
+
+    def __init__(self, U: np.ndarray, S: np.ndarray, V: np.ndarray, noise: float, R2: np.ndarray):
+        self.V, self.r = V, len(S)  # V: (inputs + 1) x r
+        self.P = P = U * S  # the gradient's rows in row-space coordinates; P @ q_i is sample i's error
+        norms = np.linalg.norm(P, axis=1)
+        # how far from a plane a row on it may seem: float32 rounding (and, after deflation, the
+        # error of what was subtracted), as a spectral norm spread over the rows
+        spread = noise * np.sqrt(self.r) / (np.sqrt(len(P)) + np.sqrt(len(V)))
+        self.tol = np.maximum(ON_PLANE, 10 * spread / np.maximum(norms, 1e-300))
+        # a row whose direction the noise could turn (a unit only removed samples used) says nothing;
+        # after deflation such rows sit decades below the rest: a gap of more than 2 decades in the
+        # row norms separates them even where the spectrum underestimates the subtraction's error
+        self.live = (norms > max(1e-6 * norms.max(), _norm_gap(norms))) & (self.tol < 1e-3)
+        self.W = np.zeros_like(P)
+        self.W[self.live] = P[self.live] / norms[self.live, None]  # unit rows; the others stay 0
+        self.R2 = R2  # 256 x B: span of the whole batch's post-dropout activations
+        self.W1V: np.ndarray | None = None  # the first layer's pre-activation as a function of a
+
+    def row(self, j: int) -> np.ndarray:
+        """Unit ``j``'s row of the gradient, ``[dL/dW1_j, dL/db1_j]``."""
+        return self.P[j] @ self.V.T
+
+
+def _norm_gap(norms: np.ndarray, decades: float = 2.0) -> float:
+    """A threshold in the widest gap (if wider than ``decades``) of the log row norms, else 0."""
+    logs = np.sort(np.log10(norms[norms > 0]))
+    if len(logs) < 2:
+        return 0.0
+    gaps = np.diff(logs)
+    k = int(np.argmax(gaps))
+    return float(10 ** (logs[k] + gaps[k] / 2)) if gaps[k] > decades else 0.0
+
+
+def _normal_of(W: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """The unit normal of the hyperplane through ``W[rows]`` (None if they do not span r - 1 dims)."""
+    if rows.sum() < W.shape[1] - 1:
+        return None
+    _, s, vt = np.linalg.svd(W[rows], full_matrices=False)
+    if len(s) < W.shape[1] or s[-2] < 1e-6 * s[0]:
+        return None if len(s) < W.shape[1] - 1 else vt[-1]
+    return vt[-1]
+
+
+def _certify(frame: _Frame, layers: _Layers, q: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(residual, [x; 1], kept units) of the sample whose normal is ``q``."""
+    kept = frame.live & (np.abs(frame.W @ q) >= frame.tol)
+    if frame.W1V is None:
+        frame.W1V = layers.W1 @ frame.V
+    K = np.where(kept[:, None], frame.W1V, 0.0)  # masked pre-activation as a function of a
+    outside = K - frame.R2 @ (frame.R2.T @ K)  # the part outside G2's row space must vanish
+    _, s, vt = np.linalg.svd(outside, full_matrices=False)
+    x = frame.V @ vt[-1]
+    if frame.r == 1:  # one direction: it is the sample's if its masked activation lies in G2's row space
+        return float(s[0] / (np.linalg.norm(K) + 1e-300)), x / x[-1], kept
+    if abs(x[-1]) < 1e-12:
+        return np.inf, x, kept
+    return float(s[-1] / s[0]), x / x[-1], kept
+
+
+def _ransac_normals(W: np.ndarray, tol: np.ndarray, rng: np.random.Generator, draws: int, found: list[np.ndarray],
+                    seen, batch: int = 500):
+    """Hyperplanes through ``r - 1`` random rows that many rows lie on (normals to certify).
+
+    Rows are drawn with weights that grow with how many of the samples found so far are zero on
+    them: a unit inactive for most samples is likely inactive for the missing ones too. ``seen(q,
+    tol)`` says whether a normal is known already (found or rejected).
+    """
+    rows = np.flatnonzero(np.linalg.norm(W, axis=1) > 0)
+    r = W.shape[1]
+    min_count = max(r + 2, int(0.25 * len(rows)))
+    if len(rows) < min_count:  # too few rows the noise leaves a direction: no plane can be trusted
+        return
+    for start in range(0, draws, batch):
+        weight = np.ones(len(rows))
+        if found:
+            weight = np.mean([np.abs(W[rows] @ q) < tol[rows] for q in found], 0) ** 2 + 0.05
+        # r - 1 distinct rows per draw, with these weights: the smallest exponential keys (vectorised)
+        keys = rng.exponential(size=(batch, len(rows))) / weight
+        pick = rows[np.argpartition(keys, r - 2, axis=1)[:, : r - 1]]
+        _, s, vt = np.linalg.svd(W[pick])
+        q = vt[:, -1, :]
+        on = np.abs(W @ q.T) < tol[:, None]
+        for b in np.flatnonzero((s[:, -1] > 1e-5) & (on.sum(0) >= min_count)):
+            if seen(q[b], 1e-3):  # a plane already found (or rejected): no need to refine it again
+                continue
+            refined = _normal_of(W, on[:, b])
+            if refined is not None:
+                yield start + batch, refined
+
+
+@dataclass
+class _Sample:
+    certificate: float
+    x: np.ndarray  # [x; 1]
+    kept: np.ndarray  # active and kept units
+    error: np.ndarray  # its backpropagated error over units, up to scale
+
+
+def _search(frame: _Frame, layers: _Layers, known: list[_Sample], rng: np.random.Generator,
+            ransac_draws: int) -> tuple[list[_Sample], int]:
+    """Certified samples of the (residual) gradient in ``frame``, and the RANSAC draws spent."""
+    found: list[tuple[_Sample, np.ndarray]] = []
+    rejected: list[np.ndarray] = []
+    r = frame.r
+
+    def seen(q: np.ndarray, tol: float = 1e-6) -> bool:
+        """Known already: within ``tol`` of a found normal, or (exactly) one that failed its certificate."""
+        near = lambda ns, t: bool(ns) and float(np.abs(np.array(ns) @ q).max()) > 1 - t
+        return near([n for _, n in found], tol) or near(rejected, 1e-6)
+
+    def accept(q: np.ndarray | None) -> None:
+        if q is None or seen(q):
+            return
+        cert, x, kept = _certify(frame, layers, q)
+        if cert >= CERTIFICATE:
+            rejected.append(q)
+        scale = np.abs(x).max()
+        if cert < CERTIFICATE and not any(np.abs(x - o.x).max() <= 1e-4 * scale for o in known + [f for f, _ in found]):
+            found.append((_Sample(cert, x, kept, frame.P @ q), q))
+
+    if r == 1:  # one sample left: the residual is its rank-1 term
+        accept(np.ones(1))
+        return [f for f, _ in found], 0
+    # 1. rows a sample dominates: the row over its bias entry lands in that sample's activation
+    #    cell, whose inactive units give the sample's normal
+    bias = np.abs(frame.P @ frame.V[-1])
+    tried: set[bytes] = set()
+    for j in np.argsort(-bias):
+        if len(found) == r or bias[j] <= 1e-6 * bias.max():
+            break
+        if frame.live[j]:
+            x = frame.row(j)
+            inactive = (layers.W1 @ (x / x[-1]) < 0) & frame.live
+            if (key := np.packbits(inactive).tobytes()) not in tried:  # one activation cell, one try
+                tried.add(key)
+                accept(_normal_of(frame.W, inactive))
+    # 2. the rest: hyperplanes that many rows lie on
+    draws = 0
+    if len(found) < r and ransac_draws > 0:
+        for draws, q in _ransac_normals(frame.W, frame.tol, rng, ransac_draws, [n for _, n in found], seen):  # noqa: B007 (read after the loop)
+            accept(q)
+            if len(found) == r:
+                break
+    return [f for f, _ in found], draws
+
+
+def _deflate(U: np.ndarray, S: np.ndarray, V: np.ndarray, samples: list[_Sample], rank: int):
+    """The factorisation of ``U diag(S) V^T`` without the rank-1 terms of ``samples``, and the size of
+    what is left beyond ``rank`` (the subtraction's error).
+
+    Each term is ``c d x^T`` with ``d`` the sample's error and ``x`` its input, both inside the
+    factorisation's spans; ``c`` is the one scale that makes the rest singular. All of it happens in
+    ``r x r`` coordinates.
+    """
+    M = np.diag(S)
+    for k in range(len(S), len(S) - len(samples), -1):  # M has rank k before each subtraction
+        smp = samples[len(S) - k]
+        u, a = U.T @ smp.error, V.T @ smp.x
+        Um, Sm, Vmt = np.linalg.svd(M)
+        M = M - np.outer(u, a) / (a @ (Vmt[:k].T @ ((Um[:, :k].T @ u) / Sm[:k])))
+    Um, Sm, Vmt = np.linalg.svd(M)
+    return U @ Um[:, :rank], Sm[:rank], V @ Vmt[:rank].T, float(Sm[rank]) if len(Sm) > rank else 0.0
+
+
+def invert_fedsgd(update: dict[str, np.ndarray], params: dict[str, np.ndarray], batch_size: int,
+                  dropout: float, *, rng: np.random.Generator | None = None, ransac_draws: int = 20_000) -> Recovered:
+    """Recover the inputs and labels of the batch behind one FedSGD update.
+
+    ``update``: the client's gradient (``dense1.weight``, ``dense1.bias``, ``dense2.weight``,
+    ``out.bias`` at least); ``params``: the global model it was computed at; ``batch_size``: ``B``
+    (the protocol's ``min(fl.batch_size, n_k)``); ``dropout``: the model's rate. Samples are
+    recovered one by one, each certified, then subtracted from the gradient, so that the ones left
+    dominate rows of the residual; RANSAC (``ransac_draws`` per pass) runs only when no row points
+    to a missing sample.
+    """
+    rng = rng or np.random.default_rng(0)
+    missing = [k for k in ("dense1.weight", "dense1.bias", "dense2.weight") if k not in update]
+    if missing:
+        raise KeyError(f"the inversion needs the recorded layers {missing} (recorder.layers must include dense1, dense2)")
+    G1 = np.concatenate([update["dense1.weight"], update["dense1.bias"][:, None]], 1).astype(np.float64)
+    G2 = update["dense2.weight"].astype(np.float64)
+    layers = _Layers(params, dropout)
+    empty = Recovered(np.zeros((0, G1.shape[1] - 1)), np.zeros(0, dtype=np.int64), np.zeros(0), int(batch_size))
+    if not (np.isfinite(G1).all() and np.isfinite(G2).all()) or not np.abs(G1).max() > 0:
+        return empty
+    U, s, Vt = np.linalg.svd(G1, full_matrices=False)
+    if len(s) > batch_size and s[batch_size] > LOW_RANK * s[0]:
+        # not a sum of B per-sample terms (DP noise, Adam's elementwise steps): nothing exact to find
+        empty.info = {"rank_gap": float(s[batch_size] / s[0])}
+        return empty
+    r = int(min(batch_size, (s > 1e-7 * s[0]).sum()))
+    noise = float(s[r]) if len(s) > r else 0.0
+    U, S, V = U[:, :r], s[:r], Vt[:r].T
+    R2 = np.linalg.svd(G2, full_matrices=False)[2][:r].T
+    samples: list[_Sample] = []
+    draws, passes = 0, []
+    while len(samples) < r:
+        new, spent = _search(_Frame(U, S, V, noise, R2), layers, samples, rng, ransac_draws)
+        draws += spent
+        passes.append(len(new))
+        samples += new
+        if not new or len(samples) == r:
+            break
+        U, S, V, left = _deflate(U, S, V, new, r - len(samples))
+        noise = max(noise, left)
+    labels, probs = [], []
+    for smp in samples:
+        p, z2 = layers.forward(smp.x, smp.kept)
+        scores = [abs(e @ smp.error) / (np.linalg.norm(e) * np.linalg.norm(smp.error) + 1e-30)
+                  for e in (layers.error(p, z2, smp.kept, c) for c in range(len(p)))]
+        labels.append(int(np.argmax(scores)))
+        probs.append(p)
+    rec = Recovered(np.array([smp.x[:-1] for smp in samples]).reshape(len(samples), G1.shape[1] - 1),
+                    np.array(labels, dtype=np.int64), np.array([smp.certificate for smp in samples]), r, draws=draws,
+                    info={"found_per_pass": passes})
+    if rec.complete and "out.bias" in update:
+        rec.label_counts = np.sum(probs, axis=0) - r * update["out.bias"].astype(np.float64)
+    return rec

@@ -1,0 +1,121 @@
+"""Training the attack model on shadow updates, streamed from disk with a progress bar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from attacks.inference.data import LayerStats, UpdateDataset, shadow_stats
+from attacks.inference.model import AttackModel
+from fed_ser.recording.store import UpdateInfo, UpdateStore
+
+
+@dataclass
+class AttackConfig:
+    """Attack hyper-parameters (the paper's: Adam lr 1e-4, wd 1e-4, batch 20, <= 50 epochs)."""
+
+    layers: list[str] = field(default_factory=lambda: ["dense1", "dense2", "out"])
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 20
+    max_epochs: int = 50
+    patience: int = 6
+    val_share: float = 0.2  # shadow clients held out for early stopping
+    channels: tuple[int, ...] = (16, 32, 64)
+    kernel: int = 5
+    pools: tuple[int, ...] = (2, 4, 8)
+    first_stride: int = 1
+    dropout: float = 0.2
+    max_updates: int = 0  # 0: all shadow updates; else a random subset of that many
+    seed: int = 0
+
+
+@dataclass
+class TrainedAttack:
+    model: AttackModel
+    stats: dict[str, LayerStats]
+    history: list[dict]
+
+
+def _collate(items):
+    batch = {l: (torch.stack([it[0][l][0] for it in items]), torch.stack([it[0][l][1] for it in items]))
+             for l in items[0][0]}
+    return batch, torch.tensor([it[1] for it in items])
+
+
+def _uar(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean([np.mean((p[y == c] > 0.5) == c) for c in (0, 1) if np.any(y == c)]))
+
+
+def train_attack(store: UpdateStore, updates: list[UpdateInfo], labels: np.ndarray, cfg: AttackConfig,
+                 progress: bool = True) -> TrainedAttack:
+    """Fit the attack model on labelled shadow updates; early-stop on held-out shadow clients."""
+    if len(set(labels.tolist())) < 2:
+        raise ValueError("attack training data holds one gender only")
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.max_updates and len(updates) > cfg.max_updates:
+        keep = np.sort(rng.choice(len(updates), cfg.max_updates, replace=False))
+        updates, labels = [updates[i] for i in keep], labels[keep]
+    clients = np.array([(u.partition) for u in updates])
+    uniq = np.unique(clients)
+    val_clients = set(rng.choice(uniq, max(1, int(len(uniq) * cfg.val_share)), replace=False).tolist())
+    is_val = np.array([c in val_clients for c in clients])
+    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    stats = shadow_stats(store, [updates[i] for i in train_idx], cfg.layers)
+    ds = UpdateDataset(store, updates, labels, cfg.layers, stats)
+    shapes = {l: tuple(updates[0].layers[f"{l}.weight"]) for l in cfg.layers}
+    model = AttackModel(shapes, channels=cfg.channels, kernel=cfg.kernel, pools=cfg.pools, dropout=cfg.dropout,
+                        first_stride=cfg.first_stride)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=3, factor=0.2)
+    loss_fn = nn.CrossEntropyLoss()
+    train_dl = DataLoader(Subset(ds, train_idx), batch_size=cfg.batch_size, shuffle=True, collate_fn=_collate,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+    best, best_state, bad, history = -1.0, None, 0, []
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        total = 0.0
+        for batch, y in tqdm(train_dl, desc=f"attack epoch {epoch + 1}", leave=False, disable=not progress or None):
+            opt.zero_grad(set_to_none=True)
+            logits = model(batch)
+            loss = sum(loss_fn(lg, y) for lg in logits.values())
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(y)
+        p_val = predict(model, Subset(ds, val_idx), cfg.batch_size)[0] if len(val_idx) else np.zeros(0)
+        val_uar = _uar(labels[val_idx], p_val) if len(val_idx) else float("nan")
+        history.append({"epoch": epoch + 1, "train_loss": total / max(len(train_idx), 1), "val_uar": val_uar})
+        if progress:
+            print(f"[attack] epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} shadow-val UAR {val_uar:.3f}", flush=True)
+        sched.step(val_uar)
+        if val_uar > best:
+            best, bad = val_uar, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainedAttack(model, stats, history)
+
+
+@torch.no_grad()
+def predict(model: AttackModel, ds, batch_size: int = 64) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Fused P(female) and per-layer P(female) for every item of ``ds``, streamed."""
+    model.eval()
+    fused, per = [], {l: [] for l in model.layers}
+    for batch, _ in DataLoader(ds, batch_size=batch_size, collate_fn=_collate):
+        logits = model(batch)
+        fused.append(model.fuse(logits).numpy())
+        for l in model.layers:
+            per[l].append(torch.softmax(logits[l], 1)[:, 1].numpy())
+    if not fused:
+        return np.zeros(0), {l: np.zeros(0) for l in model.layers}
+    return np.concatenate(fused), {l: np.concatenate(v) for l, v in per.items()}

@@ -1,0 +1,1 @@
+"""Defences against adversarial examples: federated adversarial training, test-time randomisation."""

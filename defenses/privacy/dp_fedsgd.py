@@ -1,0 +1,89 @@
+"""DP-FedSGD: per-sample clipping and Gaussian noise on each client's gradient, with Opacus.
+
+A FedSGD client shares the gradient of one mini-batch drawn from its ``n`` rows. Under
+sample-level DP the batch is a **Poisson sample**: each row independently with probability
+``q = b / n`` (``b`` the batch size; as Opacus' ``DPDataLoader`` draws it, and as the RDP
+analysis of the subsampled Gaussian mechanism assumes). The gradient is computed with Opacus'
+``GradSampleModule`` (per-sample gradients) and ``DPOptimizer.pre_step`` (clip each per-sample
+gradient to ``clip``, sum, add ``N(0, (noise_multiplier * clip)^2)``, divide by the expected batch
+size ``b``), inside the shared local loop; an empty sample sends the noise alone.
+
+Accounting per client (:mod:`defenses.privacy.accounting`, Opacus' RDP accountant): one step per round
+the client takes part in, sample rate ``q``. The noise multiplier is calibrated so that a given
+number of steps spends ``epsilon`` at ``delta``; the caller chooses that number (fed_ser passes
+each client's scheduled participations, ``dp.calibrate=per_client``, or the expected
+``rounds * fraction``, :func:`planned_steps`). The epsilon *spent* is computed afterwards from
+the participations that happened. The guarantee is per utterance (sample level), not per client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from defenses.privacy import check_privacy_parameters
+from defenses.privacy.accounting import calibrate, spent
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Sample-level DP for FedSGD: target ``epsilon`` at ``delta``, per-sample clipping norm ``clip``."""
+
+    epsilon: float
+    delta: float = 1e-5
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_privacy_parameters(self.epsilon, self.delta, self.clip)
+
+
+def sample_rate(batch_size: int, num_examples: int) -> float:
+    """Probability that one of the client's rows is in its FedSGD batch."""
+    return min(batch_size, num_examples) / num_examples
+
+
+def planned_steps(rounds: int, fraction: float) -> int:
+    """Expected participations of one client over the run (one DP step each)."""
+    return max(round(rounds * fraction), 1)
+
+
+def noise_multiplier(cfg: DPConfig, q: float, steps: int) -> float:
+    """The smallest noise multiplier for which ``steps`` steps at rate ``q`` spend ``cfg.epsilon``."""
+    return calibrate(cfg.epsilon, cfg.delta, q, steps)
+
+
+def spent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """Epsilon spent by ``steps`` steps of the subsampled Gaussian mechanism (Opacus' RDP accountant)."""
+    return spent(sigma, q, steps, delta)
+
+
+def poisson_batch(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Row indices of one Poisson sample: each of ``n`` rows with probability ``min(b, n) / n``."""
+    return np.flatnonzero(rng.random(n) < sample_rate(batch_size, n))
+
+
+@contextmanager
+def private_gradients(model: nn.Module, sigma: float, clip: float, batch_size: int,
+                      generator: torch.Generator | None = None) -> Iterator[DPOptimizer]:
+    """Per-sample gradient hooks on ``model`` and a DP optimiser over its parameters.
+
+    After ``loss.backward()`` on a batch, ``optimizer.pre_step()`` leaves the clipped, noised,
+    batch-averaged gradient in each ``p.grad``. The hooks are removed on exit (the model object
+    is reused for the next client in the in-process engine).
+    """
+    gsm = GradSampleModule(model, loss_reduction="mean")
+    try:
+        base = torch.optim.SGD(model.parameters(), lr=0.0)
+        yield DPOptimizer(base, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=batch_size,
+                          generator=generator)
+    finally:
+        gsm._close()
+        for p in model.parameters():
+            p.grad_sample = None

@@ -1,0 +1,167 @@
+"""Run settings shared by the ServerApp and ClientApp, from Hydra or from Flower's run config.
+
+Flower's run config is flat (``"fl.algorithm" = "fedsgd"``, values bool/int/float/str only), the
+Hydra config is nested (``fl.algorithm=fedsgd``). :class:`RunSettings` is the one typed view of
+both: :meth:`from_run_config` reads the flat keys, :meth:`to_run_config` writes them, and the
+Hydra CLI builds the flat keys from its config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+ALGORITHMS = ("fedsgd", "fedavg")
+DP_MODES = {"none": None, "sample": "fedsgd", "user": "fedavg", "udp": "fedavg"}  # mode -> the algorithm it protects
+DP_CALIBRATIONS = ("per_client", "expected")
+
+
+class ConfigError(ValueError):
+    """A wrong configuration value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    prepared: str  # path of the prepared FederatedData .npz
+    algorithm: str = "fedsgd"
+    rounds: int = 200
+    fraction: float = 0.1
+    lr: float = 0.1  # FedSGD: server step size; FedAvg: client learning rate
+    local_epochs: int = 1
+    batch_size: int = 20
+    optimizer: str = "sgd"  # FedAvg clients' optimiser (fl=fedavg: adam, as the paper's code)
+    dropout: float = 0.2
+    eval_every: int = 20
+    eval_fraction: float = 1.0
+    min_available: int = 0  # 0: wait for every client of the data set
+    round_timeout: float = 600.0  # seconds a round waits for replies (a dead node's reply never comes)
+    recorder_dir: str = ""  # empty: no recording
+    recorder_layers: str = "all"  # "all" or comma-separated layer names, e.g. "dense1"
+    recorder_float16: bool = False
+    out_dir: str = ""
+    resume: bool = True
+    seed: int = 0
+    dp_mode: str = "none"  # none | sample (DP-FedSGD, Opacus) | user (user-level DP, FedAvg) | udp (as published)
+    dp_epsilon: float = 10.0
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
+    dp_calibrate: str = "per_client"  # DP-FedSGD noise for: per_client (its scheduled steps) | expected
+    adv_mix: float = 0.0  # federated adversarial training: share of each batch made adversarial (0: off)
+    adv_method: str = "pgd"  # fgsm | pgd
+    adv_norm: str = "linf"  # linf | l2
+    adv_epsilon: float = 0.1
+    adv_steps: int = 5
+    adv_step_size: float = 0.0  # 0: 2.5 * epsilon / steps
+
+    _KEYS: ClassVar[dict[str, str]] = {
+        "prepared": "data.prepared", "algorithm": "fl.algorithm", "rounds": "fl.rounds",
+        "fraction": "fl.fraction", "lr": "fl.lr", "local_epochs": "fl.local_epochs",
+        "batch_size": "fl.batch_size", "optimizer": "fl.optimizer", "dropout": "model.dropout",
+        "eval_every": "fl.eval_every", "eval_fraction": "fl.eval_fraction",
+        "min_available": "fl.min_available", "round_timeout": "fl.round_timeout", "recorder_dir": "recorder.dir",
+        "recorder_layers": "recorder.layers", "recorder_float16": "recorder.float16",
+        "out_dir": "out_dir", "resume": "resume", "seed": "seed", "dp_mode": "dp.mode",
+        "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_clip": "dp.clip",
+        "dp_calibrate": "dp.calibrate",
+        "adv_mix": "adv.mix", "adv_method": "adv.method", "adv_norm": "adv.norm", "adv_epsilon": "adv.epsilon",
+        "adv_steps": "adv.steps", "adv_step_size": "adv.step_size",
+    }
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"fl.algorithm: {self.algorithm!r} is not one of {ALGORITHMS}")
+        if self.rounds < 1:
+            raise ConfigError(f"fl.rounds: must be >= 1, got {self.rounds}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fl.fraction: must be in (0, 1], got {self.fraction}")
+        if not self.lr > 0:
+            raise ConfigError(f"fl.lr: must be > 0, got {self.lr}")
+        if self.batch_size < 1 or self.local_epochs < 1:
+            raise ConfigError("fl.batch_size and fl.local_epochs must be >= 1")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"fl.optimizer: {self.optimizer!r} is not 'sgd' or 'adam'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"fl.round_timeout: must be > 0 seconds, got {self.round_timeout}")
+        if self.eval_every < 1:
+            raise ConfigError(f"fl.eval_every: must be >= 1, got {self.eval_every}")
+        if self.dp_mode not in DP_MODES:
+            raise ConfigError(f"dp.mode: {self.dp_mode!r} is not one of {sorted(DP_MODES)}")
+        if self.dp_calibrate not in DP_CALIBRATIONS:
+            raise ConfigError(f"dp.calibrate: {self.dp_calibrate!r} is not one of {DP_CALIBRATIONS}")
+        if self.dp_mode != "none":
+            if DP_MODES[self.dp_mode] != self.algorithm:
+                raise ConfigError(f"dp.mode={self.dp_mode} protects fl.algorithm={DP_MODES[self.dp_mode]}, "
+                                  f"not {self.algorithm} (use dp.mode=sample with fedsgd, dp.mode=user or udp with fedavg)")
+            try:
+                self.privacy()
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        try:
+            self.adversarial_training()
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("attack.", "adv.")) from exc
+
+    def adversarial_training(self):
+        """:class:`defenses.evasion.adversarial_training.AdversarialTrainingConfig` when ``adv.mix > 0``, else None."""
+        from attacks.evasion.adversarial import PerturbationConfig
+        from defenses.evasion.adversarial_training import AdversarialTrainingConfig
+
+        attack = PerturbationConfig(self.adv_method, self.adv_norm, self.adv_epsilon, self.adv_steps, self.adv_step_size)
+        cfg = AdversarialTrainingConfig(self.adv_mix, attack)
+        return cfg if self.adv_mix > 0 else None
+
+    def privacy(self):
+        """The defence's config (DP-FedSGD's, user-level DP's or UDP's), or None."""
+        if self.dp_mode == "sample":
+            from defenses.privacy.dp_fedsgd import DPConfig
+
+            return DPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip)
+        if self.dp_mode == "user":
+            from defenses.privacy.user_dp import UserDPConfig
+
+            return UserDPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip)
+        if self.dp_mode == "udp":
+            from defenses.privacy.udp import UDPConfig
+
+            return UDPConfig(self.dp_epsilon, self.dp_delta, self.dp_clip)
+        return None
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any]) -> RunSettings:
+        """Read Flower's flat run config; unknown keys are an error naming them."""
+        inverse = {v: k for k, v in cls._KEYS.items()}
+        unknown = sorted(set(cfg) - set(inverse))
+        if unknown:
+            raise ConfigError(f"unknown run-config keys {unknown}; known: {sorted(inverse)}")
+        types = {f.name: f.type for f in fields(cls)}
+        kwargs = {}
+        for key, value in cfg.items():
+            name = inverse[key]
+            kwargs[name] = _coerce(value, types[name], key)
+        if not kwargs.get("prepared"):
+            raise ConfigError("data.prepared: empty; prepare a data set with `fed-ser-prepare dataset=crema_d` and pass "
+                              "the path it prints: flwr run . --run-config \"data.prepared='PATH'\"")
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        return {self._KEYS[k]: v for k, v in asdict(self).items()}
+
+    def layers(self) -> list[str] | None:
+        return None if self.recorder_layers in ("", "all") else [x.strip() for x in self.recorder_layers.split(",")]
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    t = {"str": str, "int": int, "float": float, "bool": bool}.get(str(typ), typ)
+    if t is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false"):
+                raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+            return value.lower() == "true"
+        return bool(value)
+    try:
+        return t(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot read {value!r} as {t.__name__}") from exc

@@ -1,0 +1,381 @@
+"""One-command attribute inference experiment (the paper's Section 4-5), under a chosen threat model.
+
+``fed-ser-experiment private=iemocap features=emobase fl=fedsgd`` runs, for each configured
+fold: private FL training on the private corpus (recorded), shadow FL training on the attacker's
+data (recorded), attack training on the shadow updates labelled with the shadow clients' gender,
+and evaluation on the private updates. Where the attacker's data come from is ``shadow.mode``:
+
+* ``corpora``: other corpora (the paper's threat model; by default the paper's corpora other than
+  the private one, real where ``data.roots`` names them, else their synthetic twins);
+* ``speakers``: other speakers of the private corpus, disjoint from every private client (a
+  seeded, gender-balanced split of each fold's training speakers, ``shadow.speaker_share``);
+* ``synthetic``: the synthetic corpora only, whatever ``data.roots`` says.
+
+Every attack is scored with its ASR and 95% interval (bootstrap over attacked clients), ROC AUC
+and TPR at 10% / 1% FPR, per fold and pooled over the folds' clients.
+``attack.with_control=true`` also trains every attack on shuffled shadow genders (it must fall to
+chance), ``attack.control=true`` runs only that. ``-m`` sweeps comma-separated overrides.
+
+Results: ``<out_dir>/results.json``, ``results.csv``, ``report.md``, ``asr.png`` and ``roc.png``; a
+multirun also writes ``<grid_dir>/grid.csv``, ``grid_report.md`` and ``grid_roc.png`` over every
+finished cell there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from attacks.inference.data import UpdateDataset, labelled_updates
+from attacks.inference.evaluate import Evaluation, average_evaluations, evaluate_attack, summarize
+from attacks.inference.feature_space import train_feature_space_attack
+from attacks.inference.inversion import Recovered, invert_fedsgd
+from attacks.inference.profile import pooled_scorer, train_profile_attack, update_profiles
+from attacks.inference.train import AttackConfig, predict, train_attack
+from fed_ser.core.settings import ConfigError
+from fed_ser.data.federated import TRAIN, FederatedData
+from fed_ser.data.synthetic import PAPER_CORPORA
+from fed_ser.experiments.cli import console, expand_overrides, load_config, run_fl, run_settings, run_vectorized_fl
+from fed_ser.experiments.prepare import corpus_source, prepare
+from fed_ser.experiments.report import write_defense_report, write_grid_report, write_run_report
+from fed_ser.io import atomic_write_json, atomic_write_text
+from fed_ser.recording.checkpoint import fingerprint
+from fed_ser.recording.store import UpdateStore
+
+SHADOW_MODES = ("corpora", "speakers", "synthetic")
+FOLD_KEY = 100_000  # client key = fold * FOLD_KEY + partition: clients of all folds pooled in one interval
+
+
+def _attack_config(cfg: DictConfig) -> AttackConfig:
+    a = cfg.attack
+    return AttackConfig(layers=list(a.layers), lr=float(a.lr), weight_decay=float(a.weight_decay),
+                        batch_size=int(a.batch_size), max_epochs=int(a.max_epochs), patience=int(a.patience),
+                        val_share=float(a.val_share), channels=tuple(a.channels), kernel=int(a.kernel),
+                        pools=tuple(a.pools), first_stride=int(a.first_stride), dropout=float(a.dropout), max_updates=int(a.max_updates), seed=int(a.seed))
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """The private federation and the attacker's data for one fold (``shadow.mode``)."""
+
+    mode: str
+    private: str  # the private corpus as reports name it, e.g. "emodb" or "iemocap (synthetic)"
+    shadow: tuple[str, ...]  # the attacker's corpora, likewise
+    private_data: Path
+    shadow_data: Path
+
+    def describe(self) -> str:
+        if self.mode == "speakers":
+            return f"shadow.mode=speakers: the attacker holds other speakers of {self.private}, disjoint from every private client"
+        return f"shadow.mode={self.mode}: the attacker's shadow federations train on {', '.join(self.shadow)}"
+
+
+def threat_model(cfg: DictConfig, fold: int) -> ThreatModel:
+    """Prepare the private and the shadow data sets of ``fold`` under ``shadow.mode``."""
+    mode, private = str(cfg.shadow.mode), str(cfg.private)
+    if mode not in SHADOW_MODES:
+        raise ConfigError(f"shadow.mode: {mode!r} is not one of {SHADOW_MODES}")
+    share = float(cfg.shadow.share)
+    if not 0.0 < share <= 1.0:
+        raise ConfigError(f"shadow.share: must be in (0, 1], got {share}")
+    src = corpus_source(cfg, private)
+    if mode == "speakers":
+        priv = prepare(cfg, [src], fold, speaker_role="private", tag=f"{private}-private")
+        shadow = prepare(cfg, [src], fold, train_share=share, speaker_role="attacker", tag=f"{private}-attacker")
+        return ThreatModel(mode, src.label, (src.label,), priv, shadow)
+    if mode == "corpora":
+        names = [str(c) for c in cfg.shadow.corpora] or [c for c in PAPER_CORPORA if c != private]
+        if private in names:
+            raise ConfigError(f"shadow.corpora: {names} must not contain the private corpus {private!r} "
+                              "(shadow.mode=speakers splits one corpus's speakers instead)")
+        shadow_src = [corpus_source(cfg, c) for c in names]
+    else:  # synthetic: the attacker has only the synthetic corpora (never the private corpus' own data)
+        shadow_src = [corpus_source(cfg, c, synthetic=True) for c in PAPER_CORPORA if not (src.synthetic and c == private)]
+    priv = prepare(cfg, [src], fold)
+    shadow = prepare(cfg, shadow_src, fold, train_share=share,
+                     tag="shadow-" + "+".join(s.corpus + ("-synthetic" if s.synthetic else "") for s in shadow_src))
+    return ThreatModel(mode, src.label, tuple(s.label for s in shadow_src), priv, shadow)
+
+
+def run_key(cfg: DictConfig, prepared: Path, engine: str) -> str:
+    """What a recorded FL run is known by: every setting that shapes its updates or its SER numbers.
+
+    The checkpoint's fingerprint (the run settings, the content-keyed data file) plus client
+    evaluation and the engine; not the number of rounds (a longer run extends a shorter one, as a
+    resume does) nor operational settings (paths, timeouts).
+    """
+    s = run_settings(cfg, prepared, "")
+    key = {"run": json.loads(fingerprint(s)), "eval": [s.eval_every, s.eval_fraction], "engine": engine}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def train_recorded(cfg: DictConfig, prepared: Path, fold_dir: Path, role: str, engine: str = "flower") -> dict:
+    """Run, or reuse, the recorded FL run ``role`` (private / shadow) of these settings.
+
+    Each run lives in ``<fold_dir>/<role>-<run key>``: a run of other settings is never reused nor
+    written over; the same settings reuse a finished run and resume an unfinished or shorter one.
+    """
+    if engine not in ("flower", "vectorised"):
+        raise ConfigError(f"private_engine / shadow.engine: {engine!r} is not 'flower' or 'vectorised'")
+    out = fold_dir / f"{role}-{run_key(cfg, prepared, engine)}"
+    done = out / "results.json"
+    if done.exists():
+        res = json.loads(done.read_text())
+        if res.get("final", {}).get("round") == int(cfg.fl.rounds):
+            res["dir"] = str(out)
+            return res
+    run = run_fl if engine == "flower" else run_vectorized_fl
+    return {**run(cfg, prepared, str(out), str(out / "updates")), "dir": str(out)}
+
+
+def _shuffled_genders(updates: list, labels: np.ndarray, seed: int) -> np.ndarray:
+    """The control: shadow labels permuted across shadow clients (a client keeps one label)."""
+    parts = np.array([u.partition for u in updates])
+    uniq = np.unique(parts)
+    first = {p: labels[parts == p][0] for p in uniq}
+    fake = dict(zip(uniq.tolist(), np.random.default_rng(seed + 99).permutation([first[p] for p in uniq])))
+    return np.array([fake[p] for p in parts])
+
+
+def _control_permutations(cfg: DictConfig) -> int:
+    n = int(cfg.attack.control_permutations)
+    if n < 1:
+        raise ConfigError(f"attack.control_permutations: must be >= 1, got {n}")
+    return n
+
+
+def _shuffled_client_genders(data: FederatedData, seed: int) -> FederatedData:
+    """The control for attacks trained on the attacker's data: its clients' genders permuted."""
+    from dataclasses import replace
+
+    return replace(data, client_gender=np.random.default_rng(seed + 99).permutation(data.client_gender))
+
+
+@dataclass
+class FoldAttacks:
+    """One fold's attack evaluations (kept unsummarised so folds pool into one interval)."""
+
+    evaluations: dict[str, Evaluation]  # attack name ("cnn", "profile", "cnn-control", ...) -> evaluation
+    per_layer: dict[str, float]  # CNN ASR per SER layer without fusion
+    fusion_weights: dict[str, float]
+    history: list[dict]
+    inversion: dict | None = None  # how much of the private batches the feature-space attack recovered
+
+
+def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: int) -> list[Recovered]:
+    """The feature-space attack's first step on every update: the batch behind it (see
+    :mod:`attacks.inference.inversion`), at the global model of its round. FedAvg updates are inverted as
+    pseudo-gradients (one local epoch: one error per sample); what survives is reported."""
+    rng = np.random.default_rng(seed)
+    globals_ = {}
+    out = []
+    for u in tqdm(updates, desc="inverting updates", unit="update", mininterval=5):
+        if u.round not in globals_:
+            rec = store.global_record(u.round)
+            if rec is None:
+                raise ValueError(f"{store.path}: round {u.round} has no recorded global model (recorded before "
+                                 "fed-ser stored it for FedSGD); run the FL again to use the feature-space attack")
+            globals_[u.round] = store.read(rec)
+        batch = min(int(cfg.fl.batch_size), u.num_examples) if u.kind == "gradient" else u.num_examples
+        out.append(invert_fedsgd(store.attack_input(u), globals_[u.round], batch, float(cfg.model.dropout), rng=rng,
+                                 ransac_draws=int(cfg.attack.feature_space.ransac_draws)))
+    return out
+
+
+def _recovery_report(recovered: list[Recovered], updates: list, data: FederatedData) -> dict:
+    """How much of the private batches was recovered, checked against the clients' true rows."""
+    exact = found = total = 0
+    for rec, u in zip(recovered, updates):
+        total += rec.batch_size
+        found += len(rec.inputs)
+        if len(rec.inputs):
+            X, _ = data.client_rows(u.partition, TRAIN)
+            dist = np.abs(rec.inputs[:, None, :] - X[None]).max(2).min(1) / (np.abs(X).max() + 1e-12)
+            exact += int((dist < 1e-3).sum())
+    return {"updates": len(recovered), "complete_updates": int(sum(r.complete for r in recovered)),
+            "utterances_in_batches": total, "recovered": found, "recovered_exactly": exact,
+            "share_recovered": found / max(total, 1), "share_exact": exact / max(found, 1)}
+
+
+def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_updates: list, s_labels: np.ndarray,
+                 priv_store: UpdateStore, p_updates: list, p_labels: np.ndarray, suffix: str = "",
+                 shadow_data: FederatedData | None = None, recovered: list[Recovered] | None = None,
+                 cnn: bool = True) -> FoldAttacks:
+    """Train every enabled attack on the shadow updates and evaluate it on the private ones."""
+    acfg = _attack_config(cfg)
+    trials, seed, pools = int(cfg.attack.trials), int(cfg.attack.seed), [int(k) for k in cfg.attack.pool_rounds]
+    clients = np.array([u.partition for u in p_updates]) + fold * FOLD_KEY
+    ev, layers, weights, history = {}, {}, {}, []
+    if cnn:
+        print(f"[attack] fold {fold}: CNN on {len(s_updates)} shadow updates, layers {acfg.layers}{suffix}", flush=True)
+        trained = train_attack(shadow_store, s_updates, s_labels, acfg)
+        fused, per_layer = predict(trained.model, UpdateDataset(priv_store, p_updates, p_labels, acfg.layers, trained.stats))
+        ev[f"cnn{suffix}"] = evaluate_attack(lambda idx: float(fused[idx].mean()), fused, clients, p_labels,
+                                             trials=trials, pool_rounds=pools, seed=seed)
+        layers = {l: float(np.mean(list(evaluate_attack(lambda idx, p=p: float(p[idx].mean()), p, clients, p_labels,
+                                                        trials=trials, seed=seed).success["1"].values())))
+                  for l, p in per_layer.items()}
+        weights, history = dict(zip(acfg.layers, trained.model.fusion_weights.tolist())), trained.history
+    pc = cfg.attack.profile
+    if pc.enabled:
+        layer = str(pc.layer)
+        attack = train_profile_attack(update_profiles(shadow_store, s_updates, layer), s_labels, layer, float(pc.l2))
+        profiles = update_profiles(priv_store, p_updates, layer)
+        ev[f"profile{suffix}"] = evaluate_attack(pooled_scorer(attack, profiles), attack.p_female(profiles), clients,
+                                                 p_labels, trials=trials, pool_rounds=pools, seed=seed)
+    fs = cfg.attack.feature_space
+    if fs.enabled and shadow_data is not None and recovered is not None:
+        rows = shadow_data.split == TRAIN
+        attack = train_feature_space_attack(shadow_data.X[rows], shadow_data.y[rows], shadow_data.client[rows],
+                                            shadow_data.client_gender, batch_size=int(cfg.fl.batch_size), pools=pools,
+                                            draws=int(fs.draws), l2=float(fs.l2), seed=seed)
+        scores = np.array([attack.p_female(r.inputs, r.labels) for r in recovered])
+        ev[f"feature-space{suffix}"] = evaluate_attack(attack.scorer(recovered), scores, clients, p_labels,
+                                                       trials=trials, pool_rounds=pools, seed=seed)
+    return FoldAttacks(ev, layers, weights, history)
+
+
+def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
+    """Private training, shadow training, attack training and evaluation for one fold."""
+    t0 = time.perf_counter()
+    tm = threat_model(cfg, fold)
+    priv_fl = train_recorded(cfg, tm.private_data, out / f"fold{fold}", "private", str(cfg.private_engine))
+    shadow_fl = train_recorded(cfg, tm.shadow_data, out / f"fold{fold}", "shadow", str(cfg.shadow.engine))
+    t_fl = time.perf_counter() - t0
+
+    shadow_store = UpdateStore(Path(shadow_fl["dir"]) / "updates")
+    s_updates, s_labels = labelled_updates(shadow_store, FederatedData.load(tm.shadow_data).client_gender)
+    priv_store = UpdateStore(Path(priv_fl["dir"]) / "updates")
+    p_updates, p_labels = labelled_updates(priv_store, FederatedData.load(tm.private_data).client_gender)
+    seed = int(cfg.attack.seed)
+    control = bool(cfg.attack.control)
+    shadow_data, priv_data = FederatedData.load(tm.shadow_data), FederatedData.load(tm.private_data)
+    recovered, inversion = None, None
+    if cfg.attack.feature_space.enabled:
+        t_inv = time.perf_counter()
+        print(f"[attack] fold {fold}: inverting {len(p_updates)} private updates", flush=True)
+        recovered = recover_batches(cfg, priv_store, p_updates, seed)
+        inversion = {**_recovery_report(recovered, p_updates, priv_data), "seconds": time.perf_counter() - t_inv}
+        print(f"[attack] fold {fold}: recovered {inversion['recovered']} of {inversion['utterances_in_batches']} "
+              f"utterances ({inversion['complete_updates']} of {inversion['updates']} batches whole, "
+              f"{inversion['share_exact']:.1%} exact) in {inversion['seconds']:.0f} s", flush=True)
+    shadow_for_attack = _shuffled_client_genders(shadow_data, seed) if control else shadow_data
+    attacks = _run_attacks(cfg, fold, shadow_store, s_updates,
+                           _shuffled_genders(s_updates, s_labels, seed) if control else s_labels,
+                           priv_store, p_updates, p_labels, shadow_data=shadow_for_attack, recovered=recovered)
+    attacks.inversion = inversion
+    if bool(cfg.attack.with_control) and not control:
+        # the CNN's control is one permutation (it is costly to train); the cheap attacks average
+        # attack.control_permutations of them, so that a few shadow speakers do not make it a coin toss
+        runs = [_run_attacks(cfg, fold, shadow_store, s_updates, _shuffled_genders(s_updates, s_labels, seed + i),
+                             priv_store, p_updates, p_labels, suffix="-control",
+                             shadow_data=_shuffled_client_genders(shadow_data, seed + i), recovered=recovered, cnn=i == 0)
+                for i in range(_control_permutations(cfg))]
+        for name in runs[0].evaluations:
+            attacks.evaluations[name] = average_evaluations([r.evaluations[name] for r in runs if name in r.evaluations])
+    result = {
+        "fold": fold, "private": tm.private, "shadow": list(tm.shadow), "shadow_mode": tm.mode,
+        "threat_model": tm.describe(), "algorithm": cfg.fl.algorithm, "features": cfg.features.name, "control": control,
+        "ser": {"test_acc": priv_fl["selected"]["test_acc"], "test_uar": priv_fl["selected"]["test_uar"],
+                "final_test_uar": priv_fl["final"]["test_uar"]},
+        "shadow_ser_uar": shadow_fl["final"]["test_uar"],
+        "private_clients": int(len(np.unique([u.partition for u in p_updates]))), "private_updates": len(p_updates),
+        "shadow_clients": int(len(np.unique([u.partition for u in s_updates]))), "shadow_updates": len(s_updates),
+        "attacks": {name: summarize([e]) for name, e in attacks.evaluations.items()},
+        "asr_per_layer": attacks.per_layer,
+        "fusion_weights": attacks.fusion_weights,
+        "defence": {"dp_mode": str(cfg.dp.mode), "dp_epsilon": float(cfg.dp.epsilon), "dp_clip": float(cfg.dp.clip),
+                    "dp_calibrate": str(cfg.dp.calibrate), "dropout": float(cfg.model.dropout),
+                    "spent_epsilon_max": (priv_fl.get("privacy") or {}).get("spent_epsilon_max")},
+        "inversion": attacks.inversion,
+        "attack_history": attacks.history,
+        "seconds": {"fl": t_fl, "total": time.perf_counter() - t0},
+    }
+    for name, m in result["attacks"].items():
+        lo, hi = m["asr_ci"]
+        print(f"[attack] fold {fold}: {name} ASR {m['asr']:.3f} [{lo:.3f}, {hi:.3f}] AUC {_fmt(m['auc'])} "
+              f"over {m['clients']} clients; pooled " + " ".join(f"k={k}: {v:.3f}" for k, v in m["asr_pooled"].items()),
+              flush=True)
+    return result, attacks
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def run_experiment(cfg: DictConfig) -> dict:
+    """All configured folds of one cell, with its report; metrics pooled over the folds' clients."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "-control" if cfg.attack.control else ""  # the control shares the FL runs, not the report
+    atomic_write_text(out / f"config{suffix}.yaml", OmegaConf.to_yaml(cfg))
+    t0 = time.perf_counter()
+    folds, evaluations = [], {}
+    for fold in cfg.folds:
+        result, attacks = run_fold(cfg, int(fold), out)
+        folds.append(result)
+        for name, e in attacks.evaluations.items():
+            evaluations.setdefault(name, []).append(e)
+        atomic_write_json(out / f"results{suffix}.json", {"folds": folds})  # partial results survive a crash
+    first = folds[0]
+    summary = {
+        "private": str(cfg.private), "private_corpus": first["private"], "shadow": first["shadow"],
+        "shadow_mode": first["shadow_mode"], "threat_model": first["threat_model"], "algorithm": cfg.fl.algorithm,
+        "features": cfg.features.name, "control": bool(cfg.attack.control), "folds": folds,
+        "wall_seconds": time.perf_counter() - t0, "defence": first["defence"],
+        "ser": {"uar": float(np.mean([f["ser"]["test_uar"] for f in folds])),
+                "acc": float(np.mean([f["ser"]["test_acc"] for f in folds]))},
+        "attacks": {name: summarize(evs, seed=int(cfg.attack.seed)) for name, evs in evaluations.items()},
+        "asr_per_layer": {l: float(np.mean([f["asr_per_layer"][l] for f in folds])) for l in first["asr_per_layer"]},
+    }
+    atomic_write_json(out / f"results{suffix}.json", summary)
+    write_run_report(out, summary, suffix)
+    print(f"[fed-ser] report: {out / f'report{suffix}.md'}  figures: {out / f'asr{suffix}.png'}, "
+          f"{out / f'roc{suffix}.png'}  data: {out / f'results{suffix}.csv'}", flush=True)
+    return summary
+
+
+def collect_summaries(grid_dir: Path) -> list[dict]:
+    """The finished cell summaries (``*/results.json`` with pooled attack metrics) under ``grid_dir``."""
+    found = []
+    for path in sorted(Path(grid_dir).glob("*/results.json")):
+        summary = json.loads(path.read_text())
+        if "attacks" in summary and "ser" in summary:
+            found.append(summary)
+    return found
+
+
+@console
+def main(argv: list[str] | None = None, config_name: str = "experiment") -> None:
+    """Console script ``fed-ser-experiment [-m] key=value ...``."""
+    multirun, runs = expand_overrides(list(sys.argv[1:] if argv is None else argv))
+    summaries = []
+    for i, overrides in enumerate(runs, 1):
+        if multirun:
+            print(f"[fed-ser] multirun {i}/{len(runs)}: {' '.join(overrides)}", flush=True)
+        cfg = load_config(overrides, config_name)
+        summaries.append(run_experiment(cfg))
+    grid_dir = Path(load_config(runs[0], config_name).grid_dir)
+    if config_name == "defense":  # every finished cell under grid_dir, so separate sweeps add up
+        write_defense_report(grid_dir, collect_summaries(grid_dir) or summaries)
+        print(f"[fed-ser] defence report: {grid_dir / 'defense_report.md'}")
+    elif multirun:  # every finished cell under grid_dir too, so cells run one at a time add up
+        write_grid_report(grid_dir, collect_summaries(grid_dir) or summaries)
+        print(f"[fed-ser] grid report: {grid_dir / 'grid_report.md'}")
+
+
+def defense_main(argv: list[str] | None = None) -> None:
+    """Console script ``fed-ser-defense -m dp=sample dp.epsilon=1,5,10,...`` (conf/defense.yaml)."""
+    main(argv, "defense")
+
+
+if __name__ == "__main__":
+    main()

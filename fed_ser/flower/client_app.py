@@ -1,0 +1,99 @@
+"""Flower ClientApp: one speaker shard per node.
+
+The shard comes from the node's ``partition-id`` (simulation assigns it; a real SuperNode is
+given it with ``--node-config 'partition-id=3 num-partitions=10'``). A reply carries the update,
+``num-examples`` (n_k), the local step count and the partition id (a pseudonymous client index,
+like the node id); never the speaker id or gender.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_ser.core.metrics import evaluate
+from fed_ser.core.model import build_model
+from fed_ser.core.schedule import client_seed, federation_size
+from fed_ser.core.settings import RunSettings
+from fed_ser.core.training import client_update
+from fed_ser.data.federated import TRAIN, VAL, FederatedData
+from fed_ser.flower.strategy import numpy_to_arrays
+
+
+@lru_cache(maxsize=4)
+def _data(path: str) -> FederatedData:
+    return FederatedData.load(path)
+
+
+def _partition(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise KeyError("node config lacks 'partition-id' (start the SuperNode with --node-config 'partition-id=K')")
+    return int(context.node_config["partition-id"])
+
+
+def _model(s: RunSettings, data: FederatedData, msg: Message) -> torch.nn.Module:
+    model = build_model(data.X.shape[1], s.dropout, s.seed)
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    return model
+
+
+def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
+    """One client's local round: FedSGD gradient of one batch, or FedAvg local epochs."""
+    torch.set_num_threads(1)
+    data = _data(s.prepared)
+    pid = _partition(context)
+    X, y = data.client_rows(pid, TRAIN)
+    rnd = int(msg.content.config_records["config"]["server-round"])
+    result = client_update(_model(s, data, msg), X, y, s, client_seed(s.seed, rnd, pid), pid=pid,
+                           num_clients=federation_size(s.min_available, data.num_clients))
+    metrics = MetricRecord({"num-examples": result.num_examples, "local-steps": result.steps,
+                            "train-loss": result.loss, "partition-id": pid, **result.metrics})
+    return Message(RecordDict({"arrays": numpy_to_arrays(result.arrays), "metrics": metrics}), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, s: RunSettings) -> Message:
+    """Accuracy and UAR of the global model on the client's validation rows."""
+    torch.set_num_threads(1)
+    data = _data(s.prepared)
+    X, y = data.client_rows(_partition(context), VAL)
+    m = evaluate(_model(s, data, msg), X, y)
+    metrics = MetricRecord({"num-examples": len(y), "val-acc": m["acc"], "val-uar": m["uar"], "val-loss": m["loss"]})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (a pseudonymous index, as in the replies).
+
+    The server asks once before round 1, so that it can select clients by partition id with the
+    shared seeded schedule (:func:`fed_ser.core.schedule.select_clients`) instead of by Flower's
+    random node ids: the same seed then trains the same clients in every run and engine.
+    """
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": _partition(context)})}), reply_to=msg)
+
+
+def make_client_app(settings: RunSettings | None = None) -> ClientApp:
+    """A ClientApp using ``settings`` (Hydra CLI) or, if None, the run config (``flwr run``)."""
+    client_app = ClientApp()
+
+    def _settings(context: Context) -> RunSettings:
+        return settings if settings is not None else RunSettings.from_run_config(context.run_config)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, _settings(context))
+
+    @client_app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, _settings(context))
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context)
+
+    return client_app
+
+
+app = make_client_app()

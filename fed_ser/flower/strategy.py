@@ -1,0 +1,154 @@
+"""FedSGD / FedAvg on Flower's message-based FedAvg, with an eavesdropping recorder.
+
+:class:`FedSerStrategy` subclasses :class:`flwr.serverapp.strategy.FedAvg` and keeps Flower's
+messaging. Clients are selected by partition id with the shared seeded schedule
+(:func:`fed_ser.core.schedule.select_clients`) once the ServerApp has learnt which node holds which
+partition, so one seed trains the same clients as the in-process engines; without that map it
+falls back to Flower's random node sampling. Before aggregating, every valid client reply is handed to the
+:class:`Recorder`, which stores exactly what an observer of the traffic sees (see
+:mod:`fed_ser.recording.store`). Aggregation:
+
+* FedSGD: ``theta <- theta - lr * sum_k (n_k / N) g_k`` (Flower's weighted average of the
+  gradients, then one server step);
+* FedAvg: ``theta <- sum_k (n_k / N) theta_k`` (Flower's weighted average as is).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fed_ser.core.aggregation import server_step
+from fed_ser.core.schedule import select_clients
+from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.recording.store import UpdateStore
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+#: What every training reply must carry: the aggregation weight, the local step count the
+#: pseudo-gradient divides by, and which partition (client) sent it.
+REQUIRED_METRICS = ("num-examples", "local-steps", "partition-id")
+
+
+def reply_metrics(reply: Message) -> MetricRecord:
+    """A training reply's metrics, checked: a missing one is an error naming the node (a silent
+    default would, e.g., scale a FedAvg pseudo-gradient wrongly by the step count)."""
+    records = reply.content.metric_records
+    metrics = records.get("metrics")
+    missing = [k for k in REQUIRED_METRICS if metrics is None or k not in metrics]
+    if missing:
+        raise ValueError(f"the reply of node {reply.metadata.src_node_id} lacks the metric(s) {missing}")
+    return metrics
+
+
+@dataclass
+class Recorder:
+    """The eavesdropping hook on the strategy: every valid reply goes to the update recorder."""
+
+    recorder: UpdateRecorder
+
+    def record(self, server_round: int, reply: Message, global_arrays: dict[str, np.ndarray]) -> None:
+        metrics = reply_metrics(reply)
+        self.recorder.record(
+            round=server_round, node=reply.metadata.src_node_id, partition=int(metrics["partition-id"]),
+            num_examples=int(metrics["num-examples"]), steps=int(metrics["local-steps"]),
+            arrays=arrays_to_numpy(reply.content.array_records["arrays"]), global_arrays=global_arrays,
+        )
+
+    @property
+    def store(self) -> UpdateStore:
+        return self.recorder.store
+
+
+def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Sample-weighted mean training loss and the number of replies (ids are not averaged)."""
+    ms = [next(iter(r.metric_records.values())) for r in records]
+    w = np.array([float(m[weight_key]) for m in ms])
+    loss = np.array([float(m.get("train-loss", np.nan)) for m in ms])
+    return MetricRecord({"train-loss": float(np.sum(w * loss) / w.sum()), "replies": len(ms)})
+
+
+class FedSerStrategy(FedAvg):
+    """FedAvg from Flower plus FedSGD's server step, a recorder and a round offset for resuming.
+
+    Per round it keeps what the run's history needs (``rounds[rnd]``: clients sampled, replies,
+    the partitions that replied, training loss, client validation UAR).
+    """
+
+    def __init__(self, *, algorithm: str, lr: float, recorder: Recorder | None = None, eval_every: int = 1,
+                 num_rounds: int = 1, round_offset: int = 0, partition_nodes: dict[int, int] | None = None,
+                 num_clients: int = 0, seed: int = 0, **kwargs):
+        kwargs.setdefault("train_metrics_aggr_fn", _train_metrics)
+        super().__init__(**kwargs)
+        if algorithm not in ("fedsgd", "fedavg"):
+            raise ValueError(f"fl.algorithm: unknown {algorithm!r}")
+        self.algorithm = algorithm
+        self.lr = lr
+        self.recorder = recorder
+        self.eval_every = eval_every
+        self.num_rounds = num_rounds
+        self.round_offset = round_offset
+        self.partition_nodes = dict(partition_nodes or {})
+        self.num_clients = num_clients or len(self.partition_nodes)
+        self.seed = seed
+        self._global: dict[str, np.ndarray] = {}
+        self.rounds: dict[int, dict] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = arrays_to_numpy(arrays)
+        config["lr"] = self.lr
+        rnd = server_round + self.round_offset
+        if not self.partition_nodes:
+            messages = list(super().configure_train(rnd, arrays, config, grid))
+            self.rounds[rnd] = {"round": rnd, "sampled": len(messages)}
+            return messages
+        online = set(grid.get_node_ids())
+        chosen = select_clients(self.seed, rnd, self.num_clients, self.fraction_train)
+        config["server-round"] = rnd
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # one record, shared by all
+        self.rounds[rnd] = {"round": rnd, "sampled": len(chosen)}  # a node that has gone away makes the round short
+        return [Message(record, dst_node_id=self.partition_nodes[p], message_type=MessageType.TRAIN)
+                for p in chosen if self.partition_nodes.get(p) in online]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.round_offset
+        replies = list(replies)
+        valid = [m for m in replies if not m.has_error()]
+        clients = sorted(int(reply_metrics(m)["partition-id"]) for m in valid)
+        if self.recorder is not None:
+            for reply in valid:
+                self.recorder.record(rnd, reply, self._global)
+        agg, metrics = super().aggregate_train(rnd, replies)  # Flower's sample-weighted mean
+        if agg is not None and self.algorithm == "fedsgd":
+            agg = numpy_to_arrays(server_step(self._global, arrays_to_numpy(agg), "fedsgd", self.lr))
+        self.rounds.setdefault(rnd, {"round": rnd, "sampled": len(replies)}).update(
+            replies=len(valid), clients=clients, train_loss=float(metrics["train-loss"]) if metrics else None)
+        return agg, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        rnd = server_round + self.round_offset
+        if not self.is_eval_round(rnd):
+            return []
+        return super().configure_evaluate(rnd, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rnd = server_round + self.round_offset
+        metrics = super().aggregate_evaluate(rnd, replies)
+        if metrics is not None and "val-uar" in metrics:
+            self.rounds.setdefault(rnd, {"round": rnd})["val_uar"] = float(metrics["val-uar"])
+        return metrics
+
+    def is_eval_round(self, rnd: int) -> bool:
+        return rnd % self.eval_every == 0 or rnd == self.num_rounds

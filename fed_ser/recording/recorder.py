@@ -1,0 +1,46 @@
+"""The eavesdropper's record of one client update, independent of how it travelled.
+
+:class:`UpdateRecorder` turns (round, node, update, global parameters) into store records:
+FedSGD gradients as they are; FedAvg as ``theta(t) - theta_k(t)``; and, for both, the round's
+global parameters once (the server sent them, so it knows them: the feature-space attack inverts
+a gradient at the model it was computed at). The Flower strategy feeds it from Message replies;
+the in-process engine feeds it directly, so both produce the same store format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fed_ser.recording.store import UpdateStore
+
+
+def select_layers(arrays: dict[str, np.ndarray], layers: list[str] | None) -> dict[str, np.ndarray]:
+    """Keep the arrays of the chosen SER layers (``dense1`` keeps ``dense1.weight``/``.bias``)."""
+    if layers is None:
+        return arrays
+    return {k: v for k, v in arrays.items() if k.split(".")[0] in layers}
+
+
+@dataclass
+class UpdateRecorder:
+    store: UpdateStore
+    algorithm: str
+    lr: float
+    layers: list[str] | None = None
+    float16: bool = False
+    _globals_written: set[int] = field(default_factory=set)
+
+    def record(self, *, round: int, node: int, partition: int, num_examples: int, steps: int,
+               arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], sync: bool = True) -> None:
+        meta = dict(round=round, node=node, partition=partition, num_examples=num_examples, steps=steps,
+                    lr=self.lr, float16=self.float16, sync=sync)
+        if round not in self._globals_written and self.store.global_record(round) is None:
+            self.store.append(global_arrays, kind="global", round=round, node=-1, lr=self.lr, sync=sync)
+        self._globals_written.add(round)
+        if self.algorithm == "fedsgd":
+            self.store.append(select_layers(arrays, self.layers), kind="gradient", **meta)
+            return
+        delta = {k: global_arrays[k] - arrays[k] for k in arrays}
+        self.store.append(select_layers(delta, self.layers), kind="delta", **meta)

@@ -1,0 +1,303 @@
+"""Append-only on-disk store of recorded client updates (no Flower import: attacks read it).
+
+Layout of a store directory::
+
+    updates.bin    framed records: MAGIC | header length | payload length | CRC32 | header | payload
+    index.jsonl    one JSON line per record: round, node, partition, n_k, steps, lr, kind, layers
+
+Each record holds what an observer of the traffic learns from one client reply:
+
+* ``kind="gradient"`` (FedSGD): the client's gradient of one batch;
+* ``kind="delta"`` (FedAvg): ``theta(t) - theta_k(t)``, the global parameters the client started
+  from minus the parameters it returned, with the round's global parameters stored once as a
+  ``kind="global"`` record (node ``-1``), so the returned parameters are ``global - delta`` and
+  the pseudo-gradient is ``delta / (lr * T)``.
+
+Appends write the frame, fsync, then the index line. A run killed mid-write leaves a partial
+frame at the end. Readers (the default mode, ``"r"``) never modify the store: they read the
+complete frames and ignore a partial one, so an attack started while a run is recording cannot
+cut the record being written. One writer (``mode="a"``) holds an exclusive lock on the store;
+only it drops a partial tail (and repairs the index) on open, so a resumed run appends after the
+last complete update.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fed_ser.io import atomic_write_text
+
+MAGIC = b"FSU1"
+_FRAME = struct.Struct("<4sIQI")  # magic, header length, payload length, crc32
+
+
+@dataclass(frozen=True)
+class UpdateInfo:
+    """Index entry of one recorded update."""
+
+    round: int
+    node: int
+    partition: int
+    num_examples: int
+    steps: int
+    lr: float
+    kind: str  # "gradient" | "delta" | "global"
+    dtype: str
+    layers: dict[str, list[int]]
+    offset: int = field(default=0, compare=False)  # payload offset in updates.bin
+    start: int = field(default=0, compare=False)  # frame offset in updates.bin
+    position: int = 0  # record number in the store
+
+    def to_json(self) -> str:
+        d = {k: getattr(self, k) for k in ("round", "node", "partition", "num_examples", "steps", "lr", "kind", "dtype", "layers", "offset")}
+        return json.dumps(d, separators=(",", ":"))
+
+
+class UpdateStore:
+    """The recorded updates in ``path`` (a directory): read-only (``mode="r"``) or as its one writer
+    (``mode="a"``, which creates the directory, locks it and repairs a torn tail)."""
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        if mode not in ("r", "a"):
+            raise ValueError(f"UpdateStore mode: {mode!r} is not 'r' or 'a'")
+        self.path, self.mode = Path(path), mode
+        self.data_path = self.path / "updates.bin"
+        self.index_path = self.path / "index.jsonl"
+        self.records: list[UpdateInfo] = []
+        self.recovered_bytes = 0
+        self._lock: int | None = None
+        self._fd: int | None = None  # read with positioned reads: no mapping, so page cache is not this process's RSS
+        if mode == "r":
+            if not self.data_path.exists():
+                raise FileNotFoundError(f"{self.path}: no recorded updates (no {self.data_path.name})")
+            self._scan()
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self.path / ".writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            self._lock = None
+            raise RuntimeError(f"{self.path}: another process is recording into this store") from None
+        self._recover()
+
+    # ------------------------------------------------------------------ recovery
+    def _scan(self) -> int:
+        """Index the complete frames; return where they end (a partial or corrupt tail is ignored)."""
+        self.records = []
+        size = self.data_path.stat().st_size
+        good_end = 0
+        with open(self.data_path, "rb") as fh:
+            while good_end + _FRAME.size <= size:
+                fh.seek(good_end)
+                magic, hlen, plen, crc = _FRAME.unpack(fh.read(_FRAME.size))
+                end = good_end + _FRAME.size + hlen + plen
+                if magic != MAGIC or end > size:
+                    break
+                header = fh.read(hlen)
+                payload = fh.read(plen)
+                if zlib.crc32(payload, zlib.crc32(header)) != crc:
+                    break
+                meta = json.loads(header)
+                self.records.append(
+                    UpdateInfo(**{**meta, "offset": good_end + _FRAME.size + hlen, "start": good_end, "position": len(self.records)})
+                )
+                good_end = end
+        return good_end
+
+    def _recover(self) -> None:
+        """The writer's repair: drop an incomplete or corrupt tail, and make the index match."""
+        if not self.data_path.exists():
+            self.data_path.touch()
+        size = self.data_path.stat().st_size
+        good_end = self._scan()
+        if good_end < size:
+            self.recovered_bytes = size - good_end
+            with open(self.data_path, "r+b") as fh:
+                fh.truncate(good_end)
+        index_lines = self.index_path.read_text().splitlines() if self.index_path.exists() else []
+        if len(index_lines) != len(self.records) or self.recovered_bytes:
+            atomic_write_text(self.index_path, "".join(r.to_json() + "\n" for r in self.records))
+
+    # ------------------------------------------------------------------ writing
+    def append(
+        self,
+        arrays: dict[str, np.ndarray],
+        *,
+        round: int,
+        node: int,
+        partition: int = -1,
+        num_examples: int = 0,
+        steps: int = 1,
+        lr: float = 0.0,
+        kind: str = "gradient",
+        float16: bool = False,
+        sync: bool = True,
+    ) -> UpdateInfo:
+        """Append one update and return its index entry.
+
+        ``sync=False`` skips the fsync (a caller writing a whole round calls :meth:`sync` once at
+        its end; a crash before that loses at most the unfinished round, which a resumed run
+        truncates and redoes anyway).
+        """
+        self._writable()
+        if kind not in ("gradient", "delta", "global"):
+            raise ValueError(f"unknown record kind {kind!r}")
+        dtype = np.float16 if float16 else np.float32
+        parts = [np.ascontiguousarray(np.asarray(a, dtype=dtype)) for a in arrays.values()]
+        payload = b"".join(p.tobytes() for p in parts)
+        meta = dict(round=int(round), node=int(node), partition=int(partition), num_examples=int(num_examples),
+                    steps=int(steps), lr=float(lr), kind=kind, dtype=np.dtype(dtype).name,
+                    layers={k: list(np.shape(a)) for k, a in arrays.items()})
+        header = json.dumps(meta, separators=(",", ":")).encode()
+        crc = zlib.crc32(payload, zlib.crc32(header))
+        with open(self.data_path, "ab") as fh:
+            start = fh.tell()
+            fh.write(_FRAME.pack(MAGIC, len(header), len(payload), crc) + header + payload)
+            fh.flush()
+            if sync:
+                os.fsync(fh.fileno())
+        info = UpdateInfo(**meta, offset=start + _FRAME.size + len(header), start=start, position=len(self.records))
+        self.records.append(info)
+        with open(self.index_path, "a") as fh:
+            fh.write(info.to_json() + "\n")
+        return info
+
+    def _writable(self) -> None:
+        if self.mode != "a":
+            raise PermissionError(f"{self.path}: this store is open read-only (UpdateStore(path, mode='a') records)")
+
+    def sync(self) -> None:
+        """Flush appended records to disk (after appends with ``sync=False``)."""
+        if self.data_path.exists():
+            with open(self.data_path, "ab") as fh:
+                os.fsync(fh.fileno())
+
+    def truncate_after_round(self, last_round: int) -> int:
+        """Drop every record of a round after ``last_round`` (a resumed run redoes those rounds).
+
+        Returns how many records were dropped.
+        """
+        self._writable()
+        keep = [r for r in self.records if r.round <= last_round]
+        dropped = len(self.records) - len(keep)
+        if dropped:
+            cut = self.records[len(keep)].start
+            self.close()
+            with open(self.data_path, "r+b") as fh:
+                fh.truncate(cut)
+            self.records = keep
+            atomic_write_text(self.index_path, "".join(r.to_json() + "\n" for r in keep))
+        return dropped
+
+    # ------------------------------------------------------------------ reading
+    def _reader(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.data_path, os.O_RDONLY)
+        return self._fd
+
+    def read(self, info: UpdateInfo, layers: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The arrays of one record as float32 (only ``layers`` if given).
+
+        Each layer is one positioned read (``os.pread``) into a fresh buffer: memory holds only the
+        arrays asked for, however large the store (an ``mmap`` would count every page it touched
+        in the reader's resident memory).
+        """
+        fd = self._reader()
+        dtype = np.dtype(info.dtype)
+        out: dict[str, np.ndarray] = {}
+        offset = info.offset
+        for name, shape in info.layers.items():
+            count = int(np.prod(shape)) if shape else 1
+            if layers is None or name in layers:
+                raw = os.pread(fd, count * dtype.itemsize, offset)
+                if len(raw) != count * dtype.itemsize:
+                    raise ValueError(f"{self.data_path}: record of round {info.round} is truncated at layer {name}")
+                out[name] = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
+            offset += count * dtype.itemsize
+        return out
+
+    def updates(self, kind: str | None = None) -> list[UpdateInfo]:
+        """Client updates (not the per-round global records), optionally of one kind."""
+        return [r for r in self.records if r.kind != "global" and (kind is None or r.kind == kind)]
+
+    def global_record(self, round: int) -> UpdateInfo | None:
+        """The global parameters the server sent in ``round`` (None if not recorded)."""
+        return next((r for r in reversed(self.records) if r.kind == "global" and r.round == round), None)
+
+    def attack_input(self, info: UpdateInfo, layers: list[str] | None = None) -> dict[str, np.ndarray]:
+        """What the attack consumes: the gradient, or the pseudo-gradient ``delta / (lr * T)``."""
+        arrays = self.read(info, layers)
+        if info.kind == "delta":
+            scale = 1.0 / (info.lr * max(info.steps, 1))
+            arrays = {k: v * scale for k, v in arrays.items()}
+        return arrays
+
+    def bytes_per_update(self) -> float:
+        """Mean on-disk bytes per client update (frames of global records excluded)."""
+        ups = self.updates()
+        if not ups:
+            return 0.0
+        total = 0
+        for r in ups:
+            count = sum(int(np.prod(s)) for s in r.layers.values())
+            total += count * np.dtype(r.dtype).itemsize + _FRAME.size + len(r.to_json())
+        return total / len(ups)
+
+    def __len__(self) -> int:
+        return len(self.updates())
+
+    def __iter__(self) -> Iterator[UpdateInfo]:
+        return iter(self.updates())
+
+    def close(self) -> None:
+        """Release the reader's file and the writer's lock."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def max_difference(a: UpdateStore, b: UpdateStore) -> float:
+    """Largest element difference between two stores of the same run (e.g. two engines)."""
+    return max(difference_by_round(a, b).values(), default=0.0)
+
+
+def difference_by_round(a: UpdateStore, b: UpdateStore) -> dict[int, float]:
+    """Per round, the largest element difference between two stores of the same run.
+
+    Records are matched by (round, partition, kind), since a Flower run stores replies in arrival
+    order; a mismatch in which updates exist, their step counts or shapes is an error. Two
+    float implementations agree to rounding in a round that starts from the same global model;
+    over many rounds the rounding differences grow (ReLU units switch), so long runs drift apart.
+    """
+    def key(u: UpdateInfo) -> tuple:
+        return (u.round, u.partition, u.kind)
+
+    ua, ub = sorted(a.updates(), key=key), sorted(b.updates(), key=key)
+    meta = lambda us: [(u.round, u.partition, u.kind, u.steps, u.num_examples) for u in us]
+    if meta(ua) != meta(ub):
+        raise ValueError(f"{a.path} and {b.path} hold different updates")
+    worst: dict[int, float] = {}
+    for x, y in zip(ua, ub):
+        ra, rb = a.read(x), b.read(y)
+        if ra.keys() != rb.keys():
+            raise ValueError(f"round {x.round} partition {x.partition}: layers differ")
+        d = max(float(np.abs(ra[k].astype(np.float64) - rb[k]).max()) for k in ra)
+        worst[x.round] = max(worst.get(x.round, 0.0), d)
+    return worst

@@ -1,0 +1,1 @@
+"""Environment tools: the optional s3prl environment builder."""
