@@ -21,7 +21,7 @@ import time
 from _common import parser, prepared, report
 
 from fed_ser.data.federated import FederatedData
-from fed_ser.data.synthetic import CORPORA
+from fed_ser.data.synthetic import PAPER_CORPORA as CORPORA
 from fed_ser.engines.inprocess import run_inprocess
 from fed_ser.engines.vectorized import run_vectorized
 from fed_ser.experiments.cli import run_settings

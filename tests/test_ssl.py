@@ -19,11 +19,11 @@ from fed_ser.data.federated import FederatedData
 from fed_ser.engines.vectorized import run_vectorized
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import prepare
-from fed_ser.features import ssl_env
 from fed_ser.features.extract import cache_path, file_digest
 from fed_ser.features.ssl import UPSTREAMS, S3prlUpstream, checkpoint_path
 from fed_ser.recording.recorder import UpdateRecorder
 from fed_ser.recording.store import UpdateStore
+from fed_ser.tools import s3prl_env as ssl_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = ROOT / ".venv-s3prl" / "bin"

@@ -125,8 +125,11 @@ class FedSerStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
         replies = list(replies)
-        valid = [m for m in replies if not m.has_error()]
-        clients = sorted(int(reply_metrics(m)["partition-id"]) for m in valid)
+        # replies arrive in whatever order the nodes finish; taken in partition order, the weighted sum
+        # (and the store) come out the same in every run, as in the in-process engines
+        valid = sorted((m for m in replies if not m.has_error()), key=lambda m: int(reply_metrics(m)["partition-id"]))
+        replies = valid + [m for m in replies if m.has_error()]
+        clients = [int(reply_metrics(m)["partition-id"]) for m in valid]
         if self.recorder is not None:
             for reply in valid:
                 self.recorder.record(rnd, reply, self._global)

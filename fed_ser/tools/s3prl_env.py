@@ -79,6 +79,10 @@ def build(target: Path, python: str = sys.executable, needed_gib: float = NEEDED
     t0 = time.perf_counter()
     target = target.resolve()
     if _ready(target):
+        # the project itself is refreshed: its console scripts name modules that may have moved since
+        if subprocess.run([str(target / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                           "--no-deps", "-e", str(PROJECT_ROOT)]).returncode != 0:
+            print(f"[fed-ser] could not refresh fed-ser in {target}; its console scripts may be stale", file=sys.stderr)
         print(f"[fed-ser] s3prl environment already complete at {target}", flush=True)
         return target / "bin" / "python"
     fresh = not target.exists()
