@@ -58,8 +58,9 @@ def test_a_wrong_override_or_root_is_one_line_naming_the_key(args, words, capsys
     from fed_ser.experiments.attack import main
 
     with pytest.raises(SystemExit) as exc:
-        main([f"data.prepared_dir={tmp_path}", *args])
+        main([f"data.prepared_dir={tmp_path}", f"out_dir={tmp_path / 'cell'}", *args])
     assert exc.value.code == 2
+    assert not (tmp_path / "cell").exists()  # stopped before writing anything
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("[fed-ser] error: ") and "Traceback" not in err[0]
     assert all(w in err[0] for w in words), err[0]

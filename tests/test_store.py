@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,55 @@ def test_a_reader_never_modifies_the_store_and_only_one_writer_records(tmp_path)
     repaired.close()
     with pytest.raises(FileNotFoundError, match="no recorded updates"):
         UpdateStore(tmp_path / "nothing")
+
+
+def test_a_round_committed_once_reads_back_whole_and_an_uncommitted_round_is_redone(tmp_path):
+    """Group commit: appends with sync=False reach the index at the round's sync; a writer that died
+    before it leaves frames the next writer indexes (or cuts, when torn) and truncate_after_round drops."""
+    store = UpdateStore(tmp_path, mode="a")
+    arrays = [dict(_update(i), big=np.random.default_rng(i).normal(size=(64, 50)).astype(np.float32)) for i in range(6)]
+    for i in range(3):
+        store.append(arrays[i], round=1, node=i, sync=False)
+    assert not store.index_path.read_text()  # nothing committed yet
+    store.sync()
+    assert len(store.index_path.read_text().splitlines()) == 3
+    for i in range(3, 6):  # round 2, never committed: the writer dies without closing
+        store.append(arrays[i], round=2, node=i, sync=False)
+    for fd in (store._wfd, store._lock):  # a killed process: its descriptors close, nothing is committed
+        os.close(fd)
+    store._wfd, store._pending, store._lock = None, [], None
+    resumed = UpdateStore(tmp_path, mode="a")
+    assert [(r.round, r.node) for r in resumed.updates()] == [(1, 0), (1, 1), (1, 2), (2, 3), (2, 4), (2, 5)]
+    assert len(resumed.index_path.read_text().splitlines()) == 6  # the index follows the complete frames
+    assert resumed.truncate_after_round(1) == 3  # the checkpoint says round 1: round 2 is redone
+    resumed.append(arrays[5], round=2, node=7, sync=False)
+    resumed.close()
+    again = UpdateStore(tmp_path)
+    assert [(r.round, r.node) for r in again.updates()] == [(1, 0), (1, 1), (1, 2), (2, 7)]
+    for info, want in zip(again.updates(), [arrays[0], arrays[1], arrays[2], arrays[5]]):
+        got = again.read(info)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_stores_written_with_zlib_crc32_stay_readable(tmp_path):
+    """Stores recorded before the CRC32C frames (magic FSU1, zlib's CRC32) read back and take appends."""
+    import json
+    import struct
+    import zlib
+
+    tmp_path.mkdir(exist_ok=True)
+    arrays = _update(3)
+    meta = dict(round=1, node=5, partition=5, num_examples=20, steps=1, lr=0.1, kind="gradient", dtype="float32",
+                layers={k: list(v.shape) for k, v in arrays.items()})
+    header = json.dumps(meta).encode()
+    payload = b"".join(v.tobytes() for v in arrays.values())
+    frame = struct.pack("<4sIQI", b"FSU1", len(header), len(payload), zlib.crc32(payload, zlib.crc32(header)))
+    (tmp_path / "updates.bin").write_bytes(frame + header + payload)
+    old = UpdateStore(tmp_path)
+    assert [r.node for r in old.updates()] == [5]
+    np.testing.assert_array_equal(old.read(old.updates()[0])["dense1.bias"], arrays["dense1.bias"])
+    old.close()
+    writer = UpdateStore(tmp_path, mode="a")  # a resumed old run appends new frames after the old ones
+    writer.append(_update(4), round=2, node=6)
+    writer.close()
+    assert [r.node for r in UpdateStore(tmp_path).updates()] == [5, 6]

@@ -78,14 +78,19 @@ class ThreatModel:
         return f"shadow.mode={self.mode}: the attacker's shadow federations train on {', '.join(self.shadow)}"
 
 
+def check_threat_model(cfg: DictConfig) -> None:
+    """Stop on a wrong ``shadow.*`` value or private root before anything is prepared or written."""
+    if str(cfg.shadow.mode) not in SHADOW_MODES:
+        raise ConfigError(f"shadow.mode: {str(cfg.shadow.mode)!r} is not one of {SHADOW_MODES}")
+    if not 0.0 < float(cfg.shadow.share) <= 1.0:
+        raise ConfigError(f"shadow.share: must be in (0, 1], got {float(cfg.shadow.share)}")
+    corpus_source(cfg, str(cfg.private))
+
+
 def threat_model(cfg: DictConfig, fold: int) -> ThreatModel:
     """Prepare the private and the shadow data sets of ``fold`` under ``shadow.mode``."""
-    mode, private = str(cfg.shadow.mode), str(cfg.private)
-    if mode not in SHADOW_MODES:
-        raise ConfigError(f"shadow.mode: {mode!r} is not one of {SHADOW_MODES}")
-    share = float(cfg.shadow.share)
-    if not 0.0 < share <= 1.0:
-        raise ConfigError(f"shadow.share: must be in (0, 1], got {share}")
+    check_threat_model(cfg)
+    mode, private, share = str(cfg.shadow.mode), str(cfg.private), float(cfg.shadow.share)
     src = corpus_source(cfg, private)
     if mode == "speakers":
         priv = prepare(cfg, [src], fold, speaker_role="private", tag=f"{private}-private")
@@ -313,6 +318,7 @@ def _fmt(x: float | None) -> str:
 
 def run_experiment(cfg: DictConfig) -> dict:
     """All configured folds of one cell, with its report; metrics pooled over the folds' clients."""
+    check_threat_model(cfg)  # a wrong value stops before the cell's folder exists
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "-control" if cfg.attack.control else ""  # the control shares the FL runs, not the report

@@ -64,8 +64,12 @@ class Recorder:
         self.recorder.record(
             round=server_round, node=reply.metadata.src_node_id, partition=int(metrics["partition-id"]),
             num_examples=int(metrics["num-examples"]), steps=int(metrics["local-steps"]),
-            arrays=arrays_to_numpy(reply.content.array_records["arrays"]), global_arrays=global_arrays,
+            arrays=arrays_to_numpy(reply.content.array_records["arrays"]), global_arrays=global_arrays, sync=False,
         )
+
+    def commit(self) -> None:
+        """One fsync for the round's records (group commit; a resumed run redoes an unfinished round)."""
+        self.recorder.store.sync()
 
     @property
     def store(self) -> UpdateStore:
@@ -133,6 +137,7 @@ class FedSerStrategy(FedAvg):
         if self.recorder is not None:
             for reply in valid:
                 self.recorder.record(rnd, reply, self._global)
+            self.recorder.commit()
         agg, metrics = super().aggregate_train(rnd, replies)  # Flower's sample-weighted mean
         if agg is not None and self.algorithm == "fedsgd":
             agg = numpy_to_arrays(server_step(self._global, arrays_to_numpy(agg), "fedsgd", self.lr))

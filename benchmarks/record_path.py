@@ -1,0 +1,144 @@
+"""Recording at the speed of the disk: the update store's append path against a plain write.
+
+1. The same bytes three ways, in one run, into files on the same disk: a plain Python write of
+   each update's float32 buffer with one fsync per round (the reference), the store's appends with
+   group commit (one fsync per round, as the engines and the strategy record), and the store's
+   appends with an fsync after every record. Prints GB/s of each and the store's ratio to the plain
+   write (target: the store at >= 1 GB/s), then a profile of the appends: where the time goes.
+2. The vectorised shadow engine on the synthetic shadow corpora with and without recording (all
+   layers, float32): the ratio recording adds (target: <= 1.5x).
+
+    python benchmarks/record_path.py [fl.rounds=200] [--updates 700] [--per-round 7]
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import ROOT, parser, prepared, report
+
+from fed_ser.data.federated import FederatedData
+from fed_ser.data.synthetic import PAPER_CORPORA
+from fed_ser.engines.vectorized import run_vectorized
+from fed_ser.experiments.cli import run_settings
+from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.recording.store import UpdateStore
+
+SHAPES = {"dense1.weight": (256, 988), "dense1.bias": (256,), "dense2.weight": (128, 256), "dense2.bias": (128,),
+          "out.weight": (4, 128), "out.bias": (4,)}  # the SER model on Emo-Base: 1.15 MB a float32 update
+
+
+def updates(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``n`` distinct float32 updates shaped as the SER model's gradients (as an engine hands them over)."""
+    rng = np.random.default_rng(seed)
+    base = {k: rng.standard_normal(s, dtype=np.float32) for k, s in SHAPES.items()}
+    return [{k: v + np.float32(i) for k, v in base.items()} for i in range(n)]
+
+
+def plain_write(path: Path, ups: list[dict[str, np.ndarray]], per_round: int) -> float:
+    """Seconds to write every update's bytes with one open file and an fsync per round (the reference)."""
+    t = time.perf_counter()
+    with open(path, "ab") as fh:
+        for i, u in enumerate(ups):
+            for a in u.values():
+                fh.write(a.data)
+            if (i + 1) % per_round == 0:
+                fh.flush()
+                os.fsync(fh.fileno())
+        fh.flush()
+        os.fsync(fh.fileno())
+    return time.perf_counter() - t
+
+
+def store_write(path: Path, ups: list[dict[str, np.ndarray]], per_round: int, group: bool) -> float:
+    """Seconds for the store to append every update (group commit: one fsync per round)."""
+    store = UpdateStore(path, mode="a")
+    t = time.perf_counter()
+    for i, u in enumerate(ups):
+        store.append(u, round=i // per_round + 1, node=i % per_round, partition=i % per_round, num_examples=20, sync=not group)
+        if group and (i + 1) % per_round == 0:
+            store.sync()
+    store.sync()
+    store.close()
+    return time.perf_counter() - t
+
+
+def engine_ratio(overrides: list[str]) -> dict[str, float]:
+    """Vectorised shadow engine wall time without and with recording (all layers, float32)."""
+    shadow = [c for c in PAPER_CORPORA if c != "iemocap"]
+    cfg, path = prepared(["fl=fedsgd", "fl.rounds=200", *overrides], shadow, share=0.8, tag="shadow-" + "+".join(shadow))
+    data = FederatedData.load(path)
+    s = run_settings(cfg, path, "")
+    run_vectorized(data, s.__class__(**{**s.__dict__, "rounds": 1}), progress=False)  # warm-up
+    out = {}
+    with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
+        t = time.perf_counter()
+        run_vectorized(data, s, None, progress=False)
+        out["engine_s"] = time.perf_counter() - t
+        store = UpdateStore(Path(tmp) / "store", mode="a")
+        t = time.perf_counter()
+        run_vectorized(data, s, UpdateRecorder(store, s.algorithm, s.lr, None, False), progress=False)
+        out["engine_recording_s"] = time.perf_counter() - t
+        out["updates"] = len(store)
+        out["store_bytes"] = store.data_path.stat().st_size
+        store.close()
+    out["ratio"] = out["engine_recording_s"] / out["engine_s"]
+    return out
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--updates", type=int, default=700)
+    p.add_argument("--per-round", type=int, default=7)
+    p.add_argument("--skip-engine", action="store_true")
+    args = p.parse_args()
+    ups = updates(args.updates)
+    nbytes = sum(a.nbytes for u in ups for a in u.values())
+    (ROOT / "runs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:  # the disk the runs write to, not a tmpfs
+        t = Path(tmp)
+        # alternate the order, so neither side always meets a warmer page cache; best of three
+        plain, group, each = [], [], []
+        for rep in range(3):
+            plain.append(plain_write(t / f"plain{rep}.bin", ups, args.per_round))
+            group.append(store_write(t / f"group{rep}", ups, args.per_round, group=True))
+            each.append(store_write(t / f"each{rep}", ups, args.per_round, group=False))
+            for f in t.iterdir():
+                (f.unlink() if f.is_file() else [g.unlink() for g in f.iterdir()])
+        prof = cProfile.Profile()
+        prof.enable()
+        store_write(t / "profiled", ups, args.per_round, group=True)
+        prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(8)
+    gbs = lambda s: nbytes / min(s) / 1e9
+    numbers = {"bytes": nbytes, "updates": args.updates, "per_round": args.per_round,
+               "plain_gb_s": gbs(plain), "store_group_gb_s": gbs(group), "store_each_gb_s": gbs(each),
+               "store_vs_plain": min(group) / min(plain)}
+    rows = [
+        (f"{args.updates} updates of {nbytes / args.updates / 1e6:.2f} MB", f"{args.per_round} a round"),
+        ("plain write, fsync a round", f"{numbers['plain_gb_s']:.2f} GB/s"),
+        ("store, group commit", f"{numbers['store_group_gb_s']:.2f} GB/s  ({numbers['store_vs_plain']:.2f}x the plain write's time; "
+                                f"target >= 1 GB/s)"),
+        ("store, fsync per record", f"{numbers['store_each_gb_s']:.2f} GB/s"),
+    ]
+    if not args.skip_engine:
+        eng = engine_ratio(args.overrides)
+        numbers["engine"] = eng
+        rows += [("vectorised engine, no recording", f"{eng['engine_s']:.2f} s"),
+                 ("vectorised engine, recording", f"{eng['engine_recording_s']:.2f} s for {eng['updates']:,} updates "
+                                                  f"({eng['store_bytes'] / 1e9:.2f} GB): {eng['ratio']:.2f}x  (target <= 1.5x)")]
+    report("Record path", rows, args.json, numbers)
+    print("\nprofile of the store's appends (group commit), by own time:")
+    print("\n".join(text.getvalue().splitlines()[:24]))
+
+
+if __name__ == "__main__":
+    main()
