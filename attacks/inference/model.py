@@ -40,7 +40,8 @@ class LayerAttack(nn.Module):
             blocks += [nn.Conv2d(c_in, c, kernel, padding=kernel // 2, stride=stride if i == 0 else 1)]
             if i == len(channels) - 1:
                 blocks += [nn.BatchNorm2d(c)]
-            blocks += [nn.ReLU(), nn.MaxPool2d(pool, ceil_mode=True), nn.Dropout2d(dropout)]
+            # a 1 x 1 pool is the identity: skipped, it cost a full pass over the largest feature map
+            blocks += [nn.ReLU(), nn.MaxPool2d(pool, ceil_mode=True) if pool != (1, 1) else nn.Identity(), nn.Dropout2d(dropout)]
             c_in = c
         self.cnn = nn.Sequential(*blocks)
         with torch.no_grad():
