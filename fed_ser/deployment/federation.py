@@ -355,7 +355,7 @@ def deploy(cfg) -> dict:
     """Prepare the data, run it on a local SuperLink + SuperNodes, and report seconds per round.
 
     With ``deploy.compare_simulation`` the same settings also run in Flower's simulation engine,
-    so the report gives gRPC/HTTPS deployment vs simulation for the same configuration.
+    so the report gives the deployment (HTTPS) vs simulation for the same configuration.
     """
     from dataclasses import replace
 
@@ -371,20 +371,20 @@ def deploy(cfg) -> dict:
     out = Path(cfg.out_dir).resolve()
     report: dict = {"nodes": nodes, "rounds": int(cfg.fl.rounds), "tls": not bool(d.insecure),
                     "supernode_auth": not bool(d.insecure)}
-    s = replace(run_settings(cfg, prepared, str(out / "grpc"), str(out / "grpc" / "updates")), min_available=nodes,
+    s = replace(run_settings(cfg, prepared, str(out / "deployment"), str(out / "deployment" / "updates")), min_available=nodes,
                 resume=False)
     print(f"[deploy] SuperLink + {nodes} SuperNodes on {HOST} ({'insecure' if d.insecure else 'TLS + node auth'}), "
-          f"{s.rounds} rounds -> {out / 'grpc'}", flush=True)
+          f"{s.rounds} rounds -> {out / 'deployment'}", flush=True)
     t0 = time.perf_counter()
     with LocalFederation(Path(d.workdir).resolve(), nodes, insecure=bool(d.insecure),
                          startup_timeout=float(d.startup_timeout)) as fed:
         report["startup_seconds"] = time.perf_counter() - t0
         res = fed.run(s.to_run_config(), timeout=float(d.run_timeout))
         print(res.stdout[-2000:], flush=True)
-    grpc = json.loads((out / "grpc" / "results.json").read_text())
-    report["grpc"] = {"wall_seconds": grpc["wall_seconds"], "seconds_per_round": grpc["wall_seconds"] / s.rounds,
-                      "final": grpc["final"], "short_rounds": grpc.get("short_rounds"),
-                      "recorded_updates": grpc.get("recorder", {}).get("updates")}
+    dep = json.loads((out / "deployment" / "results.json").read_text())
+    report["deployment"] = {"wall_seconds": dep["wall_seconds"], "seconds_per_round": dep["wall_seconds"] / s.rounds,
+                            "final": dep["final"], "short_rounds": dep.get("short_rounds"),
+                            "recorded_updates": dep.get("recorder", {}).get("updates")}
     if d.compare_simulation:
         from fed_ser.flower.simulation import simulate
 
@@ -393,12 +393,12 @@ def deploy(cfg) -> dict:
         res_sim = json.loads((out / "simulation" / "results.json").read_text())
         report["simulation"] = {"wall_seconds": res_sim["wall_seconds"], "seconds_per_round": res_sim["wall_seconds"] / s.rounds,
                                 "final": res_sim["final"]}
-        report["grpc_vs_simulation"] = report["grpc"]["seconds_per_round"] / report["simulation"]["seconds_per_round"]
+        report["deployment_vs_simulation"] = report["deployment"]["seconds_per_round"] / report["simulation"]["seconds_per_round"]
     atomic_write_json(out / "deploy.json", report)
-    line = f"[deploy] {report['grpc']['seconds_per_round']:.2f} s/round over HTTPS"
+    line = f"[deploy] {report['deployment']['seconds_per_round']:.2f} s/round over HTTPS"
     if "simulation" in report:
         line += (f", {report['simulation']['seconds_per_round']:.2f} s/round in simulation "
-                 f"({report['grpc_vs_simulation']:.1f}x)")
+                 f"({report['deployment_vs_simulation']:.1f}x)")
     print(line + f"; report: {out / 'deploy.json'}", flush=True)
     return report
 
