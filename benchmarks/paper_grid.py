@@ -1,0 +1,151 @@
+"""The paper-size grid on this machine: each stage's cost measured on a short run, the grid's wall time estimated.
+
+The grid: private corpus (IEMOCAP, CREMA-D, MSP-Improv) x FedSGD / FedAvg x 5 folds at
+``size=paper`` (``data.scale=1.0``, 200 rounds, every shadow update, the attack CNN trained for up
+to 50 epochs). Per cell and fold, ``fed-ser-experiment`` runs these stages; each is measured here
+on fold 0 of the paper-size data and scaled by what the full stage does:
+
+* prepare: synthesis and Emo-Base extraction of every corpus (once: cached on disk), then each
+  fold's private and shadow data sets (measured as the time to prepare fold 0 cold);
+* private: the private federation on Flower: Ray start + 200 rounds at the seconds per round of
+  ``--rounds`` measured rounds;
+* shadow: the shadow federation on the vectorised engine with recording, 200 rounds at the
+  measured seconds per round;
+* attack: the CNN, one epoch over ``--attack-updates`` shadow updates timed; the full stage is
+  (all shadow updates) x epochs x that cost per update-epoch, with 50 epochs (the bound) and with
+  the epochs early stopping used in the measured runs (``--typical-epochs``);
+* invert: the feature-space attack's inversion of every private FedSGD update (FedAvg is not
+  inverted), at the measured seconds per update.
+
+Prints the stage x cell table, the total against the 2-hour target, and the stage that stands in
+the way. ``--timed-fold CORPUS ALGORITHM`` then runs that cell's fold 0 at paper size through
+``fed-ser-experiment`` and prints the estimate beside the measured time (target: within 25%).
+
+    python benchmarks/paper_grid.py [--rounds 10] [--attack-updates 300] [--timed-fold iemocap fedsgd]
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, parser, report
+
+from attacks.inference.data import labelled_updates
+from attacks.inference.train import train_attack
+from fed_ser.core.schedule import clients_per_round
+from fed_ser.data.federated import FederatedData
+from fed_ser.data.synthetic import PAPER_CORPORA
+from fed_ser.experiments.attack import _attack_config, recover_batches
+from fed_ser.experiments.cli import run_fl, run_vectorized_fl
+from fed_ser.experiments.config import load_config
+from fed_ser.experiments.prepare import corpus_source, prepare
+from fed_ser.recording.store import UpdateStore
+
+FOLDS, ROUNDS, MAX_EPOCHS = 5, 200, 50
+
+
+def _timed(fn, *args, **kw):
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t
+
+
+def measure_cell(overrides: list[str], private: str, algorithm: str, rounds: int, attack_updates: int, tmp: Path) -> dict:
+    """Seconds of each stage of one fold of the cell (private, algorithm), from short runs on fold 1
+    (fold 0's data sets were prepared with the corpora, so fold 1 shows a fold's own preparation)."""
+    shadow = [c for c in PAPER_CORPORA if c != private]
+    cfg = load_config(["size=paper", f"fl={algorithm}", f"fl.rounds={rounds}", f"fl.eval_every={rounds}", *overrides],
+                      "experiment")
+    (priv_path, t_priv_prep) = _timed(prepare, cfg, [corpus_source(cfg, private)], 1)
+    (shadow_path, t_shadow_prep) = _timed(prepare, cfg, [corpus_source(cfg, c) for c in shadow], 1,
+                                          train_share=float(cfg.shadow.share), tag="shadow-" + "+".join(shadow))
+    n_priv, n_shadow = FederatedData.load(priv_path).num_clients, FederatedData.load(shadow_path).num_clients
+    frac = float(cfg.fl.fraction)
+    out = {"private_clients": n_priv, "shadow_clients": n_shadow,
+           "private_updates": ROUNDS * clients_per_round(n_priv, frac), "shadow_updates": ROUNDS * clients_per_round(n_shadow, frac),
+           "prepare_fold_s": t_priv_prep + t_shadow_prep}
+    d = tmp / f"{private}-{algorithm}"
+    (res, t_total) = _timed(run_fl, cfg, priv_path, str(d / "private"), str(d / "private" / "updates"))
+    out["private_round_s"] = res["wall_seconds"] / rounds
+    out["private_start_s"] = t_total - res["wall_seconds"]
+    (_, t_shadow) = _timed(run_vectorized_fl, cfg, shadow_path, str(d / "shadow"), str(d / "shadow" / "updates"))
+    out["shadow_round_s"] = t_shadow / rounds
+    store = UpdateStore(d / "shadow" / "updates")
+    su, sl = labelled_updates(store, FederatedData.load(shadow_path).client_gender)
+    n = min(attack_updates, len(su))
+    acfg = _attack_config(cfg)
+    acfg = acfg.__class__(**{**acfg.__dict__, "max_epochs": 1, "max_updates": n})
+    (_, t_attack) = _timed(train_attack, store, su, sl, acfg, progress=False)
+    out["attack_update_epoch_s"] = t_attack / n
+    if algorithm == "fedsgd":
+        pstore = UpdateStore(d / "private" / "updates")
+        pu = pstore.updates()[:20]
+        (_, t_inv) = _timed(recover_batches, cfg, pstore, pu, 0)
+        out["invert_update_s"] = t_inv / len(pu)
+    else:
+        out["invert_update_s"] = 0.0
+    return out
+
+
+def stage_seconds(m: dict, epochs: float) -> dict[str, float]:
+    """One fold of a cell at paper size, stage by stage."""
+    return {"prepare": m["prepare_fold_s"], "private": m["private_start_s"] + ROUNDS * m["private_round_s"],
+            "shadow": ROUNDS * m["shadow_round_s"], "attack": m["shadow_updates"] * epochs * m["attack_update_epoch_s"],
+            "invert": m["private_updates"] * m["invert_update_s"]}
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--rounds", type=int, default=10, help="rounds measured per federation")
+    p.add_argument("--attack-updates", type=int, default=300)
+    p.add_argument("--typical-epochs", type=float, default=12.0, help="epochs early stopping ends at (measured runs)")
+    p.add_argument("--corpora", nargs="+", default=list(PAPER_CORPORA))
+    p.add_argument("--timed-fold", nargs=2, metavar=("CORPUS", "ALGORITHM"))
+    args = p.parse_args()
+    base = load_config(["size=paper", *args.overrides], "experiment")
+    (ROOT / "runs").mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    # the one-time cost: synthesis and extraction of every corpus at paper size (cached afterwards)
+    (_, t_corpora) = _timed(lambda: [prepare(base, [corpus_source(base, c)], 0) for c in PAPER_CORPORA])
+    cells = {}
+    with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
+        for private in args.corpora:
+            for algorithm in ("fedsgd", "fedavg"):
+                print(f"[paper-grid] measuring {private} {algorithm}", flush=True)
+                cells[f"{private}/{algorithm}"] = measure_cell(args.overrides, private, algorithm, args.rounds, args.attack_updates, Path(tmp))
+    stages = ("prepare", "private", "shadow", "attack", "invert")
+    est = {epochs: {c: stage_seconds(m, epochs) for c, m in cells.items()} for epochs in (MAX_EPOCHS, args.typical_epochs)}
+    totals = {e: t_corpora + FOLDS * sum(sum(s.values()) for s in by_cell.values()) for e, by_cell in est.items()}
+    by_stage = {e: {st: FOLDS * sum(s[st] for s in by_cell.values()) for st in stages} for e, by_cell in est.items()}
+    rows = [("one-time synthesis + extraction", f"{t_corpora / 60:.1f} min (cached after the first run)")]
+    for c, s in est[args.typical_epochs].items():
+        m = cells[c]
+        rows.append((c, " ".join(f"{st} {s[st]:.0f}s" for st in stages)
+                     + f"  ({m['private_clients']} private / {m['shadow_clients']} shadow clients; "
+                       f"{m['private_round_s'] * 1000:.0f} ms a Flower round, {m['attack_update_epoch_s'] * 1000:.1f} ms an update-epoch)"))
+    for e in (args.typical_epochs, MAX_EPOCHS):
+        worst = max(by_stage[e], key=by_stage[e].get)
+        rows.append((f"grid, attack {e:g} epochs", f"{totals[e] / 3600:.2f} h  (target <= 2 h); largest stage: {worst} "
+                                                   f"{by_stage[e][worst] / 3600:.2f} h"))
+    numbers = {"cells": cells, "corpora_s": t_corpora, "estimate_s": {str(e): t for e, t in totals.items()},
+               "by_stage_s": {str(e): v for e, v in by_stage.items()}, "measure_s": time.perf_counter() - t0}
+    if args.timed_fold:
+        corpus, algorithm = args.timed_fold
+        predicted = sum(stage_seconds(cells[f"{corpus}/{algorithm}"], args.typical_epochs).values())
+        with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "fed_ser.experiments.attack", "size=paper", f"private={corpus}",
+                            f"fl={algorithm}", "folds=[0]", f"out_dir={tmp}/cell", f"grid_dir={tmp}", *args.overrides], check=True)
+            measured = time.perf_counter() - t
+        numbers["timed_fold"] = {"cell": f"{corpus}/{algorithm}", "estimate_s": predicted, "measured_s": measured}
+        rows.append((f"timed fold 0 of {corpus}/{algorithm}", f"measured {measured / 60:.1f} min, estimated "
+                                                               f"{predicted / 60:.1f} min ({measured / predicted - 1:+.0%}; target within 25%)"))
+    report("Paper-size grid (3 corpora x FedSGD/FedAvg x 5 folds, 200 rounds)", rows, args.json, numbers)
+
+
+if __name__ == "__main__":
+    main()
