@@ -42,7 +42,7 @@ def test_a_corpus_matches_itself_and_its_gender_swap_is_reversed():
 
 
 def test_the_calibration_command_writes_its_report_from_audio(corpora, feature_cache, tmp_path):
-    real = generate(tmp_path / "my-emodb", "emodb", scale=0.1, seed=1)
+    real = generate(tmp_path / "my-emodb", "emodb", scale=0.05, seed=1)
     base = [f"data.root={corpora}", "data.scale=0.05", "data.seed=3", f"data.cache={feature_cache}",
             f"data.prepared_dir={tmp_path / 'prepared'}", "private=emodb", f"calibration.out_dir={tmp_path / 'cal'}"]
     with pytest.raises(ConfigError, match=r"data\.roots\.emodb: not set"):
