@@ -3,17 +3,18 @@
 The grid: private corpus (IEMOCAP, CREMA-D, MSP-Improv) x FedSGD / FedAvg x 5 folds at
 ``size=paper`` (``data.scale=1.0``, 200 rounds, every shadow update, the attack CNN trained for up
 to 50 epochs). Per cell and fold, ``fed-ser-experiment`` runs these stages; each is measured here
-on fold 0 of the paper-size data and scaled by what the full stage does:
+on fold 1 of the paper-size data and scaled by what the full stage does:
 
 * prepare: synthesis and Emo-Base extraction of every corpus (once: cached on disk), then each
-  fold's private and shadow data sets (measured as the time to prepare fold 0 cold);
+  fold's private and shadow data sets (measured as the time to prepare fold 1 from cached features);
 * private: the private federation on Flower: Ray start + 200 rounds at the seconds per round of
-  ``--rounds`` measured rounds;
+  ``--rounds`` measured rounds (20 by default: one round in 20 evaluates every client, as in the
+  full run);
 * shadow: the shadow federation on the vectorised engine with recording, 200 rounds at the
   measured seconds per round;
 * attack: the CNN, one epoch over ``--attack-updates`` shadow updates timed; the full stage is
   (all shadow updates) x epochs x that cost per update-epoch, with 50 epochs (the bound) and with
-  the epochs early stopping used in the measured runs (``--typical-epochs``);
+  the 12 epochs of the README's synthetic grid (``--typical-epochs``);
 * invert: the feature-space attack's inversion of every private FedSGD update (FedAvg is not
   inverted), at the measured seconds per update.
 
@@ -21,7 +22,7 @@ Prints the stage x cell table, the total against the 2-hour target, and the stag
 the way. ``--timed-fold CORPUS ALGORITHM`` then runs that cell's fold 0 at paper size through
 ``fed-ser-experiment`` and prints the estimate beside the measured time (target: within 25%).
 
-    python benchmarks/paper_grid.py [--rounds 10] [--attack-updates 300] [--timed-fold iemocap fedsgd]
+    python benchmarks/paper_grid.py [--rounds 20] [--attack-updates 300] [--timed-fold iemocap fedsgd]
 """
 
 from __future__ import annotations
@@ -100,9 +101,11 @@ def stage_seconds(m: dict, epochs: float) -> dict[str, float]:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--rounds", type=int, default=10, help="rounds measured per federation")
+    p.add_argument("--rounds", type=int, default=20,
+                   help="rounds measured per federation (20 = fl.eval_every: one client evaluation, as in every 20 of the 200)")
     p.add_argument("--attack-updates", type=int, default=300)
-    p.add_argument("--typical-epochs", type=float, default=12.0, help="epochs early stopping ends at (measured runs)")
+    p.add_argument("--typical-epochs", type=float, default=12.0,
+                   help="attack epochs for the second estimate (12: the README's synthetic grid; 50 is the bound)")
     p.add_argument("--corpora", nargs="+", default=list(PAPER_CORPORA))
     p.add_argument("--timed-fold", nargs=2, metavar=("CORPUS", "ALGORITHM"))
     args = p.parse_args()
