@@ -40,7 +40,7 @@ from attacks.inference.train import train_attack
 from fed_ser.core.schedule import clients_per_round
 from fed_ser.data.federated import FederatedData
 from fed_ser.data.synthetic import PAPER_CORPORA
-from fed_ser.experiments.attack import _attack_config, recover_batches
+from fed_ser.experiments.attack import attack_config, recover_batches, threat_model
 from fed_ser.experiments.cli import run_fl, run_vectorized_fl
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import corpus_source, prepare
@@ -58,17 +58,15 @@ def _timed(fn, *args, **kw):
 def measure_cell(overrides: list[str], private: str, algorithm: str, rounds: int, attack_updates: int, tmp: Path) -> dict:
     """Seconds of each stage of one fold of the cell (private, algorithm), from short runs on fold 1
     (fold 0's data sets were prepared with the corpora, so fold 1 shows a fold's own preparation)."""
-    shadow = [c for c in PAPER_CORPORA if c != private]
-    cfg = load_config(["size=paper", f"fl={algorithm}", f"fl.rounds={rounds}", f"fl.eval_every={rounds}", *overrides],
-                      "experiment")
-    (priv_path, t_priv_prep) = _timed(prepare, cfg, [corpus_source(cfg, private)], 1)
-    (shadow_path, t_shadow_prep) = _timed(prepare, cfg, [corpus_source(cfg, c) for c in shadow], 1,
-                                          train_share=float(cfg.shadow.share), tag="shadow-" + "+".join(shadow))
+    cfg = load_config(["size=paper", f"private={private}", f"fl={algorithm}", f"fl.rounds={rounds}",
+                       f"fl.eval_every={rounds}", *overrides], "experiment")
+    (tm, t_prep) = _timed(threat_model, cfg, 1)  # the private and shadow data sets, as fed-ser-experiment prepares them
+    priv_path, shadow_path = tm.private_data, tm.shadow_data
     n_priv, n_shadow = FederatedData.load(priv_path).num_clients, FederatedData.load(shadow_path).num_clients
     frac = float(cfg.fl.fraction)
     out = {"private_clients": n_priv, "shadow_clients": n_shadow,
            "private_updates": ROUNDS * clients_per_round(n_priv, frac), "shadow_updates": ROUNDS * clients_per_round(n_shadow, frac),
-           "prepare_fold_s": t_priv_prep + t_shadow_prep}
+           "prepare_fold_s": t_prep}
     d = tmp / f"{private}-{algorithm}"
     (res, t_total) = _timed(run_fl, cfg, priv_path, str(d / "private"), str(d / "private" / "updates"))
     out["private_round_s"] = res["wall_seconds"] / rounds
@@ -78,7 +76,7 @@ def measure_cell(overrides: list[str], private: str, algorithm: str, rounds: int
     store = UpdateStore(d / "shadow" / "updates")
     su, sl = labelled_updates(store, FederatedData.load(shadow_path).client_gender)
     n = min(attack_updates, len(su))
-    acfg = _attack_config(cfg)
+    acfg = attack_config(cfg)
     acfg = acfg.__class__(**{**acfg.__dict__, "max_epochs": 1, "max_updates": n})
     (_, t_attack) = _timed(train_attack, store, su, sl, acfg, progress=False)
     out["attack_update_epoch_s"] = t_attack / n

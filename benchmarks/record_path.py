@@ -17,6 +17,7 @@ import cProfile
 import io
 import os
 import pstats
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -110,8 +111,8 @@ def main() -> None:
             plain.append(plain_write(t / f"plain{rep}.bin", ups, args.per_round))
             group.append(store_write(t / f"group{rep}", ups, args.per_round, group=True))
             each.append(store_write(t / f"each{rep}", ups, args.per_round, group=False))
-            for f in t.iterdir():
-                (f.unlink() if f.is_file() else [g.unlink() for g in f.iterdir()])
+            for f in t.iterdir():  # free the disk before the next repetition
+                f.unlink() if f.is_file() else shutil.rmtree(f)
         prof = cProfile.Profile()
         prof.enable()
         store_write(t / "profiled", ups, args.per_round, group=True)

@@ -44,11 +44,11 @@ def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder 
             r = client_update(model, X, y, s, client_seed(s.seed, rnd, pid), pid=pid, num_clients=n)
             if recorder is not None:
                 recorder.record(round=rnd, node=pid, partition=pid, num_examples=r.num_examples, steps=r.steps,
-                                arrays=r.arrays, global_arrays=theta, sync=False)
+                                arrays=r.arrays, global_arrays=theta)
             updates.append(r.arrays)
             weights.append(r.num_examples)
         if recorder is not None:
-            recorder.store.sync()  # group commit: one fsync a round
+            recorder.commit()
         theta = aggregate(theta, updates, weights, s.algorithm, s.lr)
     if s.out_dir:
         save_checkpoint(Path(s.out_dir) / CHECKPOINT, s.rounds, s, theta)

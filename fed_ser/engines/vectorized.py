@@ -146,8 +146,8 @@ def run_vectorized(data: FederatedData, s: RunSettings, recorder: UpdateRecorder
         if recorder is not None:
             for i, (pid, plan) in enumerate(zip(pids, plans)):
                 recorder.record(round=rnd, node=pid, partition=pid, num_examples=len(plan.X), steps=len(plan.steps),
-                                arrays={k: v[i].numpy() for k, v in out.items()}, global_arrays=theta_np, sync=False)
-            recorder.store.sync()
+                                arrays={k: v[i].numpy() for k, v in out.items()}, global_arrays=theta_np)
+            recorder.commit()
         n = torch.tensor([len(p.X) for p in plans], dtype=torch.float64)
         w = (n / n.sum()).float()  # Flower's sample-weighted mean, n_k / N
         mean = {k: torch.tensordot(w, v, dims=1).numpy() for k, v in out.items()}

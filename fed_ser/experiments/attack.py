@@ -44,7 +44,7 @@ from fed_ser.core.settings import ConfigError
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.data.synthetic import PAPER_CORPORA
 from fed_ser.experiments.cli import console, expand_overrides, load_config, run_fl, run_settings, run_vectorized_fl
-from fed_ser.experiments.prepare import corpus_source, prepare
+from fed_ser.experiments.prepare import CorpusSource, corpus_source, prepare
 from fed_ser.experiments.report import write_defense_report, write_grid_report, write_run_report
 from fed_ser.io import atomic_write_json, atomic_write_text
 from fed_ser.recording.checkpoint import fingerprint
@@ -54,7 +54,8 @@ SHADOW_MODES = ("corpora", "speakers", "synthetic")
 FOLD_KEY = 100_000  # client key = fold * FOLD_KEY + partition: clients of all folds pooled in one interval
 
 
-def _attack_config(cfg: DictConfig) -> AttackConfig:
+def attack_config(cfg: DictConfig) -> AttackConfig:
+    """The attack CNN's hyper-parameters from ``cfg.attack`` (conf/attack/)."""
     a = cfg.attack
     return AttackConfig(layers=list(a.layers), lr=float(a.lr), weight_decay=float(a.weight_decay),
                         batch_size=int(a.batch_size), max_epochs=int(a.max_epochs), patience=int(a.patience),
@@ -78,20 +79,20 @@ class ThreatModel:
         return f"shadow.mode={self.mode}: the attacker's shadow federations train on {', '.join(self.shadow)}"
 
 
-def check_threat_model(cfg: DictConfig) -> None:
-    """Stop on a wrong ``shadow.*`` value or private root before anything is prepared or written."""
+def check_threat_model(cfg: DictConfig) -> CorpusSource:
+    """Stop on a wrong ``shadow.*`` value or private root before anything is prepared or written;
+    return where the private corpus comes from."""
     if str(cfg.shadow.mode) not in SHADOW_MODES:
         raise ConfigError(f"shadow.mode: {str(cfg.shadow.mode)!r} is not one of {SHADOW_MODES}")
     if not 0.0 < float(cfg.shadow.share) <= 1.0:
         raise ConfigError(f"shadow.share: must be in (0, 1], got {float(cfg.shadow.share)}")
-    corpus_source(cfg, str(cfg.private))
+    return corpus_source(cfg, str(cfg.private))
 
 
 def threat_model(cfg: DictConfig, fold: int) -> ThreatModel:
     """Prepare the private and the shadow data sets of ``fold`` under ``shadow.mode``."""
-    check_threat_model(cfg)
+    src = check_threat_model(cfg)
     mode, private, share = str(cfg.shadow.mode), str(cfg.private), float(cfg.shadow.share)
-    src = corpus_source(cfg, private)
     if mode == "speakers":
         priv = prepare(cfg, [src], fold, speaker_role="private", tag=f"{private}-private")
         shadow = prepare(cfg, [src], fold, train_share=share, speaker_role="attacker", tag=f"{private}-attacker")
@@ -215,7 +216,7 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
                  shadow_data: FederatedData | None = None, recovered: list[Recovered] | None = None,
                  cnn: bool = True) -> FoldAttacks:
     """Train every enabled attack on the shadow updates and evaluate it on the private ones."""
-    acfg = _attack_config(cfg)
+    acfg = attack_config(cfg)
     trials, seed, pools = int(cfg.attack.trials), int(cfg.attack.seed), [int(k) for k in cfg.attack.pool_rounds]
     clients = np.array([u.partition for u in p_updates]) + fold * FOLD_KEY
     ev, layers, weights, history = {}, {}, {}, []

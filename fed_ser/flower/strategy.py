@@ -64,12 +64,11 @@ class Recorder:
         self.recorder.record(
             round=server_round, node=reply.metadata.src_node_id, partition=int(metrics["partition-id"]),
             num_examples=int(metrics["num-examples"]), steps=int(metrics["local-steps"]),
-            arrays=arrays_to_numpy(reply.content.array_records["arrays"]), global_arrays=global_arrays, sync=False,
+            arrays=arrays_to_numpy(reply.content.array_records["arrays"]), global_arrays=global_arrays,
         )
 
     def commit(self) -> None:
-        """One fsync for the round's records (group commit; a resumed run redoes an unfinished round)."""
-        self.recorder.store.sync()
+        self.recorder.commit()
 
     @property
     def store(self) -> UpdateStore:

@@ -5,6 +5,10 @@ FedSGD gradients as they are; FedAvg as ``theta(t) - theta_k(t)``; and, for both
 global parameters once (the server sent them, so it knows them: the feature-space attack inverts
 a gradient at the model it was computed at). The Flower strategy feeds it from Message replies;
 the in-process engine feeds it directly, so both produce the same store format.
+
+Records are committed a round at a time (group commit): :meth:`UpdateRecorder.record` appends
+without an fsync and :meth:`UpdateRecorder.commit`, called once the round's replies are in, makes
+them durable. A crash before it loses only the unfinished round, which a resumed run redoes.
 """
 
 from __future__ import annotations
@@ -33,14 +37,18 @@ class UpdateRecorder:
     _globals_written: set[int] = field(default_factory=set)
 
     def record(self, *, round: int, node: int, partition: int, num_examples: int, steps: int,
-               arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], sync: bool = True) -> None:
+               arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray]) -> None:
         meta = dict(round=round, node=node, partition=partition, num_examples=num_examples, steps=steps,
-                    lr=self.lr, float16=self.float16, sync=sync)
+                    lr=self.lr, float16=self.float16, sync=False)
         if round not in self._globals_written and self.store.global_record(round) is None:
-            self.store.append(global_arrays, kind="global", round=round, node=-1, lr=self.lr, sync=sync)
+            self.store.append(global_arrays, kind="global", round=round, node=-1, lr=self.lr, sync=False)
         self._globals_written.add(round)
         if self.algorithm == "fedsgd":
             self.store.append(select_layers(arrays, self.layers), kind="gradient", **meta)
             return
         delta = {k: global_arrays[k] - arrays[k] for k in arrays}
         self.store.append(select_layers(delta, self.layers), kind="delta", **meta)
+
+    def commit(self) -> None:
+        """Make the round's records durable: one fsync, then their index lines."""
+        self.store.sync()

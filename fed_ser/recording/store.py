@@ -219,7 +219,7 @@ class UpdateStore:
         dropped = len(self.records) - len(keep)
         if dropped:
             cut = self.records[len(keep)].start
-            self._close_writer()
+            self._close_files()
             self._pending = []
             with open(self.data_path, "r+b") as fh:
                 fh.truncate(cut)
@@ -287,7 +287,7 @@ class UpdateStore:
     def __iter__(self) -> Iterator[UpdateInfo]:
         return iter(self.updates())
 
-    def _close_writer(self) -> None:
+    def _close_files(self) -> None:
         if self._wfd is not None:
             os.close(self._wfd)
             self._wfd = None
@@ -299,7 +299,7 @@ class UpdateStore:
         """Commit pending appends, release the files and the writer's lock."""
         if self._wfd is not None or self._pending:
             self.sync()
-        self._close_writer()
+        self._close_files()
         if self._lock is not None:
             os.close(self._lock)  # closing the descriptor releases the flock
             self._lock = None
