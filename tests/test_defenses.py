@@ -151,7 +151,7 @@ def test_a_client_calibrates_to_the_schedule_the_server_draws_from(tmp_path):
     from fed_ser.core.schedule import federation_size
     from fed_ser.data.federated import FederatedData
     from fed_ser.flower.client_app import handle_train
-    from fed_ser.flower.strategy import numpy_to_arrays
+    from fed_ser.flower.eavesdropper import numpy_to_arrays
 
     rng = np.random.default_rng(0)
     n_clients = 12

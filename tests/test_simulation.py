@@ -97,3 +97,47 @@ def test_simulation_attaches_to_a_running_ray_cluster(cfg_and_data, tmp_path):
         current = Path("/tmp/ray/ray_current_cluster")
         if current.exists() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
+
+
+def _gradients(store: UpdateStore, rnd: int) -> dict:
+    return {u.partition: store.attack_input(u) for u in store.updates() if u.round == rnd}
+
+
+def test_flowers_dp_as_shipped_and_what_the_curious_server_still_records(cfg_and_data, tmp_path):
+    """Each of Flower's DP modes runs in the simulation; the eavesdropper records what the server receives.
+
+    Round 1 starts from the same global model and the same client batches in every run, so the
+    server's record of it tells what each mechanism hides from the server: nothing under central DP
+    (it clips and adds noise after receiving), the scale under client-side clipping (the direction
+    survives: the feature-space inversion is scale-free), everything exact under local DP.
+    """
+    import numpy as np
+
+    cfg, prepared = cfg_and_data
+    cfg.fl.rounds = 2
+    clip = 0.02
+    runs = {}
+    for mode in ("none", "central-fixed", "central-adaptive", "client-fixed", "local"):
+        c = load_config([f"data.prepared_dir={cfg.data.prepared_dir}", "fl.fraction=0.25", "fl.rounds=2", "fl.eval_every=2",
+                         f"flower_dp={mode.replace('-', '_')}", f"flower_dp.clip={clip}"])
+        out = tmp_path / mode
+        res = run_fl(c, prepared, str(out), str(out / "updates"))
+        runs[mode] = (res, _gradients(UpdateStore(out / "updates"), 1))
+    plain = runs["none"][1]
+    assert len(plain) == 4 and "privacy" not in runs["none"][0]
+    norm = lambda g: float(np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in g.values())))
+    assert min(norm(g) for g in plain.values()) * 0.1 > 5 * clip  # lr * |g| is well above the clip: clipping shows
+    for mode in ("central-fixed", "central-adaptive"):  # the server sees every update before it clips
+        rec = runs[mode][1]
+        assert rec.keys() == plain.keys()
+        for p, g in plain.items():
+            for k in g:
+                np.testing.assert_allclose(rec[p][k], g[k], rtol=1e-3, atol=2e-4)
+        assert runs[mode][0]["privacy"]["epsilon_server"] is None
+    for p, g in runs["client-fixed"][1].items():  # clipped to clip / lr, same direction
+        assert abs(0.1 * norm(g) - clip) < 1e-3 * clip + 1e-5
+        cos = sum(float((g[k].astype(np.float64) * plain[p][k]).sum()) for k in g) / (norm(g) * norm(plain[p]))
+        assert cos > 0.999
+    local = runs["local"]
+    assert all(norm(g) > 10 * clip / 0.1 for g in local[1].values())  # the noise dominates a clipped update
+    assert local[0]["privacy"]["epsilon_server"] == local[0]["privacy"]["spent_epsilon_max"] > 0

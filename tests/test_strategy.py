@@ -9,7 +9,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fed_ser.core.model import build_model
 from fed_ser.core.training import local_update
-from fed_ser.flower.strategy import FedSerStrategy, Recorder, arrays_to_numpy, numpy_to_arrays
+from fed_ser.flower.eavesdropper import Eavesdropper, arrays_to_numpy, numpy_to_arrays
+from fed_ser.flower.strategy import FedSerStrategy
 from fed_ser.recording.recorder import UpdateRecorder
 from fed_ser.recording.store import UpdateStore
 
@@ -64,8 +65,8 @@ def test_fedavg_is_sample_weighted_mean_of_client_parameters():
 def test_recorder_holds_selected_clients_times_rounds(tmp_path):
     store = UpdateStore(tmp_path / "u", mode="a")
     nodes = list(range(100, 120))
-    s = FedSerStrategy(algorithm="fedsgd", lr=0.1, fraction_train=0.1, min_available_nodes=20, min_train_nodes=1,
-                       recorder=Recorder(UpdateRecorder(store, "fedsgd", 0.1, layers=["w"])))
+    s = Eavesdropper(FedSerStrategy(algorithm="fedsgd", lr=0.1, fraction_train=0.1, min_available_nodes=20, min_train_nodes=1),
+                     UpdateRecorder(store, "fedsgd", 0.1, layers=["w"]))
     seen = []
     for rnd in range(1, 6):
         _, msgs = _round(s, rnd, FakeGrid(nodes), [(THETA, 5)] * 2)
@@ -84,7 +85,7 @@ def test_fedavg_pseudo_gradient_equals_true_gradient_for_one_sgd_step(tmp_path):
     local = local_update(model, X, y, algorithm="fedavg", batch_size=20, lr=0.01, epochs=1, optimizer="sgd")
     assert local.steps == 1
     store = UpdateStore(tmp_path / "u", mode="a")
-    rec = Recorder(UpdateRecorder(store, "fedavg", lr=0.01))
+    rec = Eavesdropper(FedSerStrategy(algorithm="fedavg", lr=0.01), UpdateRecorder(store, "fedavg", lr=0.01))
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     q = Message(RecordDict({}), dst_node_id=7, message_type=MessageType.TRAIN)
     rec.record(1, _reply(q, local.arrays, 20, 0, steps=local.steps), theta)
@@ -116,8 +117,8 @@ def test_selection_by_partition_follows_the_shared_schedule_and_skips_gone_nodes
 
 def test_a_reply_without_a_required_metric_is_an_error_naming_the_node(tmp_path):
     """A silent default (local-steps=1) would scale a FedAvg pseudo-gradient wrongly by T."""
-    s = FedSerStrategy(algorithm="fedavg", lr=5e-4, fraction_train=1.0, min_available_nodes=2, min_train_nodes=2,
-                       recorder=Recorder(UpdateRecorder(UpdateStore(tmp_path / "u", mode="a"), "fedavg", 5e-4)))
+    s = Eavesdropper(FedSerStrategy(algorithm="fedavg", lr=5e-4, fraction_train=1.0, min_available_nodes=2, min_train_nodes=2),
+                     UpdateRecorder(UpdateStore(tmp_path / "u", mode="a"), "fedavg", 5e-4))
     msgs = list(s.configure_train(1, numpy_to_arrays(THETA), ConfigRecord({}), FakeGrid([11, 22])))
     good = _reply(msgs[0], THETA, 10, 0)
     bad = Message(RecordDict({"arrays": numpy_to_arrays(THETA),

@@ -15,6 +15,9 @@ from typing import Any, ClassVar
 ALGORITHMS = ("fedsgd", "fedavg")
 DP_MODES = {"none": None, "sample": "fedsgd", "user": "fedavg", "udp": "fedavg"}  # mode -> the algorithm it protects
 DP_CALIBRATIONS = ("per_client", "expected")
+#: Flower's own DP, used as shipped (:mod:`fed_ser.flower.privacy`): central DP with server-side fixed or
+#: adaptive clipping, central DP with client-side fixed clipping (``fixedclipping_mod``), local DP (``LocalDpMod``).
+FLOWER_DP_MODES = ("none", "central-fixed", "central-adaptive", "client-fixed", "local")
 
 
 class ConfigError(ValueError):
@@ -47,6 +50,11 @@ class RunSettings:
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
     dp_calibrate: str = "per_client"  # DP-FedSGD noise for: per_client (its scheduled steps) | expected
+    flower_dp_mode: str = "none"  # one of FLOWER_DP_MODES (Flower's DP wrappers and mods, as shipped)
+    flower_dp_noise: float = 1.0  # central modes: noise multiplier (std sigma * clip on the sum of the round's updates)
+    flower_dp_clip: float = 1.0  # clipping norm of a client's model update (central-adaptive: the initial norm)
+    flower_dp_epsilon: float = 10.0  # local: LocalDpMod's epsilon per release
+    flower_dp_delta: float = 1e-5  # local: LocalDpMod's delta per release; every mode: the delta epsilon is reported at
     adv_mix: float = 0.0  # federated adversarial training: share of each batch made adversarial (0: off)
     adv_method: str = "pgd"  # fgsm | pgd
     adv_norm: str = "linf"  # linf | l2
@@ -63,7 +71,8 @@ class RunSettings:
         "recorder_layers": "recorder.layers", "recorder_float16": "recorder.float16",
         "out_dir": "out_dir", "resume": "resume", "seed": "seed", "dp_mode": "dp.mode",
         "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_clip": "dp.clip",
-        "dp_calibrate": "dp.calibrate",
+        "dp_calibrate": "dp.calibrate", "flower_dp_mode": "flower_dp.mode", "flower_dp_noise": "flower_dp.noise_multiplier",
+        "flower_dp_clip": "flower_dp.clip", "flower_dp_epsilon": "flower_dp.epsilon", "flower_dp_delta": "flower_dp.delta",
         "adv_mix": "adv.mix", "adv_method": "adv.method", "adv_norm": "adv.norm", "adv_epsilon": "adv.epsilon",
         "adv_steps": "adv.steps", "adv_step_size": "adv.step_size",
     }
@@ -99,6 +108,19 @@ class RunSettings:
                 self.privacy()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
+        if self.flower_dp_mode not in FLOWER_DP_MODES:
+            raise ConfigError(f"flower_dp.mode: {self.flower_dp_mode!r} is not one of {FLOWER_DP_MODES}")
+        if self.flower_dp_mode != "none":
+            if self.dp_mode != "none":
+                raise ConfigError(f"flower_dp.mode={self.flower_dp_mode} and dp.mode={self.dp_mode}: choose one DP mechanism")
+            if not self.flower_dp_clip > 0:
+                raise ConfigError(f"flower_dp.clip: must be > 0, got {self.flower_dp_clip}")
+            if not self.flower_dp_noise > 0 and self.flower_dp_mode != "local":
+                raise ConfigError(f"flower_dp.noise_multiplier: must be > 0, got {self.flower_dp_noise}")
+            if not self.flower_dp_epsilon > 0:
+                raise ConfigError(f"flower_dp.epsilon: must be > 0, got {self.flower_dp_epsilon}")
+            if not 0.0 < self.flower_dp_delta < 1.0:
+                raise ConfigError(f"flower_dp.delta: must be in (0, 1), got {self.flower_dp_delta}")
         try:
             self.adversarial_training()
         except ValueError as exc:
@@ -148,6 +170,13 @@ class RunSettings:
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         return {self._KEYS[k]: v for k, v in asdict(self).items()}
+
+    @property
+    def model_replies(self) -> bool:
+        """Whether clients reply with model parameters: FedAvg always; FedSGD under Flower's DP, whose
+        wrappers and mods clip ``reply - global`` (the one-step model ``theta - lr g`` carries the
+        gradient, and its plain mean is FedSGD's server step)."""
+        return self.algorithm == "fedavg" or self.flower_dp_mode != "none"
 
     def layers(self) -> list[str] | None:
         return None if self.recorder_layers in ("", "all") else [x.strip() for x in self.recorder_layers.split(",")]

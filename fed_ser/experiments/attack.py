@@ -34,6 +34,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from attacks.inference.aggregate import RoundAggregate, differencing_scores, round_aggregates
 from attacks.inference.data import UpdateDataset, labelled_updates
 from attacks.inference.evaluate import Evaluation, average_evaluations, evaluate_attack, summarize
 from attacks.inference.feature_space import train_feature_space_attack
@@ -174,6 +175,7 @@ class FoldAttacks:
     fusion_weights: dict[str, float]
     history: list[dict]
     inversion: dict | None = None  # how much of the private batches the feature-space attack recovered
+    aggregate: dict | None = None  # the observer of aggregates: rounds inverted, share-of-female correlation
 
 
 def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: int) -> list[Recovered]:
@@ -214,7 +216,7 @@ def _recovery_report(recovered: list[Recovered], updates: list, data: FederatedD
 def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_updates: list, s_labels: np.ndarray,
                  priv_store: UpdateStore, p_updates: list, p_labels: np.ndarray, suffix: str = "",
                  shadow_data: FederatedData | None = None, recovered: list[Recovered] | None = None,
-                 cnn: bool = True) -> FoldAttacks:
+                 cnn: bool = True, aggregates: list[tuple[RoundAggregate, Recovered]] | None = None) -> FoldAttacks:
     """Train every enabled attack on the shadow updates and evaluate it on the private ones."""
     acfg = attack_config(cfg)
     trials, seed, pools = int(cfg.attack.trials), int(cfg.attack.seed), [int(k) for k in cfg.attack.pool_rounds]
@@ -246,7 +248,30 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
         scores = np.array([attack.p_female(r.inputs, r.labels) for r in recovered])
         ev[f"feature-space{suffix}"] = evaluate_attack(attack.scorer(recovered), scores, clients, p_labels,
                                                        trials=trials, pool_rounds=pools, seed=seed)
+        if aggregates:
+            round_scores = {a.round: attack.p_female(r.inputs, r.labels) for a, r in aggregates}
+            gender = dict(zip([u.partition for u in p_updates], p_labels.tolist()))
+            cl = sorted(gender)
+            p = differencing_scores(round_scores, {a.round: a.clients for a, _ in aggregates}, cl)
+            ev[f"aggregate-observer{suffix}"] = evaluate_attack(lambda idx: float(p[idx].mean()), p, np.array(cl) + fold * FOLD_KEY,
+                                                                np.array([gender[c] for c in cl]), trials=1, seed=seed)
     return FoldAttacks(ev, layers, weights, history)
+
+
+def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, seed: int) -> tuple[list, dict]:
+    """The observer of aggregates' first step: the batch behind each round's sum, inverted at the round's
+    global model; reported with how the rounds' P(female) could track their share of female clients."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed + 7)
+    aggs = round_aggregates(store, int(cfg.fl.batch_size))
+    out = [(a, invert_fedsgd(a.update, a.params, a.batch_size, float(cfg.model.dropout), rng=rng,
+                             ransac_draws=int(cfg.attack.feature_space.ransac_draws)))
+           for a in tqdm(aggs, desc="inverting round aggregates", unit="round", mininterval=5)]
+    female = {p: data.client_gender[p] == "F" for a in aggs for p in a.clients}
+    found = sum(len(r.inputs) for _, r in out)
+    return out, {"rounds": len(out), "utterances_in_rounds": int(sum(a.batch_size for a in aggs)), "recovered": int(found),
+                 "female_share": [float(np.mean([female[p] for p in a.clients])) for a in aggs],
+                 "seconds": time.perf_counter() - t0}
 
 
 def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
@@ -254,7 +279,12 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
     t0 = time.perf_counter()
     tm = threat_model(cfg, fold)
     priv_fl = train_recorded(cfg, tm.private_data, out / f"fold{fold}", "private", str(cfg.private_engine))
-    shadow_fl = train_recorded(cfg, tm.shadow_data, out / f"fold{fold}", "shadow", str(cfg.shadow.engine))
+    shadow_cfg = cfg
+    if str(cfg.shadow.engine) != "flower" and str(cfg.flower_dp.mode) != "none":
+        # Flower's DP runs inside Flower only: the attacker's in-process shadow federations train without it
+        # (the feature-space attack needs no shadow federation; the CNN and profile attacks are then the weaker)
+        shadow_cfg = OmegaConf.merge(cfg, {"flower_dp": {"mode": "none"}})
+    shadow_fl = train_recorded(shadow_cfg, tm.shadow_data, out / f"fold{fold}", "shadow", str(cfg.shadow.engine))
     t_fl = time.perf_counter() - t0
 
     shadow_store = UpdateStore(Path(shadow_fl["dir"]) / "updates")
@@ -273,17 +303,25 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
         print(f"[attack] fold {fold}: recovered {inversion['recovered']} of {inversion['utterances_in_batches']} "
               f"utterances ({inversion['complete_updates']} of {inversion['updates']} batches whole, "
               f"{inversion['share_exact']:.1%} exact) in {inversion['seconds']:.0f} s", flush=True)
+    aggregates, aggregate = None, None
+    if cfg.attack.feature_space.enabled and cfg.attack.aggregate_observer:
+        aggregates, aggregate = invert_aggregates(cfg, priv_store, priv_data, seed)
+        print(f"[attack] fold {fold}: observer of aggregates: recovered {aggregate['recovered']} of "
+              f"{aggregate['utterances_in_rounds']} utterances from {aggregate['rounds']} round sums "
+              f"in {aggregate['seconds']:.0f} s", flush=True)
     shadow_for_attack = _shuffled_client_genders(shadow_data, seed) if control else shadow_data
     attacks = _run_attacks(cfg, fold, shadow_store, s_updates,
                            _shuffled_genders(s_updates, s_labels, seed) if control else s_labels,
-                           priv_store, p_updates, p_labels, shadow_data=shadow_for_attack, recovered=recovered)
-    attacks.inversion = inversion
+                           priv_store, p_updates, p_labels, shadow_data=shadow_for_attack, recovered=recovered,
+                           aggregates=aggregates)
+    attacks.inversion, attacks.aggregate = inversion, aggregate
     if bool(cfg.attack.with_control) and not control:
         # the CNN's control is one permutation (it is costly to train); the cheap attacks average
         # attack.control_permutations of them, so that a few shadow speakers do not make it a coin toss
         runs = [_run_attacks(cfg, fold, shadow_store, s_updates, _shuffled_genders(s_updates, s_labels, seed + i),
                              priv_store, p_updates, p_labels, suffix="-control",
-                             shadow_data=_shuffled_client_genders(shadow_data, seed + i), recovered=recovered, cnn=i == 0)
+                             shadow_data=_shuffled_client_genders(shadow_data, seed + i), recovered=recovered, cnn=i == 0,
+                             aggregates=aggregates)
                 for i in range(_control_permutations(cfg))]
         for name in runs[0].evaluations:
             attacks.evaluations[name] = average_evaluations([r.evaluations[name] for r in runs if name in r.evaluations])
@@ -300,8 +338,13 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
         "fusion_weights": attacks.fusion_weights,
         "defence": {"dp_mode": str(cfg.dp.mode), "dp_epsilon": float(cfg.dp.epsilon), "dp_clip": float(cfg.dp.clip),
                     "dp_calibrate": str(cfg.dp.calibrate), "dropout": float(cfg.model.dropout),
-                    "spent_epsilon_max": (priv_fl.get("privacy") or {}).get("spent_epsilon_max")},
+                    "spent_epsilon_max": (priv_fl.get("privacy") or {}).get("spent_epsilon_max"),
+                    "flower_dp_mode": str(cfg.flower_dp.mode), "flower_dp_noise": float(cfg.flower_dp.noise_multiplier),
+                    "flower_dp_clip": float(cfg.flower_dp.clip), "flower_dp_epsilon": float(cfg.flower_dp.epsilon),
+                    "privacy": {k: v for k, v in (priv_fl.get("privacy") or {}).items() if k != "clients"}},
+        "seconds_per_round": priv_fl["wall_seconds"] / max(len(priv_fl["rounds"]), 1) if "wall_seconds" in priv_fl else None,
         "inversion": attacks.inversion,
+        "aggregate": attacks.aggregate,
         "attack_history": attacks.history,
         "seconds": {"fl": t_fl, "total": time.perf_counter() - t0},
     }

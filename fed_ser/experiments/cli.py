@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fed_ser.core.settings import RunSettings
+from fed_ser.core.settings import ConfigError, RunSettings
 from fed_ser.data.federated import FederatedData
 from fed_ser.experiments.config import console, load_config
 from fed_ser.io import atomic_write_json, atomic_write_text
@@ -30,7 +30,9 @@ def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: st
         recorder_dir=recorder_dir, recorder_layers=str(cfg.recorder.layers), recorder_float16=bool(cfg.recorder.float16),
         out_dir=out_dir, resume=bool(cfg.resume), seed=int(cfg.seed), dp_mode=str(cfg.dp.mode),
         dp_epsilon=float(cfg.dp.epsilon), dp_delta=float(cfg.dp.delta), dp_clip=float(cfg.dp.clip),
-        dp_calibrate=str(cfg.dp.calibrate),
+        dp_calibrate=str(cfg.dp.calibrate), flower_dp_mode=str(cfg.flower_dp.mode),
+        flower_dp_noise=float(cfg.flower_dp.noise_multiplier), flower_dp_clip=float(cfg.flower_dp.clip),
+        flower_dp_epsilon=float(cfg.flower_dp.epsilon), flower_dp_delta=float(cfg.flower_dp.delta),
         adv_mix=float(cfg.adv.mix), adv_method=str(cfg.adv.method), adv_norm=str(cfg.adv.norm),
         adv_epsilon=float(cfg.adv.epsilon), adv_steps=int(cfg.adv.steps), adv_step_size=float(cfg.adv.step_size),
     )
@@ -63,6 +65,9 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
     from fed_ser.recording.store import UpdateStore
 
     settings = run_settings(cfg, prepared, out_dir, recorder_dir)
+    if settings.flower_dp_mode != "none":
+        raise ConfigError(f"flower_dp.mode={settings.flower_dp_mode}: Flower's DP runs in the Flower engine only "
+                          "(private_engine=flower, shadow.engine=flower)")
     data = FederatedData.load(prepared)
     print(f"[fed-ser] {cfg.fl.algorithm} (vectorised engine) on {prepared.name}: {data.num_clients} clients, "
           f"{settings.rounds} rounds -> {out_dir}", flush=True)

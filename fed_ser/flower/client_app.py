@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_ser.core.metrics import evaluate
@@ -20,7 +21,8 @@ from fed_ser.core.schedule import client_seed, federation_size
 from fed_ser.core.settings import RunSettings
 from fed_ser.core.training import client_update
 from fed_ser.data.federated import TRAIN, VAL, FederatedData
-from fed_ser.flower.strategy import numpy_to_arrays
+from fed_ser.flower.eavesdropper import numpy_to_arrays
+from fed_ser.flower.privacy import client_mods
 
 
 @lru_cache(maxsize=4)
@@ -47,8 +49,12 @@ def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
     pid = _partition(context)
     X, y = data.client_rows(pid, TRAIN)
     rnd = int(msg.content.config_records["config"]["server-round"])
-    result = client_update(_model(s, data, msg), X, y, s, client_seed(s.seed, rnd, pid), pid=pid,
+    model = _model(s, data, msg)
+    result = client_update(model, X, y, s, client_seed(s.seed, rnd, pid), pid=pid,
                            num_clients=federation_size(s.min_available, data.num_clients))
+    if s.algorithm == "fedsgd" and s.model_replies:  # the one-step model, for Flower's DP (see fed_ser.flower.privacy)
+        theta = msg.content.array_records["arrays"].to_numpy_ndarrays()
+        result.arrays = {k: (th - s.lr * g).astype(np.float32) for th, (k, g) in zip(theta, result.arrays.items())}
     metrics = MetricRecord({"num-examples": result.num_examples, "local-steps": result.steps,
                             "train-loss": result.loss, "partition-id": pid, **result.metrics})
     return Message(RecordDict({"arrays": numpy_to_arrays(result.arrays), "metrics": metrics}), reply_to=msg)
@@ -76,10 +82,20 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 def make_client_app(settings: RunSettings | None = None) -> ClientApp:
     """A ClientApp using ``settings`` (Hydra CLI) or, if None, the run config (``flwr run``)."""
-    client_app = ClientApp()
-
     def _settings(context: Context) -> RunSettings:
         return settings if settings is not None else RunSettings.from_run_config(context.run_config)
+
+    def privacy_mod(msg: Message, context: Context, call_next):
+        """Flower's client-side DP mods of the run's ``flower_dp.mode`` (the run config is known per message),
+        on training messages only: Flower 1.41's ``fixedclipping_mod`` and ``LocalDpMod`` do not check
+        the message type themselves and answer an evaluate or query message with an error."""
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        for mod in reversed(client_mods(_settings(context))):
+            call_next = (lambda m, c, mod=mod, nxt=call_next: mod(m, c, nxt))
+        return call_next(msg, context)
+
+    client_app = ClientApp(mods=[privacy_mod])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

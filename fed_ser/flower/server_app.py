@@ -17,10 +17,12 @@ from flwr.serverapp import Grid, ServerApp
 from defenses.privacy.report import check_privacy, privacy_report
 from fed_ser.core.metrics import evaluate
 from fed_ser.core.model import build_model
-from fed_ser.core.schedule import federation_size
+from fed_ser.core.schedule import clients_per_round, federation_size
 from fed_ser.core.settings import RunSettings
 from fed_ser.data.federated import TRAIN, FederatedData
-from fed_ser.flower.strategy import FedSerStrategy, Recorder, arrays_to_numpy
+from fed_ser.flower.eavesdropper import Eavesdropper, arrays_to_numpy
+from fed_ser.flower.privacy import wrap_strategy
+from fed_ser.flower.strategy import FedSerStrategy
 from fed_ser.io import atomic_write_json
 from fed_ser.recording.checkpoint import NAME as CHECKPOINT
 from fed_ser.recording.checkpoint import checkpoint_history, load_checkpoint, save_checkpoint
@@ -93,7 +95,7 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
         dropped = store.truncate_after_round(start_round)
         if dropped:
             print(f"[fed-ser] resumed at round {start_round}: dropped {dropped} recorded updates of unfinished rounds")
-        recorder = Recorder(UpdateRecorder(store, s.algorithm, s.lr, s.layers(), s.recorder_float16))
+        recorder = UpdateRecorder(store, s.algorithm, s.lr, s.layers(), s.recorder_float16, model_replies=s.model_replies)
     X_test, y_test = data.test_rows()
     eval_model = build_model(data.X.shape[1], s.dropout, s.seed)
     t0 = time.perf_counter()
@@ -103,11 +105,15 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
         remaining = s.rounds - start_round
         partition_nodes = discover_partitions(grid, n_clients, Path(s.prepared).name) if remaining > 0 else {}
         strategy = FedSerStrategy(
-            algorithm=s.algorithm, lr=s.lr, recorder=recorder, eval_every=s.eval_every, num_rounds=s.rounds,
+            algorithm=s.algorithm, lr=s.lr, model_replies=s.model_replies, eval_every=s.eval_every, num_rounds=s.rounds,
             round_offset=start_round, partition_nodes=partition_nodes, num_clients=n_clients, seed=s.seed,
             fraction_train=s.fraction, fraction_evaluate=s.eval_fraction,
             min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,  # all were awaited once; later rounds go on with whoever is left
         )
+        # Flower's DP wraps the strategy; the eavesdropper wraps both: it records what the server receives
+        server = wrap_strategy(strategy, s, clients_per_round(n_clients, s.fraction))
+        if recorder is not None:
+            server = Eavesdropper(server, recorder, round_offset=start_round)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:
@@ -130,7 +136,7 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
             return metrics
 
         if remaining > 0:
-            strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
+            server.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
                            timeout=s.round_timeout, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
                            evaluate_fn=evaluate_fn)
     finally:
@@ -151,8 +157,8 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
     privacy = privacy_report(s, [len(data.client_rows(p, TRAIN)[1]) for p in range(n_clients)], took_part)
     if privacy is not None:
         results["privacy"] = privacy
-        print(f"[fed-ser] privacy ({s.dp_mode}): target epsilon {s.dp_epsilon}, spent max "
-              f"{privacy['spent_epsilon_max']:.2f} mean {privacy['spent_epsilon_mean']:.2f} at delta {s.dp_delta}")
+        print(f"[fed-ser] privacy ({privacy['mode']}): spent max {privacy['spent_epsilon_max']:.2f} "
+              f"mean {privacy['spent_epsilon_mean']:.2f} at delta {privacy['delta']}: {privacy['guarantee']}")
     if recorder is not None:
         results["recorder"] = {"dir": s.recorder_dir, "updates": len(recorder.store), "bytes_per_update": recorder.store.bytes_per_update()}
     if out is not None:

@@ -1,78 +1,30 @@
-"""FedSGD / FedAvg on Flower's message-based FedAvg, with an eavesdropping recorder.
+"""FedSGD / FedAvg on Flower's message-based FedAvg.
 
 :class:`FedSerStrategy` subclasses :class:`flwr.serverapp.strategy.FedAvg` and keeps Flower's
 messaging. Clients are selected by partition id with the shared seeded schedule
 (:func:`fed_ser.core.schedule.select_clients`) once the ServerApp has learnt which node holds which
 partition, so one seed trains the same clients as the in-process engines; without that map it
-falls back to Flower's random node sampling. Before aggregating, every valid client reply is handed to the
-:class:`Recorder`, which stores exactly what an observer of the traffic sees (see
-:mod:`fed_ser.recording.store`). Aggregation:
+falls back to Flower's random node sampling. The eavesdropping recorder wraps this strategy
+(:class:`fed_ser.flower.eavesdropper.Eavesdropper`), outside any of Flower's DP wrappers. Aggregation:
 
 * FedSGD: ``theta <- theta - lr * sum_k (n_k / N) g_k`` (Flower's weighted average of the
   gradients, then one server step);
-* FedAvg: ``theta <- sum_k (n_k / N) theta_k`` (Flower's weighted average as is).
+* FedAvg, and FedSGD with model replies (under Flower's DP, each client sends ``theta - lr g_k``):
+  ``theta <- sum_k (n_k / N) theta_k`` (Flower's weighted average as is).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fed_ser.core.aggregation import server_step
 from fed_ser.core.schedule import select_clients
-from fed_ser.recording.recorder import UpdateRecorder
-from fed_ser.recording.store import UpdateStore
-
-
-def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-#: What every training reply must carry: the aggregation weight, the local step count the
-#: pseudo-gradient divides by, and which partition (client) sent it.
-REQUIRED_METRICS = ("num-examples", "local-steps", "partition-id")
-
-
-def reply_metrics(reply: Message) -> MetricRecord:
-    """A training reply's metrics, checked: a missing one is an error naming the node (a silent
-    default would, e.g., scale a FedAvg pseudo-gradient wrongly by the step count)."""
-    records = reply.content.metric_records
-    metrics = records.get("metrics")
-    missing = [k for k in REQUIRED_METRICS if metrics is None or k not in metrics]
-    if missing:
-        raise ValueError(f"the reply of node {reply.metadata.src_node_id} lacks the metric(s) {missing}")
-    return metrics
-
-
-@dataclass
-class Recorder:
-    """The eavesdropping hook on the strategy: every valid reply goes to the update recorder."""
-
-    recorder: UpdateRecorder
-
-    def record(self, server_round: int, reply: Message, global_arrays: dict[str, np.ndarray]) -> None:
-        metrics = reply_metrics(reply)
-        self.recorder.record(
-            round=server_round, node=reply.metadata.src_node_id, partition=int(metrics["partition-id"]),
-            num_examples=int(metrics["num-examples"]), steps=int(metrics["local-steps"]),
-            arrays=arrays_to_numpy(reply.content.array_records["arrays"]), global_arrays=global_arrays,
-        )
-
-    def commit(self) -> None:
-        self.recorder.commit()
-
-    @property
-    def store(self) -> UpdateStore:
-        return self.recorder.store
+from fed_ser.flower.eavesdropper import arrays_to_numpy, in_partition_order, numpy_to_arrays, reply_metrics
 
 
 def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -90,7 +42,7 @@ class FedSerStrategy(FedAvg):
     the partitions that replied, training loss, client validation UAR).
     """
 
-    def __init__(self, *, algorithm: str, lr: float, recorder: Recorder | None = None, eval_every: int = 1,
+    def __init__(self, *, algorithm: str, lr: float, model_replies: bool | None = None, eval_every: int = 1,
                  num_rounds: int = 1, round_offset: int = 0, partition_nodes: dict[int, int] | None = None,
                  num_clients: int = 0, seed: int = 0, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", _train_metrics)
@@ -99,7 +51,7 @@ class FedSerStrategy(FedAvg):
             raise ValueError(f"fl.algorithm: unknown {algorithm!r}")
         self.algorithm = algorithm
         self.lr = lr
-        self.recorder = recorder
+        self.model_replies = algorithm == "fedavg" if model_replies is None else model_replies
         self.eval_every = eval_every
         self.num_rounds = num_rounds
         self.round_offset = round_offset
@@ -127,18 +79,11 @@ class FedSerStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
-        replies = list(replies)
-        # replies arrive in whatever order the nodes finish; taken in partition order, the weighted sum
-        # (and the store) come out the same in every run, as in the in-process engines
-        valid = sorted((m for m in replies if not m.has_error()), key=lambda m: int(reply_metrics(m)["partition-id"]))
-        replies = valid + [m for m in replies if m.has_error()]
+        replies = in_partition_order(replies)
+        valid = [m for m in replies if not m.has_error()]
         clients = [int(reply_metrics(m)["partition-id"]) for m in valid]
-        if self.recorder is not None:
-            for reply in valid:
-                self.recorder.record(rnd, reply, self._global)
-            self.recorder.commit()
         agg, metrics = super().aggregate_train(rnd, replies)  # Flower's sample-weighted mean
-        if agg is not None and self.algorithm == "fedsgd":
+        if agg is not None and not self.model_replies:
             agg = numpy_to_arrays(server_step(self._global, arrays_to_numpy(agg), "fedsgd", self.lr))
         self.rounds.setdefault(rnd, {"round": rnd, "sampled": len(replies)}).update(
             replies=len(valid), clients=clients, train_loss=float(metrics["train-loss"]) if metrics else None)

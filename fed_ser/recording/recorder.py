@@ -1,7 +1,8 @@
 """The eavesdropper's record of one client update, independent of how it travelled.
 
 :class:`UpdateRecorder` turns (round, node, update, global parameters) into store records:
-FedSGD gradients as they are; FedAvg as ``theta(t) - theta_k(t)``; and, for both, the round's
+FedSGD gradients as they are (sent as the one-step model ``theta - lr g``, under Flower's DP: stored
+as ``(theta - theta_k) / lr``); FedAvg as ``theta(t) - theta_k(t)``; and, for both, the round's
 global parameters once (the server sent them, so it knows them: the feature-space attack inverts
 a gradient at the model it was computed at). The Flower strategy feeds it from Message replies;
 the in-process engine feeds it directly, so both produce the same store format.
@@ -34,6 +35,7 @@ class UpdateRecorder:
     lr: float
     layers: list[str] | None = None
     float16: bool = False
+    model_replies: bool = False  # FedSGD clients send theta - lr g (see RunSettings.model_replies)
     _globals_written: set[int] = field(default_factory=set)
 
     def record(self, *, round: int, node: int, partition: int, num_examples: int, steps: int,
@@ -44,6 +46,8 @@ class UpdateRecorder:
             self.store.append(global_arrays, kind="global", round=round, node=-1, lr=self.lr, sync=False)
         self._globals_written.add(round)
         if self.algorithm == "fedsgd":
+            if self.model_replies:
+                arrays = {k: (global_arrays[k] - arrays[k]) / np.float32(self.lr) for k in arrays}
             self.store.append(select_layers(arrays, self.layers), kind="gradient", **meta)
             return
         delta = {k: global_arrays[k] - arrays[k] for k in arrays}

@@ -1,0 +1,69 @@
+"""The observer of aggregates: what is left to infer when only each round's sum is seen.
+
+Under SecAgg+ the server learns the round's weighted sum of the updates and who took part, not the
+updates themselves; an observer of the global models learns the same sum from two consecutive
+global models, with any central DP noise in it. :func:`round_aggregates` rebuilds exactly that view
+from a store (``theta(t) - theta(t+1)``, over the server step: the round's mean gradient, or mean
+pseudo-gradient), and :func:`differencing_scores` turns a score per round (e.g. the feature-space
+attack's P(female) of the batch inverted from the aggregate: the round's share of female clients)
+into a score per client, from the difference between the rounds it joined and the rounds it did not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fed_ser.recording.store import UpdateStore
+
+
+@dataclass(frozen=True)
+class RoundAggregate:
+    """One round as an observer of aggregates sees it."""
+
+    round: int
+    clients: tuple[int, ...]  # the partitions that took part (SecAgg+ reveals who did)
+    batch_size: int  # utterances behind the sum (FedSGD: sum of min(B, n_k))
+    update: dict[str, np.ndarray]  # the round's mean (pseudo-)gradient, as the global models give it
+    params: dict[str, np.ndarray]  # the global model the round started from
+
+
+def round_aggregates(store: UpdateStore, batch_size: int) -> list[RoundAggregate]:
+    """Every round whose next global model is recorded, as an observer of the aggregates sees it.
+
+    The update is ``(theta(t) - theta(t+1)) / (lr T)`` with ``T`` the round's mean local step count
+    (FedSGD: ``T = 1``): the mean update the server applied, DP noise included.
+    """
+    by_round: dict[int, list] = {}
+    for u in store.updates():
+        by_round.setdefault(u.round, []).append(u)
+    out = []
+    for rnd in sorted(by_round):
+        now, nxt = store.global_record(rnd), store.global_record(rnd + 1)
+        if now is None or nxt is None:
+            continue
+        ups = by_round[rnd]
+        before, after = store.read(now), store.read(nxt)
+        steps = float(np.mean([max(u.steps, 1) for u in ups]))
+        scale = 1.0 / (now.lr * steps)
+        update = {k: (before[k].astype(np.float64) - after[k]) * scale for k in before}
+        batch = sum(min(batch_size, u.num_examples) if u.kind == "gradient" else u.num_examples for u in ups)
+        out.append(RoundAggregate(rnd, tuple(sorted(u.partition for u in ups)), int(batch), update, before))
+    return out
+
+
+def differencing_scores(round_scores: dict[int, float], members: dict[int, tuple[int, ...]],
+                        clients: list[int]) -> np.ndarray:
+    """Per client: mean round score over the rounds it joined minus over the rounds it did not,
+    mapped monotonically to (0, 1) (0.5: no difference; NaN-free: a client never seen gets 0.5)."""
+    rounds = [r for r in round_scores if np.isfinite(round_scores[r])]
+    s = np.array([round_scores[r] for r in rounds])
+    out = []
+    for c in clients:
+        joined = np.array([c in members[r] for r in rounds], dtype=bool)
+        if joined.all() or not joined.any():
+            out.append(0.5)
+            continue
+        out.append(0.5 + 0.5 * np.tanh(float(s[joined].mean() - s[~joined].mean())))
+    return np.array(out)

@@ -1,0 +1,97 @@
+"""Threat models beyond the paper's: the observer of round sums, and what Flower's DP guarantees to whom."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from attacks.inference.aggregate import differencing_scores, round_aggregates
+from defenses.privacy.central import central_epsilon, flower_dp_report, local_epsilon
+from fed_ser.core.settings import ConfigError, RunSettings
+from fed_ser.data.federated import FederatedData
+from fed_ser.engines.vectorized import run_vectorized
+from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.recording.store import UpdateStore
+
+
+def _data(tmp_path, n_clients=12, per_client=10):
+    rng = np.random.default_rng(0)
+    client = np.repeat(np.arange(n_clients), per_client)
+    n = n_clients * per_client
+    data = FederatedData(X=rng.normal(size=(n, 8)).astype(np.float32), y=np.tile(np.arange(4), n // 4), client=client,
+                         split=np.zeros(n, dtype=np.int8), client_speaker=np.array([f"s{i}" for i in range(n_clients)]),
+                         client_gender=np.array(["F", "M"] * (n_clients // 2)), client_corpus=np.array(["x"] * n_clients))
+    data.save(tmp_path / "d.npz")
+    return data
+
+
+@pytest.mark.parametrize("algorithm", ["fedsgd", "fedavg"])
+def test_a_round_sum_from_the_global_models_is_the_weighted_mean_of_the_rounds_updates(tmp_path, algorithm):
+    """What SecAgg+ reveals (and any observer of the global models): the n_k-weighted mean update."""
+    data = _data(tmp_path)
+    s = RunSettings(prepared=str(tmp_path / "d.npz"), algorithm=algorithm, rounds=4, fraction=0.5,
+                    lr=0.1 if algorithm == "fedsgd" else 0.01, optimizer="sgd", batch_size=4)
+    store = UpdateStore(tmp_path / "u", mode="a")
+    run_vectorized(data, s, UpdateRecorder(store, algorithm, s.lr), progress=False)
+    aggs = round_aggregates(store, s.batch_size)
+    assert [a.round for a in aggs] == [1, 2, 3]  # the last round's result is not in the store
+    for a in aggs:
+        ups = [u for u in store.updates() if u.round == a.round]
+        assert a.clients == tuple(sorted(u.partition for u in ups)) and len(a.clients) == 6
+        w = np.array([u.num_examples for u in ups], dtype=np.float64)
+        for k in a.update:
+            mean = sum(wi * store.attack_input(u)[k] for wi, u in zip(w / w.sum(), ups))
+            np.testing.assert_allclose(a.update[k], mean, rtol=1e-3, atol=2e-4)
+        if algorithm == "fedsgd":
+            assert a.batch_size == 6 * 4
+
+
+def test_differencing_finds_the_clients_that_raise_the_rounds_score():
+    """A round's score = its share of female clients, plus noise: the rounds a client joined tell its gender."""
+    rng = np.random.default_rng(1)
+    female = {c: c % 2 == 0 for c in range(20)}
+    members, scores = {}, {}
+    for r in range(200):
+        members[r] = tuple(sorted(rng.choice(20, 5, replace=False).tolist()))
+        scores[r] = float(np.mean([female[c] for c in members[r]])) + rng.normal(0, 0.05)
+    p = differencing_scores(scores, members, list(range(20)))
+    assert ((p > 0.5) == np.array([female[c] for c in range(20)])).all()
+    flat = differencing_scores({r: 0.5 for r in scores}, members, list(range(20)))  # nothing recovered: the prior
+    assert (flat == 0.5).all()
+
+
+def test_central_dp_guarantees_nothing_against_the_server_and_local_dp_does():
+    central = flower_dp_report("central-fixed", 1.0, 10.0, 1e-5, [0, 3, 10])
+    assert central["epsilon_server"] is None
+    assert central["epsilon_aggregate_observer"] == pytest.approx(central_epsilon(1.0, 10, 1e-5))
+    assert central_epsilon(1.0, 3, 1e-5) < central_epsilon(1.0, 10, 1e-5) < central_epsilon(0.5, 10, 1e-5)
+    local = flower_dp_report("local", 1.0, 1.0, 1e-5, [1, 4])
+    assert local["epsilon_server"] == local["epsilon_aggregate_observer"] == pytest.approx(local_epsilon(1.0, 1e-5, 4))
+    # one release of LocalDpMod(epsilon=1): the RDP account is no looser than the classical (1, delta) it replaces
+    assert local_epsilon(1.0, 1e-5, 1) <= 1.0
+    assert local_epsilon(1.0, 1e-5, 4) < 4 * 1.0  # and composes better than the sum
+    assert math.isclose(local["noise_multiplier"], math.sqrt(2 * math.log(1.25 / 1e-5)))
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"flower_dp_mode": "central"}, "flower_dp.mode"),
+    ({"flower_dp_mode": "local", "flower_dp_epsilon": 0.0}, "flower_dp.epsilon"),
+    ({"flower_dp_mode": "central-fixed", "flower_dp_noise": 0.0}, "flower_dp.noise_multiplier"),
+    ({"flower_dp_mode": "local", "dp_mode": "sample"}, "choose one DP mechanism"),
+])
+def test_a_wrong_flower_dp_setting_names_its_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        RunSettings(prepared="x.npz", **kwargs)
+
+
+def test_flowers_dp_refuses_the_in_process_engines(tmp_path):
+    from fed_ser.experiments.cli import run_vectorized_fl
+    from fed_ser.experiments.config import load_config
+
+    _data(tmp_path)
+    cfg = load_config(["flower_dp=local", "fl.rounds=1"])
+    with pytest.raises(ConfigError, match="Flower engine only"):
+        run_vectorized_fl(cfg, tmp_path / "d.npz", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
