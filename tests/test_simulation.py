@@ -141,3 +141,45 @@ def test_flowers_dp_as_shipped_and_what_the_curious_server_still_records(cfg_and
     local = runs["local"]
     assert all(norm(g) > 10 * clip / 0.1 for g in local[1].values())  # the noise dominates a clipped update
     assert local[0]["privacy"]["epsilon_server"] == local[0]["privacy"]["spent_epsilon_max"] > 0
+
+
+def test_secagg_plus_aggregates_equal_the_plain_weighted_mean_within_its_quantisation(cfg_and_data, tmp_path):
+    """Flower's SecAgg+ (legacy workflow, as shipped) over fed-ser's clients: the server's aggregate is the
+    n_k-weighted mean of the clients' one-step models, up to SecAgg+'s quantisation of [-8, 8] into 2^22 steps
+    (with Flower's default max_weight=1000 instead of the largest n_k, the error was ~100x this bound's)."""
+    import numpy as np
+    from flwr.simulation import run_simulation
+
+    from fed_ser.core.model import build_model
+    from fed_ser.core.schedule import client_seed
+    from fed_ser.core.training import client_update
+    from fed_ser.experiments.cli import run_settings
+    from fed_ser.flower.secagg import make_secagg_client_app, make_secagg_server_app, quantisation_bound
+
+    cfg, prepared = cfg_and_data
+    cfg.fl.rounds = 1
+    s = run_settings(cfg, prepared, str(tmp_path / "secagg"))
+    data = FederatedData.load(prepared)
+    s = type(s)(**{**s.__dict__, "min_available": 4})
+    run_simulation(server_app=make_secagg_server_app(s, clients=4), client_app=make_secagg_client_app(s),
+                   num_supernodes=4, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                                     "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    got = np.load(tmp_path / "secagg" / "aggregates.npz")
+    model = build_model(data.X.shape[1], s.dropout, s.seed)
+    theta = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    models, weights = [], []
+    for pid in range(4):
+        X, y = data.client_rows(pid, 0)
+        m = build_model(data.X.shape[1], s.dropout, s.seed)
+        r = client_update(m, X, y, s, client_seed(s.seed, 1, pid), pid=pid, num_clients=4)
+        models.append({k: theta[k] - s.lr * r.arrays[k] for k in theta})
+        weights.append(r.num_examples)
+    w = np.array(weights, float) / sum(weights)
+    bound = quantisation_bound(weights, max(weights))
+    worst = 0.0
+    for k in theta:
+        mean = sum(wi * m[k] for wi, m in zip(w, models))
+        diff = float(np.abs(got[f"round1.{k}"] - mean).max())
+        worst = max(worst, diff)
+        assert diff <= bound, (k, diff, bound)
+    assert worst > 0  # quantised: not bit-equal, so the comparison is not with itself
