@@ -114,11 +114,10 @@ def test_flowers_dp_as_shipped_and_what_the_curious_server_still_records(cfg_and
     import numpy as np
 
     cfg, prepared = cfg_and_data
-    cfg.fl.rounds = 2
     clip = 0.02
     runs = {}
     for mode in ("none", "central-fixed", "central-adaptive", "client-fixed", "local"):
-        c = load_config([f"data.prepared_dir={cfg.data.prepared_dir}", "fl.fraction=0.25", "fl.rounds=2", "fl.eval_every=2",
+        c = load_config([f"data.prepared_dir={cfg.data.prepared_dir}", "fl.fraction=0.25", "fl.rounds=1", "fl.eval_every=1",
                          f"flower_dp={mode.replace('-', '_')}", f"flower_dp.clip={clip}"])
         out = tmp_path / mode
         res = run_fl(c, prepared, str(out), str(out / "updates"))

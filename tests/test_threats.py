@@ -102,7 +102,7 @@ def test_the_audit_bounds_epsilon_from_below_and_finds_no_dp(tmp_path):
     from fed_ser.experiments.audit import run_audit
     from fed_ser.experiments.config import load_config
 
-    cfg = load_config(["audit.trials=400", f"out_dir={tmp_path}"], "audit")
+    cfg = load_config(["audit.trials=300", f"out_dir={tmp_path}"], "audit")
     rows = {(r["mechanism"], r["observer"]): r for r in run_audit(cfg)["rows"]}
     for r in rows.values():
         if r["claimed_epsilon"] is not None:
