@@ -120,3 +120,17 @@ def test_an_audit_of_a_mechanism_that_ignores_its_input_finds_nothing():
     assert r["epsilon_lower_bound"] < 0.3
     with pytest.raises(ValueError, match="audit.trials"):
         audit(lambda canary, rng: 0.0, 5, 1e-5)
+
+
+def test_matrix_rows_run_one_at_a_time_add_up_only_when_their_settings_match(tmp_path):
+    import json
+
+    from fed_ser.experiments.config import load_config
+    from fed_ser.experiments.threats import _earlier_rows
+
+    rows = {"a": {"rounds": 3, "fold_ids": [0], "attacks": {}}, "b": {"rounds": 5, "fold_ids": [0], "attacks": {}},
+            "c": {"rounds": 3, "fold_ids": [1], "attacks": {}}}
+    (tmp_path / "matrix.json").write_text(json.dumps({"rows": rows}))
+    cfg = load_config(["fl.rounds=3", "folds=[0]"], "threats")
+    assert list(_earlier_rows(tmp_path, cfg, {"d": []})) == ["a"]  # b: other rounds, c: other folds
+    assert _earlier_rows(tmp_path, cfg, {"a": []}) == {}  # a row being rerun is not kept

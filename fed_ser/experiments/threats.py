@@ -50,7 +50,7 @@ def run_matrix(cfg: DictConfig, overrides: list[str]) -> dict:
         raise ConfigError(f"threats.only: no row(s) {unknown} (rows: {', '.join(rows)})")
     rows = {k: v for k, v in rows.items() if not only or k in only}
     out = Path(cfg.out_dir)
-    cells = {}
+    cells = _earlier_rows(out, cfg, rows)
     for i, (name, row) in enumerate(rows.items(), 1):
         if not isinstance(row, list):
             raise ConfigError(f"threats.rows.{name}: expected a list of overrides, got {row!r}")
@@ -60,19 +60,38 @@ def run_matrix(cfg: DictConfig, overrides: list[str]) -> dict:
         eps_server, eps_agg, guarantee = observer_epsilons(summary)
         fold_seconds = [f.get("seconds_per_round") for f in summary["folds"] if f.get("seconds_per_round")]
         cells[name] = {**summary, "epsilon_server": eps_server, "epsilon_aggregate": eps_agg, "guarantee": guarantee,
-                       "seconds_per_round": sum(fold_seconds) / len(fold_seconds) if fold_seconds else None}
+                       "seconds_per_round": sum(fold_seconds) / len(fold_seconds) if fold_seconds else None,
+                       "overrides": [str(o) for o in row], "rounds": int(cfg.fl.rounds), "folds": summary["folds"]}
         atomic_write_json(out / "matrix.json", {"rows": {k: _compact(v) for k, v in cells.items()}})
         write_threat_report(out, cells, f"{summary['private_corpus']}, {cfg.fl.algorithm}, {summary['threat_model']}")
     print(f"[threats] matrix: {out / 'matrix.md'}  figure: {out / 'asr_vs_epsilon.png'}", flush=True)
     return cells
 
 
+def _earlier_rows(out: Path, cfg: DictConfig, running: dict) -> dict:
+    """Rows an earlier run of this matrix finished with the same rounds and folds, and that this run does not
+    redo: kept, so that rows run one at a time (``threats.only``) add up in one matrix."""
+    path = out / "matrix.json"
+    if not path.exists():
+        return {}
+    import json
+
+    kept = {}
+    for name, row in json.loads(path.read_text()).get("rows", {}).items():
+        if name not in running and row.get("rounds") == int(cfg.fl.rounds) and row.get("fold_ids") == [int(f) for f in cfg.folds]:
+            kept[name] = {**row, "folds": [{} for _ in row["fold_ids"]]}
+    if kept:
+        print(f"[threats] kept rows of an earlier run in {path}: {', '.join(kept)}", flush=True)
+    return kept
+
+
 def _compact(summary: dict) -> dict:
     keep = ("private_corpus", "threat_model", "algorithm", "ser", "attacks", "defence", "epsilon_server",
-            "epsilon_aggregate", "guarantee", "seconds_per_round", "wall_seconds")
+            "epsilon_aggregate", "guarantee", "seconds_per_round", "wall_seconds", "overrides", "rounds")
     out = {k: summary.get(k) for k in keep}
     out["attacks"] = {n: {k: v for k, v in m.items() if k != "roc"} for n, m in summary["attacks"].items()}
-    out["aggregate"] = [f.get("aggregate") for f in summary["folds"]]
+    out["fold_ids"] = [f["fold"] for f in summary["folds"] if "fold" in f]
+    out["aggregate"] = summary.get("aggregate") or [f.get("aggregate") for f in summary["folds"]]
     return out
 
 
