@@ -20,6 +20,15 @@ from collections.abc import Callable
 import numpy as np
 from scipy.stats import beta
 
+DIM = 16  # the audited update's size: the canary direction is its first coordinate
+
+
+def canary_update(canary: bool, clip: float) -> np.ndarray:
+    """The canary client's update: ten times the clip along e_1, or against it (clipped: +-C e_1)."""
+    u = np.zeros(DIM)
+    u[0] = (10.0 if canary else -10.0) * clip
+    return u
+
 
 def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
     """One-sided upper confidence bound on a rate seen ``k`` times in ``n`` trials."""

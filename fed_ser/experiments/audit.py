@@ -22,44 +22,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.clientapp.mod import LocalDpMod
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import DictConfig
 
-from defenses.privacy.audit import audit
+from defenses.privacy.audit import DIM, audit, canary_update
 from defenses.privacy.central import central_epsilon, local_epsilon
 from defenses.privacy.user_dp import UserDPConfig, privatize, server_epsilon, server_noise_multiplier
 from fed_ser.core.settings import ConfigError
 from fed_ser.experiments.config import console, load_config
+from fed_ser.flower.audit import central_dp_canary, local_dp_canary
 from fed_ser.io import atomic_write_json, atomic_write_text
-
-DIM = 16  # the audited update's size: the canary direction is its first coordinate
-
-
-def _arrays(v: np.ndarray) -> ArrayRecord:
-    return ArrayRecord({"w": Array(np.ascontiguousarray(v, dtype=np.float32))})
-
-
-def _canary_update(canary: bool, clip: float) -> np.ndarray:
-    """The canary client's update: ten times the clip along e_1, or against it (clipped: +-C e_1)."""
-    u = np.zeros(DIM)
-    u[0] = (10.0 if canary else -10.0) * clip
-    return u
-
-
-class _Grid:
-    def __init__(self, n: int):
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
 
 
 def _no_dp(clip: float):
     def mechanism(canary: bool, rng: np.random.Generator) -> float:
-        u = _canary_update(canary, clip)
+        u = canary_update(canary, clip)
         return float(u[0] * min(1.0, clip / np.linalg.norm(u)))
     return mechanism
 
@@ -69,47 +45,8 @@ def _user_dp(cfg: UserDPConfig):
     old = {"w": np.zeros(DIM, np.float32)}
 
     def mechanism(canary: bool, rng: np.random.Generator) -> float:
-        return float(privatize({"w": _canary_update(canary, cfg.clip)}, old, cfg.clip, sigma, rng)["w"][0])
+        return float(privatize({"w": canary_update(canary, cfg.clip)}, old, cfg.clip, sigma, rng)["w"][0])
     return mechanism, server_epsilon(sigma, 1, cfg.delta)
-
-
-def _local_dp(clip: float, epsilon: float, delta: float):
-    mod = LocalDpMod(clip, 2.0 * clip, epsilon, delta)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    theta = np.zeros(DIM, np.float32)
-
-    def mechanism(canary: bool, rng: np.random.Generator) -> float:
-        msg = Message(RecordDict({"arrays": _arrays(theta), "config": ConfigRecord({})}), dst_node_id=1,
-                      message_type=MessageType.TRAIN)
-        reply = lambda m, c: Message(RecordDict({"arrays": _arrays(theta + _canary_update(canary, clip))}), reply_to=m)
-        return float(mod(msg, ctx, reply).content.array_records["arrays"]["w"].numpy()[0])
-    return mechanism, local_epsilon(epsilon, delta, 1)
-
-
-def _central_dp(clip: float, noise_multiplier: float, clients: int, observer: str):
-    """One round of Flower's server-side fixed clipping with ``clients`` clients, the canary among them.
-
-    ``observer="aggregate"`` scores the new global model; ``"server"`` scores the canary's reply as
-    the server receives it, before the wrapper clips and adds noise."""
-    theta = np.zeros(DIM, np.float32)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-
-    def mechanism(canary: bool, rng: np.random.Generator) -> float:
-        wrapper = DifferentialPrivacyServerSideFixedClipping(
-            FedAvg(min_train_nodes=clients, min_available_nodes=clients), noise_multiplier, clip, clients)
-        msgs = list(wrapper.configure_train(1, _arrays(theta), ConfigRecord({}), _Grid(clients)))
-        # the others are known to the auditor; not zero: Flower 1.41 divides by a zero update's norm when it clips
-        other = np.zeros(DIM)
-        other[1] = 0.01 * clip
-        updates = [_canary_update(canary, clip)] + [other] * (clients - 1)
-        replies = [Message(RecordDict({"arrays": _arrays(theta + u), "metrics": MetricRecord({"num-examples": 10})}),
-                           reply_to=m) for m, u in zip(msgs, updates)]
-        if observer == "server":
-            return float(replies[0].content.array_records["arrays"]["w"].numpy()[0])
-        agg, _ = wrapper.aggregate_train(1, replies)
-        return float(agg["w"].numpy()[0])
-    return mechanism
 
 
 def run_audit(cfg: DictConfig) -> dict:
@@ -120,14 +57,14 @@ def run_audit(cfg: DictConfig) -> dict:
         raise ConfigError(f"audit.clients: must be >= 1, got {m}")
     np.random.seed(int(a.seed))  # Flower's mechanisms draw their noise from numpy's global generator
     user, user_claim = _user_dp(UserDPConfig(eps, delta, clip))
-    local, local_claim = _local_dp(clip, eps, delta)
+    local, local_claim = local_dp_canary(clip, eps, delta), local_epsilon(eps, delta, 1)
     rows = [
         ("no DP (clipping only)", "server", _no_dp(clip), None),
         ("fed-ser user-level DP (dp=user)", "server", user, user_claim),
         ("Flower LocalDpMod (flower_dp=local)", "server", local, local_claim),
         ("Flower central DP, server-side fixed clipping", "observer of the aggregate",
-         _central_dp(clip, sigma, m, "aggregate"), central_epsilon(sigma, 1, delta)),
-        ("Flower central DP, server-side fixed clipping", "server", _central_dp(clip, sigma, m, "server"), None),
+         central_dp_canary(clip, sigma, m, "aggregate"), central_epsilon(sigma, 1, delta)),
+        ("Flower central DP, server-side fixed clipping", "server", central_dp_canary(clip, sigma, m, "server"), None),
     ]
     results = []
     for i, (name, observer, mechanism, claimed) in enumerate(rows):

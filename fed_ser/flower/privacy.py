@@ -13,7 +13,8 @@ The wrappers clip ``reply - global``, so under these modes FedSGD clients reply 
 model ``theta - lr g`` (:attr:`~fed_ser.core.settings.RunSettings.model_replies`). The recorder wraps the
 result (:class:`~fed_ser.flower.eavesdropper.Eavesdropper`): the curious server records what it receives,
 before its own clipping and noise. What each mode's epsilon guarantees, and against whom, is in
-:mod:`defenses.privacy.central`.
+:mod:`defenses.privacy.central`; :mod:`fed_ser.flower.audit` runs the same mechanisms on the
+audit's canary client.
 """
 
 from __future__ import annotations
