@@ -134,3 +134,16 @@ def test_matrix_rows_run_one_at_a_time_add_up_only_when_their_settings_match(tmp
     cfg = load_config(["fl.rounds=3", "folds=[0]"], "threats")
     assert list(_earlier_rows(tmp_path, cfg, {"d": []})) == ["a"]  # b: other rounds, c: other folds
     assert _earlier_rows(tmp_path, cfg, {"a": []}) == {}  # a row being rerun is not kept
+
+
+def test_a_vanished_fedsgd_step_still_leaves_flowers_clipping_a_nonzero_update():
+    """Flower 1.41 divides by the update's norm when it clips: a saturated model's zero step stopped a run."""
+    from fed_ser.flower.client_app import one_step_model
+
+    theta = {"w": np.full((2, 3), 1e4, np.float32), "b": np.ones(2, np.float32)}
+    out = one_step_model(theta, {"w": np.full((2, 3), 1e-9), "b": np.zeros(2)}, 0.1)
+    diff = np.concatenate([(theta[k] - out[k]).ravel() for k in theta])
+    assert 0 < np.abs(diff).max() <= np.spacing(np.float32(1e4))  # one ulp, on one entry
+    step = one_step_model(theta, {"w": np.ones((2, 3)), "b": np.ones(2)}, 0.1)
+    np.testing.assert_allclose(step["b"], 0.9)
+    np.testing.assert_allclose(step["w"], np.float32(1e4) - np.float32(0.1))

@@ -42,6 +42,18 @@ def _model(s: RunSettings, data: FederatedData, msg: Message) -> torch.nn.Module
     return model
 
 
+def one_step_model(theta: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float) -> dict[str, np.ndarray]:
+    """``theta - lr g`` in float32, never exactly ``theta``: where the step vanishes in float32 (a saturated
+    model's gradient, e.g. after heavy central DP noise), one entry moves by one ulp, because Flower
+    1.41's clipping divides by the update's norm and stops the run on a zero update."""
+    out = {k: (theta[k] - lr * g).astype(np.float32) for k, g in grads.items()}
+    if all(np.array_equal(out[k], theta[k]) for k in out):
+        k = next(iter(out))
+        flat = out[k].reshape(-1)
+        flat[0] = np.nextafter(flat[0], np.float32(np.inf))
+    return out
+
+
 def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
     """One client's local round: FedSGD gradient of one batch, or FedAvg local epochs."""
     torch.set_num_threads(1)
@@ -54,7 +66,7 @@ def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
                            num_clients=federation_size(s.min_available, data.num_clients))
     if s.algorithm == "fedsgd" and s.model_replies:  # the one-step model, for Flower's DP (see fed_ser.flower.privacy)
         theta = msg.content.array_records["arrays"].to_numpy_ndarrays()
-        result.arrays = {k: (th - s.lr * g).astype(np.float32) for th, (k, g) in zip(theta, result.arrays.items())}
+        result.arrays = one_step_model(dict(zip(result.arrays, theta)), result.arrays, s.lr)
     metrics = MetricRecord({"num-examples": result.num_examples, "local-steps": result.steps,
                             "train-loss": result.loss, "partition-id": pid, **result.metrics})
     return Message(RecordDict({"arrays": numpy_to_arrays(result.arrays), "metrics": metrics}), reply_to=msg)
