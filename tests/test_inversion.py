@@ -102,3 +102,4 @@ def test_a_mixture_of_two_samples_normals_fails_the_certificate(setting):
     certs = [_certify(frame, layers, q)[0] for q in normals]
     mixed = _certify(frame, layers, (normals[0] + normals[1]) / np.linalg.norm(normals[0] + normals[1]))[0]
     assert max(certs) < 1e-3 < 0.05 < mixed
+

@@ -147,10 +147,10 @@ def _certify(frame: _Frame, layers: _Layers, q: np.ndarray) -> tuple[float, np.n
     outside = K - frame.R2 @ (frame.R2.T @ K)  # the part outside G2's row space must vanish
     _, s, vt = np.linalg.svd(outside, full_matrices=False)
     x = frame.V @ vt[-1]
+    if abs(x[-1]) < 1e-12:  # no bias entry: not [x; 1] of any sample (a saturated model's update)
+        return np.inf, x, kept
     if frame.r == 1:  # one direction: it is the sample's if its masked activation lies in G2's row space
         return float(s[0] / (np.linalg.norm(K) + 1e-300)), x / x[-1], kept
-    if abs(x[-1]) < 1e-12:
-        return np.inf, x, kept
     return float(s[-1] / s[0]), x / x[-1], kept
 
 
