@@ -147,3 +147,19 @@ def test_a_vanished_fedsgd_step_still_leaves_flowers_clipping_a_nonzero_update()
     step = one_step_model(theta, {"w": np.ones((2, 3)), "b": np.ones(2)}, 0.1)
     np.testing.assert_allclose(step["b"], 0.9)
     np.testing.assert_allclose(step["w"], np.float32(1e4) - np.float32(0.1))
+
+
+def test_flowers_adaptive_clipping_starts_with_a_few_clients_a_round():
+    """Flower's default clipped-count noise (m/20) makes its adaptive wrapper refuse 4 clients at sigma 1."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
+
+    from fed_ser.flower.privacy import clipped_count_stddev, wrap_strategy
+    from fed_ser.flower.strategy import FedSerStrategy
+
+    with pytest.raises(ValueError, match="clipped_count_stddev"):
+        DifferentialPrivacyServerSideAdaptiveClipping(FedSerStrategy(algorithm="fedsgd", lr=0.1), 1.0, 4)
+    s = RunSettings(prepared="x.npz", flower_dp_mode="central-adaptive", flower_dp_noise=1.0)
+    wrapped = wrap_strategy(FedSerStrategy(algorithm="fedsgd", lr=0.1, model_replies=True), s, 4)
+    assert isinstance(wrapped, DifferentialPrivacyServerSideAdaptiveClipping)
+    assert wrapped.clipped_count_stddev == pytest.approx(clipped_count_stddev(1.0, 4)) == pytest.approx(2**-0.5)
+    assert wrapped.noise_multiplier == pytest.approx(2**0.5)  # half the budget on each release
