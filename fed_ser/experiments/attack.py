@@ -175,7 +175,7 @@ class FoldAttacks:
     fusion_weights: dict[str, float]
     history: list[dict]
     inversion: dict | None = None  # how much of the private batches the feature-space attack recovered
-    aggregate: dict | None = None  # the observer of aggregates: rounds inverted, share-of-female correlation
+    aggregate: dict | None = None  # the observer of aggregates: round sums inverted, utterances recovered, female shares
 
 
 def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: int) -> list[Recovered]:
@@ -260,7 +260,7 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
 
 def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, seed: int) -> tuple[list, dict]:
     """The observer of aggregates' first step: the batch behind each round's sum, inverted at the round's
-    global model; reported with how the rounds' P(female) could track their share of female clients."""
+    global model; reported with what was recovered and each round's true share of female clients."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed + 7)
     aggs = round_aggregates(store, int(cfg.fl.batch_size))

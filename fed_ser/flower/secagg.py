@@ -31,6 +31,7 @@ from fed_ser.core.schedule import client_seed, federation_size
 from fed_ser.core.settings import RunSettings
 from fed_ser.core.training import client_update
 from fed_ser.data.federated import TRAIN, FederatedData
+from fed_ser.flower.client_app import one_step_model
 
 
 class _Client(NumPyClient):
@@ -48,10 +49,8 @@ class _Client(NumPyClient):
         rnd = int(config["server-round"])
         r = client_update(model, X, y, s, client_seed(s.seed, rnd, self.pid), pid=self.pid,
                           num_clients=federation_size(s.min_available, self.data.num_clients))
-        if s.algorithm == "fedsgd":
-            out = [(th - s.lr * r.arrays[k]).astype(np.float32) for k, th in zip(keys, parameters)]
-        else:
-            out = [r.arrays[k] for k in keys]
+        arrays = one_step_model(dict(zip(keys, parameters)), r.arrays, s.lr) if s.algorithm == "fedsgd" else r.arrays
+        out = [arrays[k] for k in keys]
         return out, r.num_examples, {"partition-id": self.pid}
 
 
