@@ -13,7 +13,7 @@ from fed_ser.experiments.config import load_config
 SETTINGS = [
     "seed=1", "data.seed=4", "data.gender_style=1.0", "data.scale=0.03", "shards.iemocap=3", "fold=1",
     "model.dropout=0.4", "fl.lr=0.05", "fl.batch_size=10", "fl.fraction=0.5", "fl.local_epochs=2",
-    "fl.eval_every=1", "fl.eval_fraction=0.5", "recorder.layers=dense1", "recorder.float16=true",
+    "fl.eval_every=1", "fl.eval_fraction=0.5", "fl.secagg=true", "recorder.layers=dense1", "recorder.float16=true",
     "dp=sample", "dp=sample dp.epsilon=5", "dp=sample dp.clip=2", "dp=sample dp.delta=1e-6",
     "dp=sample dp.calibrate=expected", "adv=pgd", "adv=pgd adv.epsilon=0.3", "private_engine=vectorised",
     "shadow.share=0.5", "shadow.mode=speakers", "shadow.corpora=[crema_d]",

@@ -142,43 +142,50 @@ def test_flowers_dp_as_shipped_and_what_the_curious_server_still_records(cfg_and
     assert local[0]["privacy"]["epsilon_server"] == local[0]["privacy"]["spent_epsilon_max"] > 0
 
 
-def test_secagg_plus_aggregates_equal_the_plain_weighted_mean_within_its_quantisation(cfg_and_data, tmp_path):
-    """Flower's SecAgg+ (legacy workflow, as shipped) over fed-ser's clients: the server's aggregate is the
-    n_k-weighted mean of the clients' one-step models, up to SecAgg+'s quantisation of [-8, 8] into 2^22 steps
-    (with Flower's default max_weight=1000 instead of the largest n_k, the error was ~100x this bound's)."""
+def test_secagg_plus_gives_the_server_only_sums_equal_to_the_weighted_mean_within_its_quantisation(cfg_and_data, tmp_path):
+    """``fl.secagg=true flower_dp=client_fixed``: fed-ser's schedule through Flower's SecAgg+ (legacy workflow,
+    as shipped) with client-side clipping inside ``secaggplus_mod``. The server records no update, only the
+    global models and each round's unmasked mean reply; that mean equals the n_k-weighted mean of the
+    clients' clipped one-step models up to SecAgg+'s quantisation of [-8, 8] into 2^22 steps (with Flower's
+    default max_weight=1000 instead of the largest n_k the error was ~100x this bound's); the next global
+    model carries Flower's central noise, std sigma C / m, on top of it."""
     import numpy as np
-    from flwr.simulation import run_simulation
 
     from fed_ser.core.model import build_model
-    from fed_ser.core.schedule import client_seed
+    from fed_ser.core.schedule import client_seed, select_clients
     from fed_ser.core.training import client_update
+    from fed_ser.data.federated import TRAIN
     from fed_ser.experiments.cli import run_settings
-    from fed_ser.flower.secagg import make_secagg_client_app, make_secagg_server_app, quantisation_bound
+    from fed_ser.flower.secagg import quantisation_bound
 
     cfg, prepared = cfg_and_data
-    cfg.fl.rounds = 1
-    s = run_settings(cfg, prepared, str(tmp_path / "secagg"))
+    clip = 0.05
+    cfg = load_config([f"data.prepared_dir={cfg.data.prepared_dir}", "fl.fraction=0.25", "fl.rounds=2", "fl.eval_every=2",
+                       "fl.secagg=true", "flower_dp=client_fixed", f"flower_dp.clip={clip}"])
+    out = tmp_path / "secagg"
+    res = run_fl(cfg, prepared, str(out), str(out / "updates"))
+    s = run_settings(cfg, prepared, str(out))
     data = FederatedData.load(prepared)
-    s = type(s)(**{**s.__dict__, "min_available": 4})
-    run_simulation(server_app=make_secagg_server_app(s, clients=4), client_app=make_secagg_client_app(s),
-                   num_supernodes=4, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                                     "init_args": {"num_cpus": 2, "include_dashboard": False}})
-    got = np.load(tmp_path / "secagg" / "aggregates.npz")
-    model = build_model(data.X.shape[1], s.dropout, s.seed)
-    theta = {k: v.numpy().copy() for k, v in model.state_dict().items()}
-    models, weights = [], []
-    for pid in range(4):
-        X, y = data.client_rows(pid, 0)
-        m = build_model(data.X.shape[1], s.dropout, s.seed)
-        r = client_update(m, X, y, s, client_seed(s.seed, 1, pid), pid=pid, num_clients=4)
-        models.append({k: theta[k] - s.lr * r.arrays[k] for k in theta})
+    chosen = select_clients(s.seed, 1, data.num_clients, s.fraction)
+    assert [r["clients"] for r in res["rounds"]] == [chosen, select_clients(s.seed, 2, data.num_clients, s.fraction)]
+    assert res["privacy"]["mode"] == "flower:client-fixed" and res["privacy"]["epsilon_server"] is None
+    store = UpdateStore(out / "updates")
+    assert store.updates() == []  # the server never held one client's update
+    theta = store.read(store.global_record(1))
+    got, noisy = store.read(store.aggregate_record(1)), store.read(store.global_record(2))
+    models, weights, factors = [], [], []
+    for pid in chosen:
+        X, y = data.client_rows(pid, TRAIN)
+        r = client_update(build_model(data.X.shape[1], s.dropout, s.seed), X, y, s, client_seed(s.seed, 1, pid),
+                          pid=pid, num_clients=data.num_clients)
+        step = {k: -s.lr * r.arrays[k] for k in theta}
+        factors.append(min(1.0, clip / float(np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in step.values())))))
+        models.append({k: theta[k] + factors[-1] * step[k] for k in theta})
         weights.append(r.num_examples)
+    assert min(factors) < 1  # the clipping acted
     w = np.array(weights, float) / sum(weights)
-    bound = quantisation_bound(weights, max(weights))
-    worst = 0.0
-    for k in theta:
-        mean = sum(wi * m[k] for wi, m in zip(w, models))
-        diff = float(np.abs(got[f"round1.{k}"] - mean).max())
-        worst = max(worst, diff)
-        assert diff <= bound, (k, diff, bound)
-    assert worst > 0  # quantised: not bit-equal, so the comparison is not with itself
+    bound = quantisation_bound(weights, max(len(data.client_rows(p, TRAIN)[1]) for p in range(data.num_clients)))
+    worst = max(float(np.abs(got[k] - sum(wi * m[k] for wi, m in zip(w, models))).max()) for k in theta)
+    assert 0 < worst <= bound  # quantised: not bit-equal, so the comparison is not with itself
+    noise = np.concatenate([(noisy[k] - got[k]).ravel() for k in theta])
+    assert np.std(noise) == pytest.approx(s.flower_dp_noise * clip / len(chosen), rel=0.05)

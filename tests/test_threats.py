@@ -163,3 +163,28 @@ def test_flowers_adaptive_clipping_starts_with_a_few_clients_a_round():
     assert isinstance(wrapped, DifferentialPrivacyServerSideAdaptiveClipping)
     assert wrapped.clipped_count_stddev == pytest.approx(clipped_count_stddev(1.0, 4)) == pytest.approx(2**-0.5)
     assert wrapped.noise_multiplier == pytest.approx(2**0.5)  # half the budget on each release
+
+
+def test_a_secagg_cell_runs_and_its_server_attacks_sums_only(corpora, feature_cache, tmp_path):
+    """The matrix's SecAgg+ row at a small size: the private run goes through Flower's SecAgg+ workflow, the
+    server's store holds no client update, and the only attacks are differencing on round sums (the server's
+    unmasked ones and the global models'); the per-update attacks have nothing to read."""
+    import json
+
+    from fed_ser.experiments.config import load_config
+    from fed_ser.experiments.threats import run_matrix
+
+    out = tmp_path / "matrix"
+    overrides = [f"data.root={corpora}", "data.scale=0.05", "data.seed=3", f"data.cache={feature_cache}",
+                 f"data.prepared_dir={tmp_path / 'prepared'}", "shards.iemocap=2", "fl.rounds=6", "fl.eval_every=3",
+                 "attack.feature_space.aggregate_ransac_draws=500", "attack.with_control=false",
+                 "threats.only=[secagg]", f"out_dir={out}"]
+    cells = run_matrix(load_config(overrides, "threats"), overrides)
+    fold = cells["secagg"]["folds"][0]
+    assert fold["secagg"] and fold["private_updates"] == 0 and fold["shadow_updates"] == 0
+    assert fold["aggregate"]["rounds"] == 5  # every round whose next global model is recorded
+    assert set(cells["secagg"]["attacks"]) == {"aggregate-observer", "server-sum-differencing"}
+    row = json.loads((out / "matrix.json").read_text())["rows"]["secagg"]
+    assert row["epsilon_server"] is None and row["epsilon_aggregate"] is None
+    line = next(x for x in (out / "matrix.md").read_text().splitlines() if x.startswith("| secagg |"))
+    assert line.count("n/a") == 2  # the server's CNN and profile cells: no update to read

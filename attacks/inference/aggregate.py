@@ -29,27 +29,39 @@ class RoundAggregate:
     params: dict[str, np.ndarray]  # the global model the round started from
 
 
-def round_aggregates(store: UpdateStore, batch_size: int) -> list[RoundAggregate]:
-    """Every round whose next global model is recorded, as an observer of the aggregates sees it.
+def round_aggregates(store: UpdateStore, batch_size: int, members: dict[int, tuple[int, ...]] | None = None,
+                     server_view: bool = False) -> list[RoundAggregate]:
+    """Every round whose outcome is recorded, as an observer of the aggregates sees it.
 
     The update is ``(theta(t) - theta(t+1)) / (lr T)`` with ``T`` the round's mean local step count
-    (FedSGD: ``T = 1``): the mean update the server applied, DP noise included.
+    (FedSGD: ``T = 1``): the mean update the server applied, DP noise included. ``server_view``: the
+    round's unmasked mean reply (``kind="aggregate"``: what a server under SecAgg+ records, with the
+    global models, never an update) takes the place of ``theta(t+1)``: the server's own view, before
+    any noise it adds. ``members`` (round -> partitions) says who took part when the store holds no
+    client updates (SecAgg+ reveals it); each member's batch then counts as ``batch_size`` (the server
+    knows the protocol, not each ``n_k``; the inversion reads the true count off the spectrum).
     """
-    by_round: dict[int, list] = {}
-    for u in store.updates():
-        by_round.setdefault(u.round, []).append(u)
+    rounds: dict[int, tuple[tuple[int, ...], int, float]] = {}  # round -> (members, batch, mean steps)
+    if members is None:
+        by_round: dict[int, list] = {}
+        for u in store.updates():
+            by_round.setdefault(u.round, []).append(u)
+        for rnd, ups in by_round.items():
+            batch = sum(min(batch_size, u.num_examples) if u.kind == "gradient" else u.num_examples for u in ups)
+            rounds[rnd] = (tuple(sorted(u.partition for u in ups)), int(batch), float(np.mean([max(u.steps, 1) for u in ups])))
+    else:
+        rounds = {int(r): (tuple(sorted(c)), batch_size * len(c), 1.0) for r, c in members.items() if c}
     out = []
-    for rnd in sorted(by_round):
-        now, nxt = store.global_record(rnd), store.global_record(rnd + 1)
+    for rnd in sorted(rounds):
+        now = store.global_record(rnd)
+        nxt = store.aggregate_record(rnd) if server_view else store.global_record(rnd + 1)
         if now is None or nxt is None:
             continue
-        ups = by_round[rnd]
+        clients, batch, steps = rounds[rnd]
         before, after = store.read(now), store.read(nxt)
-        steps = float(np.mean([max(u.steps, 1) for u in ups]))
         scale = 1.0 / (now.lr * steps)
-        update = {k: (before[k].astype(np.float64) - after[k]) * scale for k in before}
-        batch = sum(min(batch_size, u.num_examples) if u.kind == "gradient" else u.num_examples for u in ups)
-        out.append(RoundAggregate(rnd, tuple(sorted(u.partition for u in ups)), int(batch), update, before))
+        update = {k: (before[k].astype(np.float64) - after[k]) * scale for k in after}
+        out.append(RoundAggregate(rnd, clients, batch, update, before))
     return out
 
 

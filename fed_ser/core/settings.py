@@ -39,6 +39,7 @@ class RunSettings:
     eval_fraction: float = 1.0
     min_available: int = 0  # 0: wait for every client of the data set
     round_timeout: float = 600.0  # seconds a round waits for replies (a dead node's reply never comes)
+    secagg: bool = False  # SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): the server sees each round's sum only
     recorder_dir: str = ""  # empty: no recording
     recorder_layers: str = "all"  # "all" or comma-separated layer names, e.g. "dense1"
     recorder_float16: bool = False
@@ -67,7 +68,7 @@ class RunSettings:
         "fraction": "fl.fraction", "lr": "fl.lr", "local_epochs": "fl.local_epochs",
         "batch_size": "fl.batch_size", "optimizer": "fl.optimizer", "dropout": "model.dropout",
         "eval_every": "fl.eval_every", "eval_fraction": "fl.eval_fraction",
-        "min_available": "fl.min_available", "round_timeout": "fl.round_timeout", "recorder_dir": "recorder.dir",
+        "min_available": "fl.min_available", "round_timeout": "fl.round_timeout", "secagg": "fl.secagg", "recorder_dir": "recorder.dir",
         "recorder_layers": "recorder.layers", "recorder_float16": "recorder.float16",
         "out_dir": "out_dir", "resume": "resume", "seed": "seed", "dp_mode": "dp.mode",
         "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_clip": "dp.clip",
@@ -121,6 +122,9 @@ class RunSettings:
                 raise ConfigError(f"flower_dp.epsilon: must be > 0, got {self.flower_dp_epsilon}")
             if not 0.0 < self.flower_dp_delta < 1.0:
                 raise ConfigError(f"flower_dp.delta: must be in (0, 1), got {self.flower_dp_delta}")
+        if self.secagg and self.flower_dp_mode in ("central-fixed", "central-adaptive"):
+            raise ConfigError(f"fl.secagg=true and flower_dp.mode={self.flower_dp_mode}: server-side clipping needs each "
+                              "update, which SecAgg+ hides; with SecAgg+ use flower_dp.mode=client_fixed or local")
         try:
             self.adversarial_training()
         except ValueError as exc:
@@ -175,8 +179,8 @@ class RunSettings:
     def model_replies(self) -> bool:
         """Whether clients reply with model parameters: FedAvg always; FedSGD under Flower's DP, whose
         wrappers and mods clip ``reply - global`` (the one-step model ``theta - lr g`` carries the
-        gradient, and its plain mean is FedSGD's server step)."""
-        return self.algorithm == "fedavg" or self.flower_dp_mode != "none"
+        gradient, and its plain mean is FedSGD's server step), and under SecAgg+, whose sum is a weighted mean."""
+        return self.algorithm == "fedavg" or self.flower_dp_mode != "none" or self.secagg
 
     def layers(self) -> list[str] | None:
         return None if self.recorder_layers in ("", "all") else [x.strip() for x in self.recorder_layers.split(",")]

@@ -178,6 +178,10 @@ class FoldAttacks:
     aggregate: dict | None = None  # the observer of aggregates: round sums inverted, utterances recovered, female shares
 
 
+#: Under SecAgg+: the server's differencing attack on the sums it unmasks (its feature-space attack).
+SERVER_SUMS = "server-sum-differencing"
+
+
 def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: int) -> list[Recovered]:
     """The feature-space attack's first step on every update: the batch behind it (see
     :mod:`attacks.inference.inversion`), at the global model of its round. FedAvg updates are inverted as
@@ -216,7 +220,8 @@ def _recovery_report(recovered: list[Recovered], updates: list, data: FederatedD
 def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_updates: list, s_labels: np.ndarray,
                  priv_store: UpdateStore, p_updates: list, p_labels: np.ndarray, suffix: str = "",
                  shadow_data: FederatedData | None = None, recovered: list[Recovered] | None = None,
-                 cnn: bool = True, aggregates: list[tuple[RoundAggregate, Recovered]] | None = None) -> FoldAttacks:
+                 cnn: bool = True, aggregates: dict[str, list[tuple[RoundAggregate, Recovered]]] | None = None,
+                 client_gender: np.ndarray | None = None) -> FoldAttacks:
     """Train every enabled attack on the shadow updates and evaluate it on the private ones."""
     acfg = attack_config(cfg)
     trials, seed, pools = int(cfg.attack.trials), int(cfg.attack.seed), [int(k) for k in cfg.attack.pool_rounds]
@@ -233,69 +238,82 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
                   for l, p in per_layer.items()}
         weights, history = dict(zip(acfg.layers, trained.model.fusion_weights.tolist())), trained.history
     pc = cfg.attack.profile
-    if pc.enabled:
+    if pc.enabled and s_updates and p_updates:
         layer = str(pc.layer)
         attack = train_profile_attack(update_profiles(shadow_store, s_updates, layer), s_labels, layer, float(pc.l2))
         profiles = update_profiles(priv_store, p_updates, layer)
         ev[f"profile{suffix}"] = evaluate_attack(pooled_scorer(attack, profiles), attack.p_female(profiles), clients,
                                                  p_labels, trials=trials, pool_rounds=pools, seed=seed)
     fs = cfg.attack.feature_space
-    if fs.enabled and shadow_data is not None and recovered is not None:
+    if fs.enabled and shadow_data is not None and (recovered or any((aggregates or {}).values())):
         rows = shadow_data.split == TRAIN
         attack = train_feature_space_attack(shadow_data.X[rows], shadow_data.y[rows], shadow_data.client[rows],
                                             shadow_data.client_gender, batch_size=int(cfg.fl.batch_size), pools=pools,
                                             draws=int(fs.draws), l2=float(fs.l2), seed=seed)
-        scores = np.array([attack.p_female(r.inputs, r.labels) for r in recovered])
-        ev[f"feature-space{suffix}"] = evaluate_attack(attack.scorer(recovered), scores, clients, p_labels,
-                                                       trials=trials, pool_rounds=pools, seed=seed)
-        if aggregates:
-            round_scores = {a.round: attack.p_female(r.inputs, r.labels) for a, r in aggregates}
-            gender = dict(zip([u.partition for u in p_updates], p_labels.tolist()))
-            cl = sorted(gender)
-            p = differencing_scores(round_scores, {a.round: a.clients for a, _ in aggregates}, cl)
-            ev[f"aggregate-observer{suffix}"] = evaluate_attack(lambda idx: float(p[idx].mean()), p, np.array(cl) + fold * FOLD_KEY,
-                                                                np.array([gender[c] for c in cl]), trials=1, seed=seed)
+        if recovered:
+            scores = np.array([attack.p_female(r.inputs, r.labels) for r in recovered])
+            ev[f"feature-space{suffix}"] = evaluate_attack(attack.scorer(recovered), scores, clients, p_labels,
+                                                           trials=trials, pool_rounds=pools, seed=seed)
+        for name, inverted in (aggregates or {}).items():
+            round_scores = {a.round: attack.p_female(r.inputs, r.labels) for a, r in inverted}
+            # every private client that took part (SecAgg+: as the rounds' members say)
+            cl = sorted({u.partition for u in p_updates} or {p for a, _ in inverted for p in a.clients})
+            gender = np.array([int(client_gender[c] == "F") for c in cl])
+            p = differencing_scores(round_scores, {a.round: a.clients for a, _ in inverted}, cl)
+            ev[f"{name}{suffix}"] = evaluate_attack(lambda idx, p=p: float(p[idx].mean()), p, np.array(cl) + fold * FOLD_KEY,
+                                                    gender, trials=1, seed=seed)
     return FoldAttacks(ev, layers, weights, history)
 
 
-def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, seed: int) -> tuple[list, dict]:
+def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, seed: int,
+                      members: dict[int, tuple[int, ...]] | None = None, server_view: bool = False) -> tuple[list, dict]:
     """The observer of aggregates' first step: the batch behind each round's sum, inverted at the round's
-    global model; reported with what was recovered and each round's true share of female clients."""
+    global model; reported with what was recovered and each round's true share of female clients.
+    ``members`` and ``server_view``: see :func:`attacks.inference.aggregate.round_aggregates` (SecAgg+)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed + 7)
-    aggs = round_aggregates(store, int(cfg.fl.batch_size))
-    out = [(a, invert_fedsgd(a.update, a.params, a.batch_size, float(cfg.model.dropout), rng=rng,
-                             ransac_draws=int(cfg.attack.feature_space.ransac_draws)))
+    aggs = round_aggregates(store, int(cfg.fl.batch_size), members, server_view)
+    fs = cfg.attack.feature_space
+    draws = int(fs.ransac_draws if fs.get("aggregate_ransac_draws") is None else fs.aggregate_ransac_draws)
+    out = [(a, invert_fedsgd(a.update, a.params, a.batch_size, float(cfg.model.dropout), rng=rng, ransac_draws=draws))
            for a in tqdm(aggs, desc="inverting round aggregates", unit="round", mininterval=5)]
     female = {p: data.client_gender[p] == "F" for a in aggs for p in a.clients}
     found = sum(len(r.inputs) for _, r in out)
     return out, {"rounds": len(out), "utterances_in_rounds": int(sum(a.batch_size for a in aggs)), "recovered": int(found),
                  "female_share": [float(np.mean([female[p] for p in a.clients])) for a in aggs],
-                 "seconds": time.perf_counter() - t0}
+                 "ransac_draws": draws, "seconds": time.perf_counter() - t0}
 
 
 def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
     """Private training, shadow training, attack training and evaluation for one fold."""
     t0 = time.perf_counter()
     tm = threat_model(cfg, fold)
+    secagg = bool(cfg.fl.secagg)
+    if secagg and not (cfg.attack.feature_space.enabled and cfg.attack.aggregate_observer):
+        raise ConfigError("fl.secagg=true leaves the server the round sums only: the attack needs "
+                          "attack.feature_space.enabled=true and attack.aggregate_observer=true")
     priv_fl = train_recorded(cfg, tm.private_data, out / f"fold{fold}", "private", str(cfg.private_engine))
-    shadow_cfg = cfg
-    if str(cfg.shadow.engine) != "flower" and str(cfg.flower_dp.mode) != "none":
-        # Flower's DP runs inside Flower only: the attacker's in-process shadow federations train without it
-        # (the feature-space attack needs no shadow federation; the CNN and profile attacks are then the weaker)
-        shadow_cfg = OmegaConf.merge(cfg, {"flower_dp": {"mode": "none"}})
-    shadow_fl = train_recorded(shadow_cfg, tm.shadow_data, out / f"fold{fold}", "shadow", str(cfg.shadow.engine))
+    shadow_fl = None
+    if not secagg:  # under SecAgg+ no update reaches the server: no attack on updates to train on shadow ones
+        shadow_cfg = cfg
+        if str(cfg.shadow.engine) != "flower" and str(cfg.flower_dp.mode) != "none":
+            # Flower's DP runs inside Flower only: the attacker's in-process shadow federations train without it
+            # (the feature-space attack needs no shadow federation; the CNN and profile attacks are then the weaker)
+            shadow_cfg = OmegaConf.merge(cfg, {"flower_dp": {"mode": "none"}})
+        shadow_fl = train_recorded(shadow_cfg, tm.shadow_data, out / f"fold{fold}", "shadow", str(cfg.shadow.engine))
     t_fl = time.perf_counter() - t0
 
-    shadow_store = UpdateStore(Path(shadow_fl["dir"]) / "updates")
-    s_updates, s_labels = labelled_updates(shadow_store, FederatedData.load(tm.shadow_data).client_gender)
+    shadow_store, s_updates, s_labels = None, [], np.zeros(0, dtype=np.int64)
+    if shadow_fl is not None:
+        shadow_store = UpdateStore(Path(shadow_fl["dir"]) / "updates")
+        s_updates, s_labels = labelled_updates(shadow_store, FederatedData.load(tm.shadow_data).client_gender)
     priv_store = UpdateStore(Path(priv_fl["dir"]) / "updates")
     p_updates, p_labels = labelled_updates(priv_store, FederatedData.load(tm.private_data).client_gender)
     seed = int(cfg.attack.seed)
     control = bool(cfg.attack.control)
     shadow_data, priv_data = FederatedData.load(tm.shadow_data), FederatedData.load(tm.private_data)
     recovered, inversion = None, None
-    if cfg.attack.feature_space.enabled:
+    if cfg.attack.feature_space.enabled and p_updates:
         t_inv = time.perf_counter()
         print(f"[attack] fold {fold}: inverting {len(p_updates)} private updates", flush=True)
         recovered = recover_batches(cfg, priv_store, p_updates, seed)
@@ -303,25 +321,32 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
         print(f"[attack] fold {fold}: recovered {inversion['recovered']} of {inversion['utterances_in_batches']} "
               f"utterances ({inversion['complete_updates']} of {inversion['updates']} batches whole, "
               f"{inversion['share_exact']:.1%} exact) in {inversion['seconds']:.0f} s", flush=True)
-    aggregates, aggregate = None, None
+    views, aggregate = {}, None  # evaluation name -> the round sums that observer inverted
     if cfg.attack.feature_space.enabled and cfg.attack.aggregate_observer:
-        aggregates, aggregate = invert_aggregates(cfg, priv_store, priv_data, seed)
+        members = {r["round"]: tuple(r.get("clients", ())) for r in priv_fl["rounds"]} if secagg else None
+        views["aggregate-observer"], aggregate = invert_aggregates(cfg, priv_store, priv_data, seed, members)
         print(f"[attack] fold {fold}: observer of aggregates: recovered {aggregate['recovered']} of "
               f"{aggregate['utterances_in_rounds']} utterances from {aggregate['rounds']} round sums "
               f"in {aggregate['seconds']:.0f} s", flush=True)
+        if secagg:  # the server's own view: the sums it unmasks, before any noise it adds (none: the same sums)
+            views[SERVER_SUMS] = views["aggregate-observer"]
+            if str(cfg.flower_dp.mode) != "none":
+                views[SERVER_SUMS], aggregate["server"] = invert_aggregates(cfg, priv_store, priv_data, seed, members,
+                                                                            server_view=True)
+    cnn = bool(s_updates)  # the CNN trains on shadow updates (none under SecAgg+)
     shadow_for_attack = _shuffled_client_genders(shadow_data, seed) if control else shadow_data
     attacks = _run_attacks(cfg, fold, shadow_store, s_updates,
                            _shuffled_genders(s_updates, s_labels, seed) if control else s_labels,
                            priv_store, p_updates, p_labels, shadow_data=shadow_for_attack, recovered=recovered,
-                           aggregates=aggregates)
+                           cnn=cnn, aggregates=views, client_gender=priv_data.client_gender)
     attacks.inversion, attacks.aggregate = inversion, aggregate
     if bool(cfg.attack.with_control) and not control:
         # the CNN's control is one permutation (it is costly to train); the cheap attacks average
         # attack.control_permutations of them, so that a few shadow speakers do not make it a coin toss
         runs = [_run_attacks(cfg, fold, shadow_store, s_updates, _shuffled_genders(s_updates, s_labels, seed + i),
                              priv_store, p_updates, p_labels, suffix="-control",
-                             shadow_data=_shuffled_client_genders(shadow_data, seed + i), recovered=recovered, cnn=i == 0,
-                             aggregates=aggregates)
+                             shadow_data=_shuffled_client_genders(shadow_data, seed + i), recovered=recovered, cnn=cnn and i == 0,
+                             aggregates=views, client_gender=priv_data.client_gender)
                 for i in range(_control_permutations(cfg))]
         for name in runs[0].evaluations:
             attacks.evaluations[name] = average_evaluations([r.evaluations[name] for r in runs if name in r.evaluations])
@@ -330,7 +355,7 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
         "threat_model": tm.describe(), "algorithm": cfg.fl.algorithm, "features": cfg.features.name, "control": control,
         "ser": {"test_acc": priv_fl["selected"]["test_acc"], "test_uar": priv_fl["selected"]["test_uar"],
                 "final_test_uar": priv_fl["final"]["test_uar"]},
-        "shadow_ser_uar": shadow_fl["final"]["test_uar"],
+        "shadow_ser_uar": shadow_fl["final"]["test_uar"] if shadow_fl else None, "secagg": secagg,
         "private_clients": int(len(np.unique([u.partition for u in p_updates]))), "private_updates": len(p_updates),
         "shadow_clients": int(len(np.unique([u.partition for u in s_updates]))), "shadow_updates": len(s_updates),
         "attacks": {name: summarize([e]) for name, e in attacks.evaluations.items()},

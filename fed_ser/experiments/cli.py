@@ -26,7 +26,7 @@ def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: st
         prepared=str(prepared), algorithm=fl.algorithm, rounds=int(fl.rounds), fraction=float(fl.fraction),
         lr=float(fl.lr), local_epochs=int(fl.local_epochs), batch_size=int(fl.batch_size), optimizer=fl.optimizer,
         dropout=float(cfg.model.dropout), eval_every=int(fl.eval_every), eval_fraction=float(fl.eval_fraction),
-        round_timeout=float(fl.round_timeout),
+        round_timeout=float(fl.round_timeout), secagg=bool(fl.secagg),
         recorder_dir=recorder_dir, recorder_layers=str(cfg.recorder.layers), recorder_float16=bool(cfg.recorder.float16),
         out_dir=out_dir, resume=bool(cfg.resume), seed=int(cfg.seed), dp_mode=str(cfg.dp.mode),
         dp_epsilon=float(cfg.dp.epsilon), dp_delta=float(cfg.dp.delta), dp_clip=float(cfg.dp.clip),
@@ -65,6 +65,8 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
     from fed_ser.recording.store import UpdateStore
 
     settings = run_settings(cfg, prepared, out_dir, recorder_dir)
+    if settings.secagg:
+        raise ConfigError("fl.secagg=true: SecAgg+ runs in the Flower engine only (private_engine=flower)")
     if settings.flower_dp_mode != "none":
         raise ConfigError(f"flower_dp.mode={settings.flower_dp_mode}: Flower's DP runs in the Flower engine only "
                           "(private_engine=flower, shadow.engine=flower)")

@@ -350,8 +350,8 @@ def _threat_row(name: str, s: dict) -> dict:
     row = {"defence": name, "ser_uar": s["ser"]["uar"], "epsilon_server": s.get("epsilon_server"),
            "epsilon_aggregate": s.get("epsilon_aggregate"), "guarantee": s.get("guarantee", ""),
            "seconds_per_round": s.get("seconds_per_round")}
-    for attack, col in (("feature-space", "server_fs"), ("cnn", "server_cnn"), ("profile", "server_profile"),
-                        ("aggregate-observer", "aggregate")):
+    for attack, col in (("feature-space", "server_fs"), ("server-sum-differencing", "server_fs"), ("cnn", "server_cnn"),
+                        ("profile", "server_profile"), ("aggregate-observer", "aggregate")):
         m = a.get(attack)
         if m is not None:
             row.update({f"{col}_asr": m["asr"], f"{col}_lo": m["asr_ci"][0], f"{col}_hi": m["asr_ci"][1],
@@ -374,7 +374,9 @@ def write_threat_report(out: Path, cells: dict[str, dict], title: str) -> None:
              "Rows: defences. Observers: the server (the paper's attacker: every update as received) and an observer of the "
              "round sums only (what SecAgg+ reveals to the server, and what the global models reveal to anyone; central DP "
              "noise included). Cells: ASR % [95% CI], ROC AUC, TPR at 1% FPR. Epsilon: at the run's delta, "
-             "max over clients, against that observer (none: no guarantee).", "",
+             "max over clients, against that observer (none: no guarantee). SecAgg+ rows: the server sees the round sums "
+             "only; its feature-space cell is the differencing attack on the sums it unmasks, before any noise it adds, "
+             "and the aggregates column reads the global models.", "",
              "| defence | SER UAR | server: feature-space | server: CNN | server: profile | aggregates: differencing "
              "| epsilon vs server | epsilon vs aggregates | s/round |",
              "|---|---|---|---|---|---|---|---|---|"]

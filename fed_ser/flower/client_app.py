@@ -13,15 +13,18 @@ from functools import lru_cache
 import numpy as np
 import torch
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 
 from fed_ser.core.metrics import evaluate
 from fed_ser.core.model import build_model
 from fed_ser.core.schedule import client_seed, federation_size
 from fed_ser.core.settings import RunSettings
-from fed_ser.core.training import client_update
+from fed_ser.core.training import LocalResult, client_update
 from fed_ser.data.federated import TRAIN, VAL, FederatedData
-from fed_ser.flower.eavesdropper import numpy_to_arrays
+from fed_ser.flower.eavesdropper import arrays_to_numpy, numpy_to_arrays
 from fed_ser.flower.privacy import client_mods
 
 
@@ -54,22 +57,42 @@ def one_step_model(theta: dict[str, np.ndarray], grads: dict[str, np.ndarray], l
     return out
 
 
-def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
-    """One client's local round: FedSGD gradient of one batch, or FedAvg local epochs."""
+def local_round(s: RunSettings, context: Context, theta: dict[str, np.ndarray], rnd: int) -> tuple[LocalResult, int]:
+    """One client's local round from the global model ``theta``: FedSGD gradient of one batch, or FedAvg
+    local epochs; FedSGD under :attr:`~fed_ser.core.settings.RunSettings.model_replies` replies with the
+    one-step model. Returns the result and the client's partition id."""
     torch.set_num_threads(1)
     data = _data(s.prepared)
     pid = _partition(context)
     X, y = data.client_rows(pid, TRAIN)
-    rnd = int(msg.content.config_records["config"]["server-round"])
-    model = _model(s, data, msg)
+    model = build_model(data.X.shape[1], s.dropout, s.seed)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
     result = client_update(model, X, y, s, client_seed(s.seed, rnd, pid), pid=pid,
                            num_clients=federation_size(s.min_available, data.num_clients))
-    if s.algorithm == "fedsgd" and s.model_replies:  # the one-step model, for Flower's DP (see fed_ser.flower.privacy)
-        theta = msg.content.array_records["arrays"].to_numpy_ndarrays()
-        result.arrays = one_step_model(dict(zip(result.arrays, theta)), result.arrays, s.lr)
+    if s.algorithm == "fedsgd" and s.model_replies:  # the one-step model, for Flower's DP and SecAgg+
+        result.arrays = one_step_model(theta, result.arrays, s.lr)
+    return result, pid
+
+
+def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
+    """A training message (Message API): the local round, replied with its metrics."""
+    theta = arrays_to_numpy(msg.content.array_records["arrays"])
+    result, pid = local_round(s, context, theta, int(msg.content.config_records["config"]["server-round"]))
     metrics = MetricRecord({"num-examples": result.num_examples, "local-steps": result.steps,
                             "train-loss": result.loss, "partition-id": pid, **result.metrics})
     return Message(RecordDict({"arrays": numpy_to_arrays(result.arrays), "metrics": metrics}), reply_to=msg)
+
+
+def handle_train_legacy(msg: Message, context: Context, s: RunSettings) -> Message:
+    """A training message in Flower's legacy format, as ``secaggplus_mod`` passes it on under SecAgg+
+    (:mod:`fed_ser.flower.secagg`): the same local round, replied as a ``FitRes``."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    keys = list(build_model(_data(s.prepared).X.shape[1], s.dropout, s.seed).state_dict())
+    theta = dict(zip(keys, parameters_to_ndarrays(fitins.parameters)))
+    result, pid = local_round(s, context, theta, int(fitins.config["server-round"]))
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([result.arrays[k] for k in keys]), result.num_examples,
+                    {"partition-id": pid})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, s: RunSettings) -> Message:
@@ -98,12 +121,18 @@ def make_client_app(settings: RunSettings | None = None) -> ClientApp:
         return settings if settings is not None else RunSettings.from_run_config(context.run_config)
 
     def privacy_mod(msg: Message, context: Context, call_next):
-        """Flower's client-side DP mods of the run's ``flower_dp.mode`` (the run config is known per message),
-        on training messages only: Flower 1.41's ``fixedclipping_mod`` and ``LocalDpMod`` do not check
-        the message type themselves and answer an evaluate or query message with an error."""
+        """The run's privacy mods around a training message (the run config is known per message):
+        ``secaggplus_mod`` outermost under ``fl.secagg`` (then the message is in the legacy format), inside
+        it Flower's client-side DP mods of ``flower_dp.mode``. Training messages only: Flower 1.41's
+        ``LocalDpMod`` does not check the message type and answers an evaluate or query message with an error."""
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
-        for mod in reversed(client_mods(_settings(context))):
+        s = _settings(context)
+        mods = client_mods(s)
+        if s.secagg:
+            mods = [secaggplus_mod, *mods]
+            call_next = (lambda m, c: handle_train_legacy(m, c, s))
+        for mod in reversed(mods):
             call_next = (lambda m, c, mod=mod, nxt=call_next: mod(m, c, nxt))
         return call_next(msg, context)
 

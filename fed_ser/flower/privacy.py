@@ -19,6 +19,8 @@ audit's canary client.
 
 from __future__ import annotations
 
+from flwr.client.mod import LocalDpMod as LegacyLocalDpMod
+from flwr.client.mod import fixedclipping_mod as legacy_fixedclipping_mod
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -52,9 +54,13 @@ def clipped_count_stddev(noise_multiplier: float, clients_per_round: int) -> flo
 
 
 def client_mods(s: RunSettings) -> list:
-    """The ClientApp mods of ``s.flower_dp_mode``."""
+    """The ClientApp mods of ``s.flower_dp_mode``: Flower's Message-API mods, or under ``fl.secagg`` their
+    legacy twins (inside ``secaggplus_mod`` the message is in the legacy format, which the Message-API
+    mods refuse with an error reply)."""
+    legacy = s.secagg
     if s.flower_dp_mode == "client-fixed":
-        return [fixedclipping_mod]
+        return [legacy_fixedclipping_mod if legacy else fixedclipping_mod]
     if s.flower_dp_mode == "local":
-        return [LocalDpMod(s.flower_dp_clip, 2.0 * s.flower_dp_clip, s.flower_dp_epsilon, s.flower_dp_delta)]
+        return [(LegacyLocalDpMod if legacy else LocalDpMod)(s.flower_dp_clip, 2.0 * s.flower_dp_clip,
+                                                             s.flower_dp_epsilon, s.flower_dp_delta)]
     return []

@@ -1,13 +1,22 @@
 """SecAgg+ as Flower 1.41 ships it: the server learns each round's weighted sum, never one update.
 
 Flower 1.41 offers SecAgg+ only in its legacy workflow API: ``SecAggPlusWorkflow`` run by a
-``DefaultWorkflow`` over a ``LegacyContext`` and a legacy strategy on the server, ``secaggplus_mod``
-on a ClientApp built from a ``client_fn``. This module puts fed-ser's clients there unchanged: the
-same :func:`~fed_ser.core.training.client_update` on the same shard and seeds, replying with the
-model (FedSGD: the one-step model ``theta - lr g``, whose weighted mean is FedSGD's server step).
-What the server holds is what the observer of aggregates sees
-(:mod:`attacks.inference.aggregate`): the aggregate, recorded per round in ``<out_dir>/aggregates.npz``.
-Every round trains ``clients`` clients (SecAgg+ needs at least three), all of the federation.
+``DefaultWorkflow`` over a ``LegacyContext`` and a legacy strategy, ``secaggplus_mod`` on the
+ClientApp. ``fl.secagg=true`` puts fed-ser's run there without changing what is trained: the
+ServerApp (:func:`fed_ser.flower.server_app.run_federated`) hands its rounds to :func:`run_secagg`,
+whose legacy strategy (:class:`ScheduledSecAgg`) selects the round's clients with fed-ser's seeded
+schedule, as :class:`~fed_ser.flower.strategy.FedSerStrategy` does; the ClientApp runs the same
+local round behind ``secaggplus_mod`` (:func:`fed_ser.flower.client_app.handle_train_legacy`) and
+replies with the model (FedSGD: the one-step model ``theta - lr g``, whose weighted mean is FedSGD's
+server step).
+
+What the server records is what SecAgg+ leaves it: the global model of every round and who took
+part (the round's row in ``results.json``), never an update; :mod:`attacks.inference.aggregate`
+reads that view. Central DP composes with it the one way it can: client-side clipping
+(``flower_dp.mode=client_fixed``: Flower's legacy ``DifferentialPrivacyClientSideFixedClipping``
+adds the noise to the sum, ``fixedclipping_mod`` clips inside ``secaggplus_mod``), or local DP
+(``LocalDpMod`` inside ``secaggplus_mod``); server-side clipping needs the updates and is refused.
+
 Each client sends ``n_k / max_weight`` times its parameters, quantised over ``[-8, 8]`` in ``2^22``
 steps; Flower's default ``max_weight`` of 1000 against a few dozen utterances a client multiplies
 the quantisation error of the mean by ``1000 / sum n_k`` (measured: 5e-4 on first-layer weights of
@@ -16,63 +25,74 @@ a few 1e-2), so fed-ser sets it to the largest client's sample count.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
-import torch
 from flwr.app import Context
-from flwr.client import ClientApp, NumPyClient
-from flwr.client.mod import secaggplus_mod
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server import LegacyContext, ServerApp, ServerConfig
-from flwr.server.strategy import FedAvg
+from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
 
-from fed_ser.core.model import build_model
-from fed_ser.core.schedule import client_seed, federation_size
+from fed_ser.core.schedule import clients_per_round, select_clients
 from fed_ser.core.settings import RunSettings
-from fed_ser.core.training import client_update
-from fed_ser.data.federated import TRAIN, FederatedData
-from fed_ser.flower.client_app import one_step_model
+from fed_ser.recording.recorder import UpdateRecorder
+
+#: Share of a round's clients whose shares must survive to unmask the sum (Flower's example value).
+RECONSTRUCTION_THRESHOLD = 0.7
 
 
-class _Client(NumPyClient):
-    def __init__(self, s: RunSettings, pid: int) -> None:
-        self.s, self.pid = s, pid
-        self.data = FederatedData.load(s.prepared)
+class ScheduledSecAgg(FedAvg):
+    """Flower's legacy FedAvg (a sample-weighted mean: the sum SecAgg+ unmasks, over its total weight),
+    with fed-ser's client schedule. Per round it keeps what the server learns (``rounds[rnd]``: the
+    partitions that took part) and, with a ``recorder``, records all of it: the global model the round
+    starts from and the round's unmasked mean reply (before the noise of a central-DP wrapper around
+    this strategy). ``on_round(rnd, params)`` gets each round's new global model (Flower's centralised
+    evaluation). Rounds are numbered from ``round_offset + 1`` (a resumed run)."""
 
-    def fit(self, parameters, config):
-        s = self.s
-        torch.set_num_threads(1)
-        model = build_model(self.data.X.shape[1], s.dropout, s.seed)
-        keys = list(model.state_dict())
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in zip(keys, parameters)})
-        X, y = self.data.client_rows(self.pid, TRAIN)
-        rnd = int(config["server-round"])
-        r = client_update(model, X, y, s, client_seed(s.seed, rnd, self.pid), pid=self.pid,
-                          num_clients=federation_size(s.min_available, self.data.num_clients))
-        arrays = one_step_model(dict(zip(keys, parameters)), r.arrays, s.lr) if s.algorithm == "fedsgd" else r.arrays
-        out = [arrays[k] for k in keys]
-        return out, r.num_examples, {"partition-id": self.pid}
+    def __init__(self, s: RunSettings, num_clients: int, partition_nodes: dict[int, int], initial: dict[str, np.ndarray],
+                 on_round: Callable[[int, dict[str, np.ndarray]], None], recorder: UpdateRecorder | None = None,
+                 round_offset: int = 0) -> None:
+        self.keys = list(initial)
 
+        def evaluate_fn(server_round: int, ndarrays: list[np.ndarray], config: dict):
+            if server_round > 0:
+                on_round(server_round + round_offset, dict(zip(self.keys, ndarrays)))
+            return None
 
-def make_secagg_client_app(s: RunSettings) -> ClientApp:
-    """fed-ser's client behind ``secaggplus_mod``."""
-    def client_fn(context: Context):
-        return _Client(s, int(context.node_config["partition-id"])).to_client()
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1, min_available_clients=1,
+                         initial_parameters=ndarrays_to_parameters(list(initial.values())), evaluate_fn=evaluate_fn)
+        self.s, self.num_clients, self.partition_nodes = s, num_clients, partition_nodes
+        self.recorder, self.round_offset = recorder, round_offset
+        self.rounds: dict[int, dict] = {}
 
-
-class _AggregateObserver(FedAvg):
-    """Flower's legacy FedAvg, keeping the one thing SecAgg+ gives the server: each round's aggregate."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.aggregates: dict[int, list[np.ndarray]] = {}
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
+        rnd = server_round + self.round_offset
+        if self.recorder is not None:
+            self.recorder.record_global(rnd, dict(zip(self.keys, parameters_to_ndarrays(parameters))))
+        proxies = client_manager.all()
+        chosen = select_clients(self.s.seed, rnd, self.num_clients, self.s.fraction)
+        online = [p for p in chosen if str(self.partition_nodes.get(p)) in proxies]
+        self.rounds[rnd] = {"round": rnd, "sampled": len(chosen), "clients": online}
+        ins = FitIns(parameters, {"server-round": rnd})
+        return [(proxies[str(self.partition_nodes[p])], ins) for p in online]
 
     def aggregate_fit(self, server_round, results, failures):
         params, metrics = super().aggregate_fit(server_round, results, failures)
-        if params is not None:
-            self.aggregates[server_round] = parameters_to_ndarrays(params)
+        rnd = server_round + self.round_offset
+        row = self.rounds.setdefault(rnd, {"round": rnd, "sampled": len(results), "clients": []})
+        row.update(replies=len(results) if params is not None else 0, train_loss=None)
+        if self.recorder is not None:
+            if params is not None:
+                total = int(sum(res.num_examples for _, res in results))
+                self.recorder.record_aggregate(rnd, dict(zip(self.keys, parameters_to_ndarrays(params))), total)
+            self.recorder.commit()
         return params, metrics
+
+    def is_eval_round(self, rnd: int) -> bool:
+        return rnd % self.s.eval_every == 0 or rnd == self.s.rounds
 
 
 def quantisation_bound(num_examples: list[int], max_weight: float, clipping_range: float = 8.0,
@@ -84,32 +104,19 @@ def quantisation_bound(num_examples: list[int], max_weight: float, clipping_rang
     return len(num_examples) * step / (sum(num_examples) / max_weight)
 
 
-def make_secagg_server_app(s: RunSettings, clients: int, reconstruction_threshold: float = 0.7,
-                           max_weight: float | None = None) -> ServerApp:
-    """A ServerApp that trains ``s.rounds`` rounds of ``clients`` clients under SecAgg+ (``max_weight``:
-    the largest client's training sample count unless given)."""
-    if clients < 3:
-        raise ValueError(f"SecAgg+ needs at least 3 clients a round, got {clients}")
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context: Context) -> None:
-        data = FederatedData.load(s.prepared)
-        model = build_model(data.X.shape[1], s.dropout, s.seed)
-        keys = list(model.state_dict())
-        strategy = _AggregateObserver(
-            fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=clients, min_available_clients=clients,
-            initial_parameters=ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]),
-            on_fit_config_fn=lambda rnd: {"server-round": rnd})
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=s.rounds), strategy=strategy)
-        weight = max_weight or float(max(len(data.client_rows(p, TRAIN)[1]) for p in range(clients)))
-        secagg = SecAggPlusWorkflow(num_shares=clients, reconstruction_threshold=reconstruction_threshold, max_weight=weight)
-        DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
-        if s.out_dir:
-            from pathlib import Path
-
-            Path(s.out_dir).mkdir(parents=True, exist_ok=True)
-            np.savez(Path(s.out_dir) / "aggregates.npz",
-                     **{f"round{r}.{k}": v for r, arrays in strategy.aggregates.items() for k, v in zip(keys, arrays)})
-
-    return app
+def run_secagg(grid: Grid, context: Context, s: RunSettings, strategy: ScheduledSecAgg, rounds: int,
+               max_weight: float) -> None:
+    """``rounds`` rounds of ``strategy`` under SecAgg+ (``max_weight``: the largest client's sample count),
+    inside Flower's client-side-clipping DP wrapper under ``flower_dp.mode=client_fixed``."""
+    per_round = clients_per_round(strategy.num_clients, s.fraction)
+    if per_round < 3:
+        raise ValueError(f"fl.secagg=true needs at least 3 clients a round; fl.fraction={s.fraction} of "
+                         f"{strategy.num_clients} clients gives {per_round}")
+    server = strategy
+    if s.flower_dp_mode == "client-fixed":  # the noise goes on the unmasked sum; clipping is on the clients
+        server = DifferentialPrivacyClientSideFixedClipping(strategy, s.flower_dp_noise, s.flower_dp_clip, per_round)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds, round_timeout=s.round_timeout),
+                           strategy=server)
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
+                                  max_weight=max_weight, timeout=s.round_timeout)
+    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)

@@ -20,8 +20,9 @@ from fed_ser.core.model import build_model
 from fed_ser.core.schedule import clients_per_round, federation_size
 from fed_ser.core.settings import RunSettings
 from fed_ser.data.federated import TRAIN, FederatedData
-from fed_ser.flower.eavesdropper import Eavesdropper, arrays_to_numpy
+from fed_ser.flower.eavesdropper import Eavesdropper, arrays_to_numpy, numpy_to_arrays
 from fed_ser.flower.privacy import wrap_strategy
+from fed_ser.flower.secagg import ScheduledSecAgg, run_secagg
 from fed_ser.flower.strategy import FedSerStrategy
 from fed_ser.io import atomic_write_json
 from fed_ser.recording.checkpoint import NAME as CHECKPOINT
@@ -73,8 +74,11 @@ def discover_partitions(grid: Grid, expected: int, prepared: str = "", timeout: 
     return found
 
 
-def run_federated(grid: Grid, s: RunSettings) -> dict:
+def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) -> dict:
     """Train for ``s.rounds`` rounds on the nodes of ``grid``; return the results dict.
+
+    Under ``fl.secagg`` the same schedule runs in Flower's SecAgg+ workflow (:mod:`fed_ser.flower.secagg`,
+    which needs the ServerApp's ``context``): the server then records the global models only.
 
     After every round (Flower's ``evaluate_fn``: training and client evaluation done) the round's
     row is added to the history, the global model is evaluated on the held-out speakers when it is
@@ -100,20 +104,26 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
     eval_model = build_model(data.X.shape[1], s.dropout, s.seed)
     t0 = time.perf_counter()
     n_clients = federation_size(s.min_available, data.num_clients)
+    n_train = [len(data.client_rows(p, TRAIN)[1]) for p in range(n_clients)]
     check_privacy(s, n_clients)
     try:
         remaining = s.rounds - start_round
         partition_nodes = discover_partitions(grid, n_clients, Path(s.prepared).name) if remaining > 0 else {}
-        strategy = FedSerStrategy(
-            algorithm=s.algorithm, lr=s.lr, model_replies=s.model_replies, eval_every=s.eval_every, num_rounds=s.rounds,
-            round_offset=start_round, partition_nodes=partition_nodes, num_clients=n_clients, seed=s.seed,
-            fraction_train=s.fraction, fraction_evaluate=s.eval_fraction,
-            min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,  # all were awaited once; later rounds go on with whoever is left
-        )
-        # Flower's DP wraps the strategy; the eavesdropper wraps both: it records what the server receives
-        server = wrap_strategy(strategy, s, clients_per_round(n_clients, s.fraction))
-        if recorder is not None:
-            server = Eavesdropper(server, recorder, round_offset=start_round)
+        if s.secagg:  # the server's recorder gets what SecAgg+ gives it: global models and unmasked sums
+            strategy = ScheduledSecAgg(s, n_clients, partition_nodes, {k: v.numpy() for k, v in model.state_dict().items()},
+                                       on_round=lambda rnd, params: evaluate_fn(rnd - start_round, numpy_to_arrays(params)),
+                                       recorder=recorder, round_offset=start_round)
+        else:
+            strategy = FedSerStrategy(
+                algorithm=s.algorithm, lr=s.lr, model_replies=s.model_replies, eval_every=s.eval_every, num_rounds=s.rounds,
+                round_offset=start_round, partition_nodes=partition_nodes, num_clients=n_clients, seed=s.seed,
+                fraction_train=s.fraction, fraction_evaluate=s.eval_fraction,
+                min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,  # all were awaited once; later rounds go on with whoever is left
+            )
+            # Flower's DP wraps the strategy; the eavesdropper wraps both: it records what the server receives
+            server = wrap_strategy(strategy, s, clients_per_round(n_clients, s.fraction))
+            if recorder is not None:
+                server = Eavesdropper(server, recorder, round_offset=start_round)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:
@@ -135,7 +145,11 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
                 save_checkpoint(ckpt, rnd, s, arrays_to_numpy(arrays), history)
             return metrics
 
-        if remaining > 0:
+        if remaining > 0 and s.secagg:
+            if context is None:
+                raise ValueError("fl.secagg=true: run_federated needs the ServerApp's context (Flower's legacy workflow)")
+            run_secagg(grid, context, s, strategy, remaining, max_weight=float(max(n_train)))
+        elif remaining > 0:
             server.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
                            timeout=s.round_timeout, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
                            evaluate_fn=evaluate_fn)
@@ -154,7 +168,7 @@ def run_federated(grid: Grid, s: RunSettings) -> dict:
         "short_rounds": [r["round"] for r in history if r["replies"] < r["sampled"]],
     }
     took_part = [sum(p in r.get("clients", ()) for r in history) for p in range(n_clients)]
-    privacy = privacy_report(s, [len(data.client_rows(p, TRAIN)[1]) for p in range(n_clients)], took_part)
+    privacy = privacy_report(s, n_train, took_part)
     if privacy is not None:
         results["privacy"] = privacy
         print(f"[fed-ser] privacy ({privacy['mode']}): spent max {privacy['spent_epsilon_max']:.2f} "
@@ -173,7 +187,7 @@ def make_server_app(settings: RunSettings | None = None) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         s = settings if settings is not None else RunSettings.from_run_config(context.run_config)
-        run_federated(grid, s)
+        run_federated(grid, s, context)
 
     return server_app
 

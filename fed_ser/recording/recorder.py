@@ -42,9 +42,7 @@ class UpdateRecorder:
                arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray]) -> None:
         meta = dict(round=round, node=node, partition=partition, num_examples=num_examples, steps=steps,
                     lr=self.lr, float16=self.float16, sync=False)
-        if round not in self._globals_written and self.store.global_record(round) is None:
-            self.store.append(global_arrays, kind="global", round=round, node=-1, lr=self.lr, sync=False)
-        self._globals_written.add(round)
+        self.record_global(round, global_arrays)
         if self.algorithm == "fedsgd":
             if self.model_replies:
                 arrays = {k: (global_arrays[k] - arrays[k]) / np.float32(self.lr) for k in arrays}
@@ -52,6 +50,18 @@ class UpdateRecorder:
             return
         delta = {k: global_arrays[k] - arrays[k] for k in arrays}
         self.store.append(select_layers(delta, self.layers), kind="delta", **meta)
+
+    def record_global(self, round: int, global_arrays: dict[str, np.ndarray]) -> None:
+        """The global model round ``round`` starts from (once a round; the inversion's and the observer
+        of aggregates' white-box view, and, under SecAgg+, all the server records)."""
+        if round not in self._globals_written and self.store.global_record(round) is None:
+            self.store.append(global_arrays, kind="global", round=round, node=-1, lr=self.lr, sync=False)
+        self._globals_written.add(round)
+
+    def record_aggregate(self, round: int, arrays: dict[str, np.ndarray], num_examples: int) -> None:
+        """The round's mean reply as SecAgg+ unmasks it (``num_examples``: the total weight it reveals)."""
+        self.store.append(select_layers(arrays, self.layers), kind="aggregate", round=round, node=-1,
+                          num_examples=num_examples, lr=self.lr, sync=False)  # float32: it is differenced
 
     def commit(self) -> None:
         """Make the round's records durable: one fsync, then their index lines."""

@@ -11,7 +11,9 @@ Each record holds what an observer of the traffic learns from one client reply:
 * ``kind="delta"`` (FedAvg): ``theta(t) - theta_k(t)``, the global parameters the client started
   from minus the parameters it returned, with the round's global parameters stored once as a
   ``kind="global"`` record (node ``-1``), so the returned parameters are ``global - delta`` and
-  the pseudo-gradient is ``delta / (lr * T)``.
+  the pseudo-gradient is ``delta / (lr * T)``;
+* ``kind="aggregate"`` (node ``-1``, SecAgg+): all a server under secure aggregation receives, the
+  round's sample-weighted mean reply (a model), unmasked, before any noise the server adds.
 
 Appends go to the disk at its own speed: the arrays' buffers are handed to one ``writev`` as they
 are (no copies, no conversions of float32 data), the checksum is CRC32C (hardware-accelerated,
@@ -45,6 +47,8 @@ import numpy as np
 
 from fed_ser.io import atomic_write_text
 
+CLIENT_KINDS = ("gradient", "delta")  # one client's reply
+RECORD_KINDS = (*CLIENT_KINDS, "global", "aggregate")
 MAGIC = b"FSU2"  # frames checksummed with CRC32C
 _CHECKSUMS = {MAGIC: crc32c.crc32c, b"FSU1": zlib.crc32}  # FSU1: stores written before 2026-11-29, zlib's CRC32
 _FRAME = struct.Struct("<4sIQI")  # magic, header length, payload length, checksum
@@ -60,7 +64,7 @@ class UpdateInfo:
     num_examples: int
     steps: int
     lr: float
-    kind: str  # "gradient" | "delta" | "global"
+    kind: str  # one of RECORD_KINDS
     dtype: str
     layers: dict[str, list[int]]
     offset: int = field(default=0, compare=False)  # payload offset in updates.bin
@@ -166,7 +170,7 @@ class UpdateStore:
         truncates and redoes anyway).
         """
         self._writable()
-        if kind not in ("gradient", "delta", "global"):
+        if kind not in RECORD_KINDS:
             raise ValueError(f"unknown record kind {kind!r}")
         dtype = np.dtype(np.float16 if float16 else np.float32)
         # float32 C-contiguous arrays (what the engines hand over) are written from their own buffers
@@ -255,12 +259,16 @@ class UpdateStore:
         return out
 
     def updates(self, kind: str | None = None) -> list[UpdateInfo]:
-        """Client updates (not the per-round global records), optionally of one kind."""
-        return [r for r in self.records if r.kind != "global" and (kind is None or r.kind == kind)]
+        """Client updates (not the per-round global or aggregate records), optionally of one kind."""
+        return [r for r in self.records if r.kind in CLIENT_KINDS and (kind is None or r.kind == kind)]
 
     def global_record(self, round: int) -> UpdateInfo | None:
         """The global parameters the server sent in ``round`` (None if not recorded)."""
         return next((r for r in reversed(self.records) if r.kind == "global" and r.round == round), None)
+
+    def aggregate_record(self, round: int) -> UpdateInfo | None:
+        """The round's unmasked mean reply under SecAgg+ (None if not recorded)."""
+        return next((r for r in reversed(self.records) if r.kind == "aggregate" and r.round == round), None)
 
     def attack_input(self, info: UpdateInfo, layers: list[str] | None = None) -> dict[str, np.ndarray]:
         """What the attack consumes: the gradient, or the pseudo-gradient ``delta / (lr * T)``."""
