@@ -55,6 +55,24 @@ def test_tls_authenticated_federation_trains_and_records_every_update(prepared, 
         assert u.num_examples == len(data.client_rows(u.partition, TRAIN)[0])
 
 
+def test_secagg_plus_with_local_dp_runs_over_the_tls_federation(prepared, tmp_path):
+    """SecAgg+ (Flower's workflow, its four message stages a round over HTTPS) with LocalDpMod inside
+    ``secaggplus_mod`` on three real SuperNodes: the server records no update, only the round's unmasked
+    (locally noised) sum, and reports the epsilon LocalDpMod spent."""
+    s = _settings(prepared, tmp_path / "run", rounds=1, nodes=3, round_timeout=120.0, secagg=True,
+                  flower_dp_mode="local")
+    with LocalFederation(tmp_path / "fed", 3) as fed:
+        out = fed.run(s.to_run_config(), timeout=400).stdout
+    assert "3 nodes connected, 3 hold partitions [0, 1, 2]" in out and "round 1/1: 3/3 replies" in out, out[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["clients"] for r in res["rounds"]] == [[0, 1, 2]]
+    assert res["privacy"]["mode"] == "flower:local" and res["privacy"]["epsilon_server"] > 0
+    store = UpdateStore(tmp_path / "run" / "updates")
+    assert store.updates() == [] and store.aggregate_record(1) is not None
+    agg, theta = store.read(store.aggregate_record(1)), store.read(store.global_record(1))
+    assert all(np.isfinite(agg[k]).all() and not np.array_equal(agg[k], theta[k]) for k in theta)
+
+
 def test_run_finishes_when_a_supernode_is_killed_mid_run(prepared, tmp_path):
     # the round timeout must outlast round 1 on a loaded 2-core CI box (every node starts a
     # ClientApp process there; 12 s once left two nodes out); round 2 then waits it out for the dead node

@@ -382,9 +382,12 @@ def deploy(cfg) -> dict:
         res = fed.run(s.to_run_config(), timeout=float(d.run_timeout))
         print(res.stdout[-2000:], flush=True)
     dep = json.loads((out / "deployment" / "results.json").read_text())
+    privacy = dep.get("privacy") or {}
     report["deployment"] = {"wall_seconds": dep["wall_seconds"], "seconds_per_round": dep["wall_seconds"] / s.rounds,
                             "final": dep["final"], "short_rounds": dep.get("short_rounds"),
-                            "recorded_updates": dep.get("recorder", {}).get("updates")}
+                            "recorded_updates": dep.get("recorder", {}).get("updates"), "secagg": s.secagg,
+                            "privacy": {k: privacy.get(k) for k in ("mode", "spent_epsilon_max", "delta", "epsilon_server",
+                                                                    "guarantee")} if privacy else None}
     if d.compare_simulation:
         from fed_ser.flower.simulation import simulate
 
@@ -395,7 +398,9 @@ def deploy(cfg) -> dict:
                                 "final": res_sim["final"]}
         report["deployment_vs_simulation"] = report["deployment"]["seconds_per_round"] / report["simulation"]["seconds_per_round"]
     atomic_write_json(out / "deploy.json", report)
-    line = f"[deploy] {report['deployment']['seconds_per_round']:.2f} s/round over HTTPS"
+    line = f"[deploy] {report['deployment']['seconds_per_round']:.2f} s/round over HTTPS" + (" with SecAgg+" if s.secagg else "")
+    if privacy:
+        line += f", {privacy['mode']}: epsilon {privacy['spent_epsilon_max']:.2f} at delta {privacy['delta']}"
     if "simulation" in report:
         line += (f", {report['simulation']['seconds_per_round']:.2f} s/round in simulation "
                  f"({report['deployment_vs_simulation']:.1f}x)")
