@@ -237,7 +237,8 @@ def _cell(mode: str, eps: float, clip: float, uar: float, asr: float, dropout: f
                         "spent_epsilon_max": eps if mode != "none" else None},
             "ser": {"uar": uar},
             "attacks": {"cnn": {"asr": asr, "asr_ci": [asr - 0.1, asr + 0.1], "asr_pooled": {"1": asr, "5": asr + 0.01}},
-                        "profile": {"asr_pooled": {"1": 0.5, "10": 0.6}}}}
+                        "profile": {"asr_pooled": {"1": 0.5, "10": 0.6}},
+                        **({"feature-space": {"asr": 0.9 if mode == "none" else 0.5, "auc": 0.95}} if clip == 1.0 else {})}}
 
 
 def test_defence_report_keeps_cells_that_differ_only_in_clip_apart(tmp_path):
@@ -251,5 +252,6 @@ def test_defence_report_keeps_cells_that_differ_only_in_clip_apart(tmp_path):
     assert [r.split(" | ")[3:7] for r in rows] == [  # DP cells by epsilon then clip, the no-DP cell last
         ["1 (1.00)", "1", "0.2", "55.00%"], ["10 (10.00)", "1", "0.2", "64.00%"],
         ["10 (10.00)", "5", "0.2", "71.00%"], ["-", "-", "0.2", "81.00%"]]
+    assert [r.rstrip(" |").split(" | ")[-1] for r in rows] == ["50.00% (0.950)", "50.00% (0.950)", "-", "90.00% (0.950)"]
     assert "clip" in (tmp_path / "defense.csv").read_text().splitlines()[0]
     assert (tmp_path / "defense.png").stat().st_size > 0

@@ -51,10 +51,12 @@ def local_epsilon(epsilon: float, delta: float, participations: int) -> float:
     return spent(local_noise_multiplier(epsilon, delta), 1.0, participations, delta)
 
 
-def flower_dp_report(mode: str, noise_multiplier: float, epsilon: float, delta: float, took_part: list[int]) -> dict:
+def flower_dp_report(mode: str, noise_multiplier: float, epsilon: float, delta: float, took_part: list[int],
+                     secagg: bool = False) -> dict:
     """What each client spent under Flower's ``mode`` (``took_part[pid]``: rounds it replied in), and against whom.
 
-    ``epsilon_server`` is None where the server receives the update before any noise (no guarantee).
+    ``epsilon_server`` is None where the server receives the update before any noise (no guarantee); under
+    SecAgg+ (``secagg``) a central mode's server still adds the noise after it unmasks the sum.
     """
     if mode in CENTRAL_MODES:
         per_client = [central_epsilon(noise_multiplier, c, delta) for c in took_part]
@@ -64,7 +66,11 @@ def flower_dp_report(mode: str, noise_multiplier: float, epsilon: float, delta: 
         server = max(per_client)
     else:
         raise ValueError(f"flower_dp.mode: no privacy report for {mode!r}")
-    return {"mode": f"flower:{mode}", "guarantee": GUARANTEES[mode], "delta": delta,
+    guarantee = GUARANTEES[mode]
+    if secagg:
+        guarantee += ("; SecAgg+: the server itself sees only the round's sum, clipped, without the noise it then adds"
+                      if mode in CENTRAL_MODES else "; SecAgg+: the server sees only the round's sum of noised updates")
+    return {"mode": f"flower:{mode}", "guarantee": guarantee, "delta": delta,
             "noise_multiplier": noise_multiplier if mode in CENTRAL_MODES else local_noise_multiplier(epsilon, delta),
             "epsilon_aggregate_observer": max(per_client), "epsilon_server": server,
             "spent_epsilon_max": max(per_client), "spent_epsilon_mean": sum(per_client) / len(per_client),

@@ -63,7 +63,8 @@ def privacy_report(s: RunSettings, num_examples: list[int], took_part: list[int]
     if s.flower_dp_mode != "none":
         from defenses.privacy.central import flower_dp_report
 
-        return flower_dp_report(s.flower_dp_mode, s.flower_dp_noise, s.flower_dp_epsilon, s.flower_dp_delta, took_part)
+        return flower_dp_report(s.flower_dp_mode, s.flower_dp_noise, s.flower_dp_epsilon, s.flower_dp_delta, took_part,
+                                s.secagg)
     if s.dp_mode == "none":
         return None
     if len(took_part) != len(num_examples):

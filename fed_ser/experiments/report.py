@@ -200,14 +200,23 @@ def _defence_rows(summaries: list[dict]) -> list[dict]:
     rows = []
     for s in summaries:
         d, cnn, profile = s["defence"], s["attacks"]["cnn"], s["attacks"].get("profile") or {}
+        fs = s["attacks"].get("feature-space") or {}
         dp = d["dp_mode"] != "none"
         rows.append({"private": s["private_corpus"], "algorithm": s["algorithm"], "dp_mode": d["dp_mode"],
                      "epsilon": d["dp_epsilon"] if dp else None, "clip": d.get("dp_clip") if dp else None,
                      "spent_epsilon_max": d.get("spent_epsilon_max"), "dropout": d["dropout"], "ser_uar": s["ser"]["uar"],
                      "asr": cnn["asr"], "asr_ci_low": cnn["asr_ci"][0], "asr_ci_high": cnn["asr_ci"][1],
                      **{f"asr_pool{k}": v for k, v in cnn["asr_pooled"].items() if k != "1"},
-                     **{f"profile_asr_pool{k}": v for k, v in profile.get("asr_pooled", {}).items()}})
+                     **{f"profile_asr_pool{k}": v for k, v in profile.get("asr_pooled", {}).items()},
+                     "fs_asr": fs.get("asr"), "fs_auc": fs.get("auc")})
     return rows
+
+
+def _fs_cell(r: dict) -> str:
+    """The feature-space attack's ASR and AUC (cells written before it ran: -)."""
+    if r.get("fs_asr") is None:
+        return "-"
+    return f"{_pct(r['fs_asr'])} ({_num(r.get('fs_auc'))})"
 
 
 def _pool_label(key: str) -> str:
@@ -223,7 +232,8 @@ def _defence_figure(path: Path, rows: list[dict]) -> None:
     plt = _pyplot()
 
     attacks = ["asr", *(k for k in dict.fromkeys(k for r in rows for k in r)
-                        if k.startswith(("asr_pool", "profile_asr_pool")))]
+                        if k.startswith(("asr_pool", "profile_asr_pool"))),
+               *(["fs_asr"] if any(r.get("fs_asr") is not None for r in rows) else [])]
     group = lambda r: (r["private"], r["algorithm"], r["dp_mode"], r.get("clip"), r["dropout"])
     groups = list(dict.fromkeys(group(r) for r in rows if r["epsilon"] is not None))
     fig, axes = plt.subplots(1, 1 + len(groups), figsize=(4.2 * (1 + len(groups)), 4.2), squeeze=False)
@@ -239,7 +249,7 @@ def _defence_figure(path: Path, rows: list[dict]) -> None:
             axes[0].axhline(none[0]["ser_uar"], color=line.get_color(), ls=":", lw=1)
         ax = axes[1 + i]
         for k in attacks:
-            label = "CNN, 1 round" if k == "asr" else _pool_label(k)
+            label = {"asr": "CNN, 1 round", "fs_asr": "feature-space, 1 update"}.get(k) or _pool_label(k)
             ax.plot(eps, [np.nan if r.get(k) is None else r[k] for r in dp], "s--" if k.startswith("profile") else "o-",
                     color=colours[k], label=label)
             if none and none[0].get(k) is not None:
@@ -268,11 +278,13 @@ def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
     profile = [k for k in keys if k.startswith("profile_asr_pool")]
     head = "| private | algorithm | DP | epsilon (spent) | clip | dropout | SER UAR | CNN ASR | " + " | ".join(
         f"CNN {k[8:]} rounds" for k in pools) + "".join(f" | profile {k[16:]} round{'s' * (k[16:] != '1')}"
-                                                         for k in profile) + " |"
+                                                         for k in profile) + " | feature-space ASR (AUC) |"
     lines = ["# Defences: DP and dropout", "", "Attacks on the first layer (dense1) updates, from one round and "
              "pooled over several rounds of the same client: the paper's CNN (k rounds: mean prediction) and the "
-             "input-profile attack (attacks/inference/profile.py; k rounds: mean profile, which averages DP noise away).", "",
-             head, "|" + "---|" * (8 + len(pools) + len(profile))]
+             "input-profile attack (attacks/inference/profile.py; k rounds: mean profile, which averages DP noise away); "
+             "the feature-space attack (attacks/inference/feature_space.py: each update inverted, the client's recovered "
+             "statistics classified; one update, its ROC AUC over updates).", "",
+             head, "|" + "---|" * (9 + len(pools) + len(profile))]
     key = lambda r: (r["private"], r["algorithm"], r["dp_mode"] == "none", r["epsilon"] or 0, r.get("clip") or 0,
                      r["dropout"])
     for r in sorted(rows, key=key):
@@ -280,13 +292,15 @@ def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
             if r["spent_epsilon_max"] is not None else f"{r['epsilon']:g}"
         clip = "-" if r.get("clip") is None else f"{r['clip']:g}"
         lines.append(f"| {r['private']} | {r['algorithm']} | {r['dp_mode']} | {eps} | {clip} | {r['dropout']:g} | "
-                     f"{_pct(r['ser_uar'])} | {_pct(r['asr'])} | " + " | ".join(_pct(r.get(k)) for k in pools + profile) + " |")
+                     f"{_pct(r['ser_uar'])} | {_pct(r['asr'])} | " + "".join(f"{_pct(r.get(k))} | " for k in pools + profile)
+                     + f"{_fs_cell(r)} |")
     nodp = [r for r in rows if r["dp_mode"] == "none"]
     if len({r["dropout"] for r in nodp}) > 1:
         lines += ["", "## Dropout (shaped like the paper's Table VI)", "",
-                  "| private | algorithm | dropout | SER UAR | ASR |", "|---|---|---|---|---|"]
+                  "| private | algorithm | dropout | SER UAR | CNN ASR | feature-space ASR (AUC) |", "|---|---|---|---|---|---|"]
         for r in sorted(nodp, key=lambda r: (r["private"], r["algorithm"], r["dropout"])):
-            lines.append(f"| {r['private']} | {r['algorithm']} | {r['dropout']:g} | {_pct(r['ser_uar'])} | {_pct(r['asr'])} |")
+            lines.append(f"| {r['private']} | {r['algorithm']} | {r['dropout']:g} | {_pct(r['ser_uar'])} | {_pct(r['asr'])} | "
+                         f"{_fs_cell(r)} |")
     lines += ["", "![UAR and ASR vs epsilon](defense.png)", ""]
     atomic_write_text(grid_dir / "defense_report.md", "\n".join(lines))
     if any(r["epsilon"] is not None for r in rows):

@@ -62,8 +62,9 @@ class ScheduledSecAgg(FedAvg):
                 on_round(server_round + round_offset, dict(zip(self.keys, ndarrays)))
             return None
 
-        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1, min_available_clients=1,
-                         initial_parameters=ndarrays_to_parameters(list(initial.values())), evaluate_fn=evaluate_fn)
+        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1, min_evaluate_clients=1,
+                         min_available_clients=1, initial_parameters=ndarrays_to_parameters(list(initial.values())),
+                         evaluate_fn=evaluate_fn, fit_metrics_aggregation_fn=lambda _: {})
         self.s, self.num_clients, self.partition_nodes = s, num_clients, partition_nodes
         self.recorder, self.round_offset = recorder, round_offset
         self.rounds: dict[int, dict] = {}
