@@ -3,7 +3,9 @@
 The paper's FedSGD set-up on the CREMA-D-sized synthetic corpus (73 training clients, 10% a
 round, batch 20, server lr 0.1; 200 rounds by default). Both runs select the same clients with
 the same seeds (fed_ser.core.schedule), so their final test UAR must agree: the ratio compares like
-with like. Target: Flower within 3x of the loop.
+with like. Target: Flower within 3x of the loop. Beside them, in the same run, a plain Flower app
+(benchmarks/_plain_flower.py: Flower's FedAvg over ClientApps that do no work) with the model's
+arrays and with one-element arrays: Flower's own per-round cost, and how much of it is the payload.
 
     python benchmarks/flower_vs_loop.py [fl.rounds=200] [data.scale=0.5]
 """
@@ -14,7 +16,10 @@ import tempfile
 import time
 
 from _common import parser, prepared, report
+from _plain_flower import plain_flower_rounds
 
+from fed_ser.core.model import build_model
+from fed_ser.core.schedule import clients_per_round
 from fed_ser.data.federated import FederatedData
 from fed_ser.engines.inprocess import run_inprocess
 from fed_ser.experiments.cli import run_fl, run_settings
@@ -36,13 +41,21 @@ def main() -> None:
         ref = run_inprocess(data, s)
         loop = time.perf_counter() - t
     rounds = int(cfg.fl.rounds)
+    shapes = {k: tuple(v.shape) for k, v in build_model(data.X.shape[1], s.dropout, s.seed).state_dict().items()}
+    plain = plain_flower_rounds(data.num_clients, s.fraction, rounds, shapes)
+    tiny = plain_flower_rounds(data.num_clients, s.fraction, rounds, {"w": (1,)})
+    per = lambda x: f"{x:.1f} s ({1000 * x / rounds:.1f} ms/round)"
     numbers = {"clients": data.num_clients, "rounds": rounds, "flower_total_s": flower_total,
                "flower_rounds_s": flower_rounds, "loop_s": loop, "ratio_rounds": flower_rounds / loop,
-               "ratio_total": flower_total / loop, "uar_flower": res["final"]["test_uar"], "uar_loop": ref["uar"]}
+               "ratio_total": flower_total / loop, "uar_flower": res["final"]["test_uar"], "uar_loop": ref["uar"],
+               "plain_flower_rounds_s": plain, "plain_flower_tiny_rounds_s": tiny}
     report("Flower simulation vs in-process loop (FedSGD)", [
-        ("clients / rounds", f"{data.num_clients} / {rounds} ({max(int(0.1 * data.num_clients), 1)} a round)"),
-        ("in-process loop", f"{loop:.1f} s ({1000 * loop / rounds:.1f} ms/round)"),
-        ("Flower, rounds only", f"{flower_rounds:.1f} s ({1000 * flower_rounds / rounds:.1f} ms/round)"),
+        ("clients / rounds", f"{data.num_clients} / {rounds} ({clients_per_round(data.num_clients, s.fraction)} a round)"),
+        ("in-process loop", per(loop)),
+        ("Flower, rounds only", per(flower_rounds)),
+        ("plain Flower app, same arrays", f"{per(plain)}: Flower's own message path, no work"),
+        ("plain Flower app, 1-float arrays", f"{per(tiny)}: without the payload"),
+        ("fed-ser over the plain app", f"{flower_rounds / plain:.2f}x (target <= 100 ms/round)"),
         ("Flower, incl. Ray start", f"{flower_total:.1f} s"),
         ("ratio (rounds only)", f"{flower_rounds / loop:.2f}x  (target <= 3x)"),
         ("ratio (incl. start)", f"{flower_total / loop:.2f}x"),
