@@ -20,22 +20,17 @@ from fed_ser.io import atomic_write_json, atomic_write_text
 
 
 def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = "") -> RunSettings:
-    """The flat run settings of one FL run from the Hydra config."""
-    fl = cfg.fl
-    return RunSettings(
-        prepared=str(prepared), algorithm=fl.algorithm, rounds=int(fl.rounds), fraction=float(fl.fraction),
-        lr=float(fl.lr), local_epochs=int(fl.local_epochs), batch_size=int(fl.batch_size), optimizer=fl.optimizer,
-        dropout=float(cfg.model.dropout), eval_every=int(fl.eval_every), eval_fraction=float(fl.eval_fraction),
-        round_timeout=float(fl.round_timeout), secagg=bool(fl.secagg),
-        recorder_dir=recorder_dir, recorder_layers=str(cfg.recorder.layers), recorder_float16=bool(cfg.recorder.float16),
-        out_dir=out_dir, resume=bool(cfg.resume), seed=int(cfg.seed), dp_mode=str(cfg.dp.mode),
-        dp_epsilon=float(cfg.dp.epsilon), dp_delta=float(cfg.dp.delta), dp_clip=float(cfg.dp.clip),
-        dp_calibrate=str(cfg.dp.calibrate), flower_dp_mode=str(cfg.flower_dp.mode),
-        flower_dp_noise=float(cfg.flower_dp.noise_multiplier), flower_dp_clip=float(cfg.flower_dp.clip),
-        flower_dp_epsilon=float(cfg.flower_dp.epsilon), flower_dp_delta=float(cfg.flower_dp.delta),
-        adv_mix=float(cfg.adv.mix), adv_method=str(cfg.adv.method), adv_norm=str(cfg.adv.norm),
-        adv_epsilon=float(cfg.adv.epsilon), adv_steps=int(cfg.adv.steps), adv_step_size=float(cfg.adv.step_size),
-    )
+    """The flat run settings of one FL run from the Hydra config, read key by key with the run-config keys
+    (:attr:`RunSettings._KEYS`, the one list of them): what ``flwr run --run-config`` and ``pyproject.toml``
+    name ``fl.lr`` is ``cfg.fl.lr`` here. The caller gives the paths; a key the Hydra config lacks
+    (``fl.min_available``: a deployment's choice) keeps the dataclass default."""
+    given = {"data.prepared": str(prepared), "out_dir": out_dir, "recorder.dir": recorder_dir}
+    flat = {}
+    for key in RunSettings._KEYS.values():
+        value = given[key] if key in given else OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            flat[key] = value
+    return RunSettings.from_run_config(flat)
 
 
 def run_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = "") -> dict:
