@@ -30,13 +30,18 @@ def _settings(prepared, out, rounds: int, nodes: int, **kw) -> RunSettings:
                        min_available=nodes, recorder_dir=str(out / "updates"), out_dir=str(out), resume=False, **kw)
 
 
-def test_tls_authenticated_federation_trains_and_records_every_update(prepared, tmp_path):
+def test_tls_authenticated_federation_trains_records_every_update_and_runs_secagg(prepared, tmp_path):
     # a lost reply fails the replies assertion after 120 s instead of outlasting the run timeout
     s = _settings(prepared, tmp_path / "run", rounds=2, nodes=3, round_timeout=120.0)
+    # then, on the same federation, SecAgg+ (four message stages a round over HTTPS) with LocalDpMod inside
+    # secaggplus_mod: the server records no update, only the round's unmasked (locally noised) sum
+    secure = _settings(prepared, tmp_path / "secagg", rounds=1, nodes=3, round_timeout=120.0, secagg=True,
+                       flower_dp_mode="local")
     with LocalFederation(tmp_path / "fed", 3) as fed:
         assert fed.certs is not None and fed.keys is not None  # secure unless asked otherwise
         listed = fed.flwr("supernode", "list", "fedser").stdout
         out = fed.run(s.to_run_config(), timeout=400).stdout
+        out_secagg = fed.run(secure.to_run_config(), timeout=400).stdout
     assert listed  # the CLI reached the SuperLink over TLS
     assert "3 nodes connected, 3 hold partitions [0, 1, 2]" in out and "round 2/2: 3/3 replies" in out, out[-3000:]
     for i in range(3):  # every node installed the app into its own FLWR_HOME, as separate machines would
@@ -54,20 +59,11 @@ def test_tls_authenticated_federation_trains_and_records_every_update(prepared, 
         assert g["dense1.weight"].shape == (256, data.X.shape[1]) and np.isfinite(g["dense1.weight"]).all()
         assert u.num_examples == len(data.client_rows(u.partition, TRAIN)[0])
 
-
-def test_secagg_plus_with_local_dp_runs_over_the_tls_federation(prepared, tmp_path):
-    """SecAgg+ (Flower's workflow, its four message stages a round over HTTPS) with LocalDpMod inside
-    ``secaggplus_mod`` on three real SuperNodes: the server records no update, only the round's unmasked
-    (locally noised) sum, and reports the epsilon LocalDpMod spent."""
-    s = _settings(prepared, tmp_path / "run", rounds=1, nodes=3, round_timeout=120.0, secagg=True,
-                  flower_dp_mode="local")
-    with LocalFederation(tmp_path / "fed", 3) as fed:
-        out = fed.run(s.to_run_config(), timeout=400).stdout
-    assert "3 nodes connected, 3 hold partitions [0, 1, 2]" in out and "round 1/1: 3/3 replies" in out, out[-3000:]
-    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "round 1/1: 3/3 replies" in out_secagg, out_secagg[-3000:]
+    res = json.loads((tmp_path / "secagg" / "results.json").read_text())
     assert [r["clients"] for r in res["rounds"]] == [[0, 1, 2]]
     assert res["privacy"]["mode"] == "flower:local" and res["privacy"]["epsilon_server"] > 0
-    store = UpdateStore(tmp_path / "run" / "updates")
+    store = UpdateStore(tmp_path / "secagg" / "updates")
     assert store.updates() == [] and store.aggregate_record(1) is not None
     agg, theta = store.read(store.aggregate_record(1)), store.read(store.global_record(1))
     assert all(np.isfinite(agg[k]).all() and not np.array_equal(agg[k], theta[k]) for k in theta)

@@ -43,22 +43,11 @@ import numpy as np
 #: A certified sample's residual is at float32 rounding (1e-7 to 1e-4 for very confident samples,
 #: whose errors are tiny); a spurious normal's is ~0.3. The threshold sits between, with margin.
 CERTIFICATE = 1e-3
-#: A row whose on-plane tolerance reaches this says nothing (the noise could turn its direction).
-LIVE_TOL = 1e-3
-#: The same two thresholds for a sum under a small noise floor (SecAgg+'s quantisation; see
-#: :func:`_spectral_gap`): a true sample's residual is then at the noise's relative size (~1e-3 on
-#: EmoDB's quantised round sums), a spurious normal's still ~0.3, and recovered inputs are checked
-#: against the true ones by the caller (measured: every one within 1e-2 of a true input).
-NOISY_CERTIFICATE = 3e-2
-NOISY_LIVE_TOL = 1e-2
 #: Rows of the normalised first-layer gradient closer than this to a hyperplane lie on it.
 ON_PLANE = 1e-6  # at least; each row's tolerance grows with the gradient's noise floor
 #: Beyond the batch size, a per-sample sum's spectrum is float32 rounding (~1e-8 of the largest
 #: singular value); anything above this is another kind of update.
 LOW_RANK = 1e-5
-#: Where the spectrum beyond the batch size is above LOW_RANK, a drop this steep inside it still marks the
-#: sum's rank (SecAgg+'s quantisation noise; a DP-noised update's spectrum has no such drop at epsilon ~10).
-NOISY_GAP = 10.0
 
 
 @dataclass
@@ -107,7 +96,7 @@ class _Frame:
     """A rank-``r`` (residual) first-layer gradient ``U diag(S) V^T`` in its row space, beside the
     second layer's row space ``R2``."""
 
-    def __init__(self, U: np.ndarray, S: np.ndarray, V: np.ndarray, noise: float, R2: np.ndarray, noisy: bool = False):
+    def __init__(self, U: np.ndarray, S: np.ndarray, V: np.ndarray, noise: float, R2: np.ndarray):
         self.V, self.r = V, len(S)  # V: (inputs + 1) x r
         self.P = P = U * S  # the gradient's rows in row-space coordinates; P @ q_i is sample i's error
         norms = np.linalg.norm(P, axis=1)
@@ -118,8 +107,7 @@ class _Frame:
         # a row whose direction the noise could turn (a unit only removed samples used) says nothing;
         # after deflation such rows sit decades below the rest: a gap of more than 2 decades in the
         # row norms separates them even where the spectrum underestimates the subtraction's error
-        self.certificate = NOISY_CERTIFICATE if noisy else CERTIFICATE
-        self.live = (norms > max(1e-6 * norms.max(), _norm_gap(norms))) & (self.tol < (NOISY_LIVE_TOL if noisy else LIVE_TOL))
+        self.live = (norms > max(1e-6 * norms.max(), _norm_gap(norms))) & (self.tol < 1e-3)
         self.W = np.zeros_like(P)
         self.W[self.live] = P[self.live] / norms[self.live, None]  # unit rows; the others stay 0
         self.R2 = R2  # 256 x B: span of the whole batch's post-dropout activations
@@ -221,10 +209,10 @@ def _search(frame: _Frame, layers: _Layers, known: list[_Sample], rng: np.random
         if q is None or seen(q):
             return
         cert, x, kept = _certify(frame, layers, q)
-        if cert >= frame.certificate:
+        if cert >= CERTIFICATE:
             rejected.append(q)
         scale = np.abs(x).max()
-        if cert < frame.certificate and not any(np.abs(x - o.x).max() <= 1e-4 * scale for o in known + [f for f, _ in found]):
+        if cert < CERTIFICATE and not any(np.abs(x - o.x).max() <= 1e-4 * scale for o in known + [f for f, _ in found]):
             found.append((_Sample(cert, x, kept, frame.P @ q), q))
 
     if r == 1:  # one sample left: the residual is its rank-1 term
@@ -271,16 +259,6 @@ def _deflate(U: np.ndarray, S: np.ndarray, V: np.ndarray, samples: list[_Sample]
     return U @ Um[:, :rank], Sm[:rank], V @ Vmt[:rank].T, float(Sm[rank]) if len(Sm) > rank else 0.0
 
 
-def _spectral_gap(s: np.ndarray, batch_size: int) -> int | None:
-    """The rank of a sum of per-sample terms under a small noise floor (e.g. SecAgg+'s quantisation, ~1e-4
-    of the largest singular value once differenced): the place, within the batch size, where the
-    spectrum drops by more than :data:`NOISY_GAP`; None where there is no such drop (DP noise)."""
-    k = min(batch_size, len(s) - 1)
-    ratios = s[:k] / np.maximum(s[1:k + 1], 1e-300)
-    i = int(np.argmax(ratios))
-    return i + 1 if ratios[i] > NOISY_GAP else None
-
-
 def invert_fedsgd(update: dict[str, np.ndarray], params: dict[str, np.ndarray], batch_size: int,
                   dropout: float, *, rng: np.random.Generator | None = None, ransac_draws: int = 20_000) -> Recovered:
     """Recover the inputs and labels of the batch behind one FedSGD update.
@@ -303,22 +281,18 @@ def invert_fedsgd(update: dict[str, np.ndarray], params: dict[str, np.ndarray], 
     if not (np.isfinite(G1).all() and np.isfinite(G2).all()) or not np.abs(G1).max() > 0:
         return empty
     U, s, Vt = np.linalg.svd(G1, full_matrices=False)
-    noisy = len(s) > batch_size and s[batch_size] > LOW_RANK * s[0]
-    if noisy:
-        r = _spectral_gap(s, batch_size)
-        if r is None:
-            # not a sum of B per-sample terms (DP noise, Adam's elementwise steps): nothing exact to find
-            empty.info = {"rank_gap": float(s[batch_size] / s[0])}
-            return empty
-    else:
-        r = int(min(batch_size, (s > 1e-7 * s[0]).sum()))
+    if len(s) > batch_size and s[batch_size] > LOW_RANK * s[0]:
+        # not a sum of B per-sample terms (DP noise, Adam's elementwise steps): nothing exact to find
+        empty.info = {"rank_gap": float(s[batch_size] / s[0])}
+        return empty
+    r = int(min(batch_size, (s > 1e-7 * s[0]).sum()))
     noise = float(s[r]) if len(s) > r else 0.0
     U, S, V = U[:, :r], s[:r], Vt[:r].T
     R2 = np.linalg.svd(G2, full_matrices=False)[2][:r].T
     samples: list[_Sample] = []
     draws, passes = 0, []
     while len(samples) < r:
-        new, spent = _search(_Frame(U, S, V, noise, R2, noisy), layers, samples, rng, ransac_draws)
+        new, spent = _search(_Frame(U, S, V, noise, R2), layers, samples, rng, ransac_draws)
         draws += spent
         passes.append(len(new))
         samples += new
@@ -335,7 +309,7 @@ def invert_fedsgd(update: dict[str, np.ndarray], params: dict[str, np.ndarray], 
         probs.append(p)
     rec = Recovered(np.array([smp.x[:-1] for smp in samples]).reshape(len(samples), G1.shape[1] - 1),
                     np.array(labels, dtype=np.int64), np.array([smp.certificate for smp in samples]), r, draws=draws,
-                    info={"found_per_pass": passes, **({"rank_from_gap": r} if noisy else {})})
+                    info={"found_per_pass": passes})
     if rec.complete and "out.bias" in update:
         rec.label_counts = np.sum(probs, axis=0) - r * update["out.bias"].astype(np.float64)
     return rec

@@ -90,7 +90,7 @@ def _compact(summary: dict) -> dict:
             "epsilon_aggregate", "guarantee", "seconds_per_round", "wall_seconds", "overrides", "rounds")
     out = {k: summary.get(k) for k in keep}
     out["attacks"] = {n: {k: v for k, v in m.items() if k != "roc"} for n, m in summary["attacks"].items()}
-    out["fold_ids"] = [f["fold"] for f in summary["folds"] if "fold" in f]
+    out["fold_ids"] = [f["fold"] for f in summary["folds"] if "fold" in f] or summary.get("fold_ids", [])  # kept rows
     out["aggregate"] = summary.get("aggregate") or [f.get("aggregate") for f in summary["folds"]]
     return out
 
