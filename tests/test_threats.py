@@ -188,3 +188,25 @@ def test_a_secagg_cell_runs_and_its_server_attacks_sums_only(corpora, feature_ca
     assert row["epsilon_server"] is None and row["epsilon_aggregate"] is None
     line = next(x for x in (out / "matrix.md").read_text().splitlines() if x.startswith("| secagg |"))
     assert line.count("n/a") == 2  # the server's CNN and profile cells: no update to read
+
+
+def test_every_matrix_row_composes_into_valid_run_settings_with_its_defence_on():
+    """Each row of conf/threats.yaml is a set of overrides: all of them compose, give valid run settings
+    (a wrong combination, e.g. SecAgg+ with server-side clipping, would stop here naming the keys) and turn
+    on what the row's name says. The SecAgg+ cell also runs end to end above; Flower's DP modes run in
+    tests/test_simulation.py."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from fed_ser.experiments.cli import run_settings
+    from fed_ser.experiments.config import load_config
+
+    rows = OmegaConf.to_container(load_config([], "threats").threats.rows)
+    assert {"none", "secagg", "secagg-central-dp", "dp-user-fedavg", "flower-local"} <= set(rows)
+    for name, overrides in rows.items():
+        s = run_settings(load_config(list(overrides), "threats"), Path("p.npz"), "out")
+        assert s.secagg == name.startswith("secagg"), name
+        assert (s.flower_dp_mode != "none") == (name.startswith("flower-") or name == "secagg-central-dp"), name
+        assert (s.dp_mode != "none") == name.startswith("dp-"), name
+        assert (s.dropout == 0.5) == name.startswith("dropout"), name

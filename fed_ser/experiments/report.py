@@ -402,7 +402,8 @@ def write_threat_report(out: Path, cells: dict[str, dict], title: str) -> None:
     atomic_write_text(out / "matrix.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "matrix.csv", _csv(rows))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(9.6, 4.2))
+    colours = {r["defence"]: f"C{i % 10}" for i, r in enumerate(rows)}  # one colour per defence, one marker per observer
     for col, marker, label in (("server_fs", "o", "server, feature-space"), ("aggregate", "s", "aggregates, differencing")):
         for r in rows:
             if f"{col}_asr" not in r:
@@ -410,10 +411,11 @@ def write_threat_report(out: Path, cells: dict[str, dict], title: str) -> None:
             eps = r["epsilon_server"] if col.startswith("server") else r["epsilon_aggregate"]
             x = 1e4 if eps is None else eps
             ax.errorbar([x], [100 * r[f"{col}_asr"]], yerr=[[100 * (r[f"{col}_asr"] - r[f"{col}_lo"])], [100 * (r[f"{col}_hi"] - r[f"{col}_asr"])]],
-                        fmt=marker, capsize=3, label=f"{r['defence']} ({label})")
+                        fmt=marker, capsize=3, color=colours[r["defence"]], alpha=0.85, label=f"{r['defence']} ({label})")
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon against that observer (1e4: no guarantee)")
     ax.set_ylabel("ASR %")
-    ax.legend(fontsize=6, loc="best")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     _save_png(fig, out / "asr_vs_epsilon.png")
