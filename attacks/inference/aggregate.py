@@ -38,8 +38,9 @@ def round_aggregates(store: UpdateStore, batch_size: int, members: dict[int, tup
     round's unmasked mean reply (``kind="aggregate"``: what a server under SecAgg+ records, with the
     global models, never an update) takes the place of ``theta(t+1)``: the server's own view, before
     any noise it adds. ``members`` (round -> partitions) says who took part when the store holds no
-    client updates (SecAgg+ reveals it); each member's batch then counts as ``batch_size`` (the server
-    knows the protocol, not each ``n_k``; the inversion reads the true count off the spectrum).
+    client updates (SecAgg+ reveals it); each member's batch then counts as ``batch_size``, an upper
+    bound (Flower's SecAgg+ also passes each ``n_k`` in the clear; the inversion reads the true count off
+    the spectrum), and the step count as 1 (FedSGD; a FedAvg sum is not inverted anyway).
     """
     rounds: dict[int, tuple[tuple[int, ...], int, float]] = {}  # round -> (members, batch, mean steps)
     if members is None:

@@ -67,9 +67,11 @@ def flower_dp_report(mode: str, noise_multiplier: float, epsilon: float, delta: 
     else:
         raise ValueError(f"flower_dp.mode: no privacy report for {mode!r}")
     guarantee = GUARANTEES[mode]
-    if secagg:
-        guarantee += ("; SecAgg+: the server itself sees only the round's sum, clipped, without the noise it then adds"
-                      if mode in CENTRAL_MODES else "; SecAgg+: the server sees only the round's sum of noised updates")
+    if secagg and mode in CENTRAL_MODES:
+        guarantee = ("user-level, against observers of the global models only; none against the server, which under "
+                     "SecAgg+ unmasks the round's sum of clipped updates before it adds the noise")
+    elif secagg:
+        guarantee += "; SecAgg+: the server sees only the round's sum of noised updates"
     return {"mode": f"flower:{mode}", "guarantee": guarantee, "delta": delta,
             "noise_multiplier": noise_multiplier if mode in CENTRAL_MODES else local_noise_multiplier(epsilon, delta),
             "epsilon_aggregate_observer": max(per_client), "epsilon_server": server,

@@ -255,6 +255,8 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
             ev[f"feature-space{suffix}"] = evaluate_attack(attack.scorer(recovered), scores, clients, p_labels,
                                                            trials=trials, pool_rounds=pools, seed=seed)
         for name, inverted in (aggregates or {}).items():
+            if not inverted:  # no round whose outcome is recorded (e.g. a one-round run)
+                continue
             round_scores = {a.round: attack.p_female(r.inputs, r.labels) for a, r in inverted}
             # every private client that took part (SecAgg+: as the rounds' members say)
             cl = sorted({u.partition for u in p_updates} or {p for a, _ in inverted for p in a.clients})
@@ -283,7 +285,7 @@ def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, 
     for a, r in out:
         if len(r.inputs):
             X = np.concatenate([data.client_rows(p, TRAIN)[0] for p in a.clients])
-            dist = np.abs(r.inputs[:, None, :] - X[None]).max(2).min(1) / (np.abs(X).max() + 1e-12)
+            dist = np.array([np.abs(X - x).max(1).min() for x in r.inputs]) / (np.abs(X).max() + 1e-12)
             for tol in near:
                 near[tol] += int((dist < tol).sum())
     # the truth, from the evaluator's data (under SecAgg+ the attacker only bounds it by batch size x members)
@@ -341,7 +343,7 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
               f"in {aggregate['seconds']:.0f} s", flush=True)
         if secagg:  # the server's own view: the sums it unmasks, before any noise it adds (none: the same sums)
             views[SERVER_SUMS] = views["aggregate-observer"]
-            if str(cfg.flower_dp.mode) != "none":
+            if str(cfg.flower_dp.mode) == "client-fixed":  # the only mode that adds noise after unmasking
                 views[SERVER_SUMS], aggregate["server"] = invert_aggregates(cfg, priv_store, priv_data, seed, members,
                                                                             server_view=True)
     cnn = bool(s_updates)  # the CNN trains on shadow updates (none under SecAgg+)

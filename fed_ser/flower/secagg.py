@@ -10,8 +10,9 @@ local round behind ``secaggplus_mod`` (:func:`fed_ser.flower.client_app.handle_t
 replies with the model (FedSGD: the one-step model ``theta - lr g``, whose weighted mean is FedSGD's
 server step).
 
-What the server records is what SecAgg+ leaves it: the global model of every round and who took
-part (the round's row in ``results.json``), never an update; :mod:`attacks.inference.aggregate`
+What the server records is what SecAgg+ leaves it: the global model of every round, the round's
+unmasked sum (store records of kind ``aggregate``) and who took part (the round's row in
+``results.json``, from the replies' metrics, which Flower's SecAgg+ passes in the clear), never an update; :mod:`attacks.inference.aggregate`
 reads that view. Central DP composes with it the one way it can: client-side clipping
 (``flower_dp.mode=client_fixed``: Flower's legacy ``DifferentialPrivacyClientSideFixedClipping``
 adds the noise to the sum, ``fixedclipping_mod`` clips inside ``secaggplus_mod``), or local DP
@@ -85,6 +86,9 @@ class ScheduledSecAgg(FedAvg):
         rnd = server_round + self.round_offset
         row = self.rounds.setdefault(rnd, {"round": rnd, "sampled": len(results), "clients": []})
         row.update(replies=len(results) if params is not None else 0, train_loss=None)
+        ids = [res.metrics.get("partition-id") for _, res in results]
+        if params is not None and all(i is not None for i in ids):  # who is in the sum (Flower's SecAgg+ sends metrics in the clear)
+            row["clients"] = sorted(int(i) for i in ids)
         if self.recorder is not None:
             if params is not None:
                 total = int(sum(res.num_examples for _, res in results))

@@ -78,7 +78,7 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
     """Train for ``s.rounds`` rounds on the nodes of ``grid``; return the results dict.
 
     Under ``fl.secagg`` the same schedule runs in Flower's SecAgg+ workflow (:mod:`fed_ser.flower.secagg`,
-    which needs the ServerApp's ``context``): the server then records the global models only.
+    which needs the ServerApp's ``context``): the server then records the global models and each round's unmasked sum.
 
     After every round (Flower's ``evaluate_fn``: training and client evaluation done) the round's
     row is added to the history, the global model is evaluated on the held-out speakers when it is
