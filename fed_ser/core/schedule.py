@@ -26,6 +26,11 @@ def client_seed(seed: int, rnd: int, pid: int) -> int:
     return hash((seed, rnd, pid)) % (2**31)
 
 
+def is_eval_round(rnd: int, eval_every: int, rounds: int) -> bool:
+    """Whether the global model is evaluated after round ``rnd``: every ``eval_every`` rounds and the last."""
+    return rnd % eval_every == 0 or rnd == rounds
+
+
 def clients_per_round(num_clients: int, fraction: float) -> int:
     """``int(fraction * N)`` clients a round, at least one (the paper's ``int(0.1 N)``)."""
     return max(int(num_clients * fraction), 1)

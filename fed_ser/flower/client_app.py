@@ -33,6 +33,12 @@ def _data(path: str) -> FederatedData:
     return FederatedData.load(path)
 
 
+@lru_cache(maxsize=4)
+def _parameter_names(input_dim: int) -> list[str]:
+    """The model's parameter names in order (legacy messages carry the arrays without them)."""
+    return list(build_model(input_dim, 0.0, 0).state_dict())
+
+
 def _partition(context: Context) -> int:
     if "partition-id" not in context.node_config:
         raise KeyError("node config lacks 'partition-id' (start the SuperNode with --node-config 'partition-id=K')")
@@ -87,7 +93,7 @@ def handle_train_legacy(msg: Message, context: Context, s: RunSettings) -> Messa
     """A training message in Flower's legacy format, as ``secaggplus_mod`` passes it on under SecAgg+
     (:mod:`fed_ser.flower.secagg`): the same local round, replied as a ``FitRes``."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    keys = list(build_model(_data(s.prepared).X.shape[1], s.dropout, s.seed).state_dict())
+    keys = _parameter_names(_data(s.prepared).X.shape[1])
     theta = dict(zip(keys, parameters_to_ndarrays(fitins.parameters)))
     result, pid = local_round(s, context, theta, int(fitins.config["server-round"]))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([result.arrays[k] for k in keys]), result.num_examples,

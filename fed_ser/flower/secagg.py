@@ -37,7 +37,7 @@ from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Fed
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from fed_ser.core.schedule import clients_per_round, select_clients
+from fed_ser.core.schedule import clients_per_round, is_eval_round, select_clients
 from fed_ser.core.settings import RunSettings
 from fed_ser.recording.recorder import UpdateRecorder
 
@@ -97,7 +97,7 @@ class ScheduledSecAgg(FedAvg):
         return params, metrics
 
     def is_eval_round(self, rnd: int) -> bool:
-        return rnd % self.s.eval_every == 0 or rnd == self.s.rounds
+        return is_eval_round(rnd, self.s.eval_every, self.s.rounds)
 
 
 def quantisation_bound(num_examples: list[int], max_weight: float, clipping_range: float = 8.0,

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fed_ser.core.aggregation import server_step
-from fed_ser.core.schedule import select_clients
+from fed_ser.core.schedule import is_eval_round, select_clients
 from fed_ser.flower.eavesdropper import arrays_to_numpy, in_partition_order, numpy_to_arrays, reply_metrics
 
 
@@ -103,4 +103,4 @@ class FedSerStrategy(FedAvg):
         return metrics
 
     def is_eval_round(self, rnd: int) -> bool:
-        return rnd % self.eval_every == 0 or rnd == self.num_rounds
+        return is_eval_round(rnd, self.eval_every, self.num_rounds)
