@@ -138,3 +138,20 @@ def test_a_federation_smaller_than_the_data_set_stops_naming_both_numbers():
     with pytest.raises(FederationTooSmall, match=r"has 2 node\(s\) but x\.npz has 72 clients.*num-supernodes=72"):
         discover_partitions(FakeGrid([1, 2]), 72, "x.npz", settle=1.0)
     assert time.monotonic() - t0 < 10
+
+
+def test_the_core_aggregation_is_flower_s_weighted_average_bit_for_bit():
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from fed_ser.core.aggregation import weighted_mean
+
+    rng = np.random.default_rng(0)
+    updates = [{"w": rng.normal(size=(64, 32)).astype(np.float32), "b": rng.normal(size=32).astype(np.float32)} for _ in range(7)]
+    n = [13, 7, 21, 9, 9, 30, 2]
+    records = [RecordDict({"arrays": numpy_to_arrays(u), "metrics": MetricRecord({"num-examples": k})}) for u, k in zip(updates, n)]
+    flower = arrays_to_numpy(aggregate_arrayrecords(records, "num-examples"))
+    ours = weighted_mean(updates, n)
+    for k in flower:
+        assert ours[k].dtype == np.float32 and np.array_equal(ours[k], flower[k]), k
+    float64 = {k: sum(np.float64(w) / sum(n) * u[k] for w, u in zip(n, updates)) for k in flower}
+    assert any(not np.array_equal(ours[k], float64[k].astype(np.float32)) for k in flower)  # the order of operations shows

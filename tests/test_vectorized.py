@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from fed_ser.core.model import build_model, dropout_multiplier
+from fed_ser.core.model import build_model
 from fed_ser.core.settings import RunSettings
-from fed_ser.core.training import local_update, seed_client_rng
+from fed_ser.core.training import dropout_multiplier, local_plan, local_update, seed_client_rng
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.engines.inprocess import run_inprocess
-from fed_ser.engines.vectorized import _plan, fedavg_round, run_vectorized
+from fed_ser.engines.vectorized import client_work, fedavg_round, run_vectorized
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import prepare
 from fed_ser.recording.recorder import UpdateRecorder
@@ -34,6 +34,22 @@ def test_dropout_multiplier_is_the_mask_nn_dropout_draws():
     seed_client_rng(7)
     assert torch.equal(dropout_multiplier(20, 256, 0.4), expected)
     assert dropout_multiplier(20, 256, 0.0) is None
+
+
+def test_a_forward_pass_given_the_plan_mask_is_the_dropout_module_s():
+    model = build_model(12, 0.4, seed=0).train()
+    x = torch.randn(7, 12)
+    (step,) = local_plan(7, algorithm="fedsgd", batch_size=20, epochs=1, seed=5, hidden=256, dropout=0.4)
+    seed_client_rng(5)
+    assert torch.equal(model(x, step.keep), model(x))  # the module draws the same mask after the same seed
+    assert not torch.equal(model(x, step.keep), model.eval()(x))
+
+
+def test_the_plan_of_fedavg_covers_every_row_once_an_epoch():
+    plan = local_plan(45, algorithm="fedavg", batch_size=20, epochs=2, seed=1, hidden=8, dropout=0.0)
+    assert [len(s.rows) for s in plan] == [20, 20, 5, 20, 20, 5] and all(s.keep is None for s in plan)
+    for epoch in (plan[:3], plan[3:]):
+        assert sorted(np.concatenate([s.rows for s in epoch])) == list(range(45))
 
 
 def test_fedsgd_run_equals_the_per_client_loop(data_path, tmp_path):
@@ -58,13 +74,13 @@ def test_fedavg_round_equals_local_update(data_path, optimizer):
     theta = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sizes = {p: len(data.client_rows(p, TRAIN)[0]) for p in range(data.num_clients)}
     pids = sorted(sizes, key=sizes.get)[:: max(data.num_clients // 4, 1)][:4]
-    plans = [_plan(*data.client_rows(p, TRAIN), s, 100 + p, 256) for p in pids]
-    assert len({len(p.steps) for p in plans}) > 1  # clients with different step counts are masked
-    stacked, _ = fedavg_round(theta, plans, s.batch_size, 256, s.lr, optimizer)
+    work = [client_work(*data.client_rows(p, TRAIN), s, 100 + p, model) for p in pids]
+    assert len({len(c.steps) for c in work}) > 1  # clients with different step counts finish at different steps
+    stacked, _ = fedavg_round(model, theta, work, s.batch_size, s.lr, optimizer)
     for i, pid in enumerate(pids):
         model.load_state_dict(theta)
         r = local_update(model, *data.client_rows(pid, TRAIN), algorithm="fedavg", lr=s.lr, epochs=2,
                          batch_size=2, optimizer=optimizer, seed=100 + pid)
-        assert r.steps == len(plans[i].steps)
+        assert r.steps == len(work[i].steps)
         for k, v in r.arrays.items():
             np.testing.assert_allclose(stacked[k][i].numpy(), v, rtol=0, atol=1e-5, err_msg=f"{optimizer} {pid} {k}")

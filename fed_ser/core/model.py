@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 class SERModel(nn.Module):
@@ -26,37 +23,16 @@ class SERModel(nn.Module):
         self.dense2 = nn.Linear(hidden[0], hidden[1])
         self.out = nn.Linear(hidden[1], n_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(torch.relu(self.dense1(x)))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``x``; ``keep`` is this batch's dropout multiplier (:func:`fed_ser.core.training.local_plan`
+        draws it), else the dropout module draws its own (and is off in eval mode)."""
+        h = torch.relu(self.dense1(x))
+        h = self.dropout(h) if keep is None else h * keep
         h = torch.relu(self.dense2(h))
         return self.out(h)
 
 
 LAYERS = ("dense1", "dense2", "out")
-
-
-def dropout_multiplier(n: int, width: int, p: float) -> torch.Tensor | None:
-    """The mask ``nn.Dropout(p)`` would draw next from torch's global RNG for an ``(n, width)`` input.
-
-    CPU dropout draws ``bernoulli(1 - p)`` over the input's shape and scales by ``1 / (1 - p)``;
-    drawing it here after the same ``torch.manual_seed`` gives the same mask, which is how the
-    vectorised engine reproduces the per-client loop exactly (a test checks it).
-    """
-    if p == 0.0:
-        return None
-    return torch.empty(n, width).bernoulli_(1.0 - p).div_(1.0 - p)
-
-
-def functional_forward(params: Mapping[str, torch.Tensor], x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """:meth:`SERModel.forward` with explicit parameters and an explicit dropout multiplier.
-
-    For ``torch.func`` (per-client gradients under ``vmap``); ``keep=None`` is evaluation mode.
-    """
-    h = torch.relu(F.linear(x, params["dense1.weight"], params["dense1.bias"]))
-    if keep is not None:
-        h = h * keep
-    h = torch.relu(F.linear(h, params["dense2.weight"], params["dense2.bias"]))
-    return F.linear(h, params["out.weight"], params["out.bias"])
 
 
 def build_model(input_dim: int, dropout: float, seed: int) -> SERModel:

@@ -1,10 +1,16 @@
-"""The one local training loop, shared by FedSGD, FedAvg, the shadow engine and the defences.
+"""A client's local work in one round, one description for every path that trains.
 
-:func:`local_update` runs a client's local computation on its shard and returns what the client
-would send: the gradient of one mini-batch (FedSGD) or its locally trained parameters after
-``epochs`` passes (FedAvg), plus the number of local steps ``T`` that the attacker's
-pseudo-gradient divides by. Defences plug into the same loop: ``batch_hook`` may replace a batch
-(adversarial training) and ``make_optimizer`` may return a privacy-wrapped optimizer.
+:func:`local_plan` says what a client does: which rows each optimiser step sees (FedSGD: one
+batch; FedAvg: ``epochs`` shuffled passes) and the dropout mask of each step, drawn from the
+client's seed. :func:`local_update` carries the plan out on an ``nn.Module`` (the Flower ClientApp
+and the in-process engine, through :func:`client_update`); the vectorised engine
+(:mod:`fed_ser.engines.vectorized`) carries the same plan out for a round's clients at once with
+the same forward pass (:meth:`fed_ser.core.model.SERModel.forward` under ``torch.func``) and the
+same optimiser (:func:`make_optimizer`). Both return what the client would send: the gradient of
+one mini-batch (FedSGD) or its locally trained parameters (FedAvg), plus the number of local steps
+``T`` that the attacker's pseudo-gradient divides by. Defences plug into :func:`local_update`:
+``batch_hook`` may replace a batch (adversarial training) and ``dp_sgd`` makes the gradient
+sample-level DP (a Poisson batch, :func:`poisson_rows`).
 
 The defence mechanisms (:mod:`defenses`) are imported when a run uses them: Opacus alone takes
 about a second to import, which every ClientApp process would pay.
@@ -51,15 +57,62 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def seed_client_rng(seed: int) -> None:
-    """Seed the CPU generator that dropout draws from (cheaper than ``torch.manual_seed``, which
-    also seeds every accelerator; local training runs on the CPU)."""
+    """Seed the CPU generator that dropout masks are drawn from (cheaper than ``torch.manual_seed``,
+    which also seeds every accelerator; local training runs on the CPU)."""
     torch.random.default_generator.manual_seed(seed)
 
 
-def _batches(n: int, batch_size: int, rng: np.random.Generator):
-    order = rng.permutation(n)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+@dataclass(frozen=True)
+class LocalStep:
+    """One optimiser step of a client: the rows of its batch and their dropout multiplier."""
+
+    rows: np.ndarray  # indices into the client's training shard
+    keep: torch.Tensor | None  # (len(rows), hidden) multiplier after the first dense layer; None: no dropout
+
+
+def dropout_multiplier(n: int, width: int, p: float) -> torch.Tensor | None:
+    """The mask ``nn.Dropout(p)`` would draw next from torch's CPU generator for an ``(n, width)`` input.
+
+    CPU dropout draws ``bernoulli(1 - p)`` over the input's shape and scales by ``1 / (1 - p)``, so
+    a forward pass given this multiplier computes what ``nn.Dropout`` would (a test checks it).
+    """
+    if p == 0.0:
+        return None
+    return torch.empty(n, width).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+def poisson_rows(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Row indices of one Poisson sample: each of ``n`` rows with probability ``min(b, n) / n``
+    (DP-FedSGD's batch, as Opacus' ``DPDataLoader`` draws it and its accountant assumes)."""
+    return np.flatnonzero(rng.random(n) < min(batch_size, n) / n)
+
+
+def local_plan(n: int, *, algorithm: str, batch_size: int, epochs: int, seed: int, hidden: int, dropout: float,
+               poisson: bool = False) -> list[LocalStep]:
+    """Every local step of a client with ``n`` training rows in one round.
+
+    FedSGD takes one batch (the first ``batch_size`` rows of a permutation, or a Poisson sample when
+    ``poisson``); FedAvg makes ``epochs`` passes, each over a fresh permutation in batches of
+    ``batch_size`` (the last one shorter). The order comes from ``numpy.random.default_rng(seed)``
+    and the dropout masks from torch's CPU generator seeded with ``seed``, one per step in step
+    order: so one seed gives the same batches and masks on every path that trains.
+    """
+    if algorithm not in ("fedsgd", "fedavg"):
+        raise ValueError(f"fl.algorithm: unknown {algorithm!r}; expected 'fedsgd' or 'fedavg'")
+    rng = np.random.default_rng(seed)
+    seed_client_rng(seed)
+    if poisson:
+        if algorithm != "fedsgd":
+            raise ValueError("a Poisson batch (DP-FedSGD) applies to fl.algorithm=fedsgd only")
+        batches = [poisson_rows(n, batch_size, rng)]
+    else:
+        batches = []
+        for _ in range(epochs if algorithm == "fedavg" else 1):
+            order = rng.permutation(n)
+            batches += [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        if algorithm == "fedsgd":
+            batches = batches[:1]
+    return [LocalStep(rows, dropout_multiplier(len(rows), hidden, dropout)) for rows in batches]
 
 
 def local_update(
@@ -74,73 +127,61 @@ def local_update(
     optimizer: str = "adam",
     seed: int = 0,
     batch_hook: BatchHook | None = None,
-    optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
     dp_sgd: tuple[float, float] | None = None,
 ) -> LocalResult:
     """Run one client's local computation; ``model`` holds the current global parameters.
 
-    ``dp_sgd=(noise_multiplier, clip)`` makes the FedSGD gradient sample-level DP (Opacus:
-    per-sample clipping, Gaussian noise, on a Poisson sample of the rows; see :mod:`defenses.privacy.dp_fedsgd`).
+    The steps are :func:`local_plan`'s for ``seed``. ``dp_sgd=(noise_multiplier, clip)`` makes the
+    FedSGD gradient sample-level DP (Opacus: per-sample clipping, Gaussian noise, on a Poisson sample
+    of the rows; see :mod:`defenses.privacy.dp_fedsgd`).
     """
     if len(X) == 0:
         raise ValueError("local_update: the client's training shard is empty")
-    if algorithm not in ("fedsgd", "fedavg"):
-        raise ValueError(f"fl.algorithm: unknown {algorithm!r}; expected 'fedsgd' or 'fedavg'")
-    rng = np.random.default_rng(seed)
-    seed_client_rng(seed)
+    plan = local_plan(len(X), algorithm=algorithm, batch_size=batch_size, epochs=epochs, seed=seed,
+                      hidden=model.dense1.out_features, dropout=model.dropout.p, poisson=dp_sgd is not None)
     Xt = torch.as_tensor(X, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.long)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    opt = None
-    if algorithm == "fedavg":
-        opt = optimizer_factory(model) if optimizer_factory else make_optimizer(optimizer, model.parameters(), lr)
-    if dp_sgd is not None and algorithm != "fedsgd":
-        raise ValueError("dp_sgd (DP-FedSGD) applies to fl.algorithm=fedsgd only")
+    opt = make_optimizer(optimizer, model.parameters(), lr) if algorithm == "fedavg" else None
     model.zero_grad(set_to_none=True)
     losses: list[float] = []
-    steps = 0
     metrics: dict[str, float] = {}
     if dp_sgd is not None:
-        from defenses.privacy.dp_fedsgd import poisson_batch, private_gradients
+        from defenses.privacy.dp_fedsgd import private_gradients
 
-        batches = lambda: iter([poisson_batch(len(X), batch_size, rng)])
         private = private_gradients(model, dp_sgd[0], dp_sgd[1], min(batch_size, len(X)))
     else:
-        batches = lambda: _batches(len(X), batch_size, rng)
         private = nullcontext(None)
     with private as dp_opt:
-        for _ in range(epochs if algorithm == "fedavg" else 1):
-            for idx in batches():
-                if dp_opt is not None:
-                    metrics["dp-batch"] = len(idx)
-                    if len(idx) == 0:  # an empty Poisson sample: the client sends the noise alone
-                        for p in model.parameters():
-                            p.summed_grad = torch.zeros_like(p)
-                        dp_opt.add_noise()
-                        for p in model.parameters():
-                            p.grad /= dp_opt.expected_batch_size
-                        steps, losses = 1, [float("nan")]
-                        break
-                xb, yb = Xt[idx], yt[idx]
-                if batch_hook is not None:
-                    xb, yb = batch_hook(model, xb, yb)
-                if opt is not None:
-                    opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                losses.append(float(loss.detach()))
-                steps += 1
-                if algorithm == "fedsgd":
-                    if dp_opt is not None:
-                        dp_opt.pre_step()  # clip per-sample gradients, add noise, average: into p.grad
-                    break  # FedSGD: the gradient of one local batch is what the client shares
+        for step in plan:
+            if dp_opt is not None:
+                metrics["dp-batch"] = len(step.rows)
+                if len(step.rows) == 0:  # an empty Poisson sample: the client sends the noise alone
+                    for p in model.parameters():
+                        p.summed_grad = torch.zeros_like(p)
+                    dp_opt.add_noise()
+                    for p in model.parameters():
+                        p.grad /= dp_opt.expected_batch_size
+                    losses = [float("nan")]
+                    break
+            xb, yb = Xt[step.rows], yt[step.rows]
+            if batch_hook is not None:
+                xb, yb = batch_hook(model, xb, yb)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb, step.keep), yb)
+            loss.backward()
+            losses.append(float(loss.detach()))
+            if opt is not None:
                 opt.step()
+            elif dp_opt is not None:
+                dp_opt.pre_step()  # clip per-sample gradients, add noise, average: into p.grad
     if algorithm == "fedsgd":
         arrays = {k: p.grad.detach().cpu().numpy().copy() for k, p in model.named_parameters()}
     else:
         arrays = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-    return LocalResult(arrays=arrays, num_examples=len(X), steps=steps, loss=float(np.nanmean(losses) if
+    return LocalResult(arrays=arrays, num_examples=len(X), steps=len(plan), loss=float(np.nanmean(losses) if
                        np.isfinite(losses).any() else np.nan), metrics=metrics)
 
 

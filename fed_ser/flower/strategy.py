@@ -5,24 +5,27 @@ messaging. Clients are selected by partition id with the shared seeded schedule
 (:func:`fed_ser.core.schedule.select_clients`) once the ServerApp has learnt which node holds which
 partition, so one seed trains the same clients as the in-process engines; without that map it
 falls back to Flower's random node sampling. The eavesdropping recorder wraps this strategy
-(:class:`fed_ser.flower.eavesdropper.Eavesdropper`), outside any of Flower's DP wrappers. Aggregation:
+(:class:`fed_ser.flower.eavesdropper.Eavesdropper`), outside any of Flower's DP wrappers.
+Aggregation is :func:`fed_ser.core.aggregation.aggregate`, the engines' too (Flower's weighted
+average, operation for operation, then the server step):
 
-* FedSGD: ``theta <- theta - lr * sum_k (n_k / N) g_k`` (Flower's weighted average of the
-  gradients, then one server step);
-* FedAvg, and FedSGD with model replies (under Flower's DP, each client sends ``theta - lr g_k``):
-  ``theta <- sum_k (n_k / N) theta_k`` (Flower's weighted average as is).
+* FedSGD: ``theta <- theta - lr * sum_k (n_k / N) g_k``;
+* FedAvg, and FedSGD with model replies (under Flower's DP and SecAgg+, each client sends
+  ``theta - lr g_k``): ``theta <- sum_k (n_k / N) theta_k``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fed_ser.core.aggregation import server_step
+from fed_ser.core.aggregation import aggregate
 from fed_ser.core.schedule import is_eval_round, select_clients
 from fed_ser.flower.eavesdropper import arrays_to_numpy, in_partition_order, numpy_to_arrays, reply_metrics
 
@@ -81,10 +84,17 @@ class FedSerStrategy(FedAvg):
         rnd = server_round + self.round_offset
         replies = in_partition_order(replies)
         valid = [m for m in replies if not m.has_error()]
+        for m in replies:
+            if m.has_error():
+                log(WARNING, "round %s: node %s replied with an error: %s", rnd, m.metadata.src_node_id, m.error.reason)
         clients = [int(reply_metrics(m)["partition-id"]) for m in valid]
-        agg, metrics = super().aggregate_train(rnd, replies)  # Flower's sample-weighted mean
-        if agg is not None and not self.model_replies:
-            agg = numpy_to_arrays(server_step(self._global, arrays_to_numpy(agg), "fedsgd", self.lr))
+        agg, metrics = None, None
+        if valid:
+            updates = [arrays_to_numpy(m.content.array_records[self.arrayrecord_key]) for m in valid]
+            weights = [int(reply_metrics(m)[self.weighted_by_key]) for m in valid]
+            algorithm = "fedavg" if self.model_replies else "fedsgd"
+            agg = numpy_to_arrays(aggregate(self._global, updates, weights, algorithm, self.lr))
+            metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         self.rounds.setdefault(rnd, {"round": rnd, "sampled": len(replies)}).update(
             replies=len(valid), clients=clients, train_loss=float(metrics["train-loss"]) if metrics else None)
         return agg, metrics
