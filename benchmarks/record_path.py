@@ -63,7 +63,7 @@ def store_write(path: Path, ups: list[dict[str, np.ndarray]], per_round: int, gr
     store = UpdateStore(path, mode="a")
     t = time.perf_counter()
     for i, u in enumerate(ups):
-        store.append(u, round=i // per_round + 1, node=i % per_round, partition=i % per_round, num_examples=20, sync=not group)
+        store.append(u, round=i // per_round + 1, client=i % per_round, num_examples=20, sync=not group)
         if group and (i + 1) % per_round == 0:
             store.sync()
     store.sync()

@@ -48,7 +48,7 @@ def asr(shadow: UpdateStore, shadow_data: Path, private: UpdateStore, private_da
     trained = train_attack(shadow, su, sl, acfg, progress=False)
     pu, pl = labelled_updates(private, FederatedData.load(private_data).client_gender)
     fused, _ = predict(trained.model, UpdateDataset(private, pu, pl, acfg.layers, trained.stats))
-    return attack_success_rate(fused, np.array([u.partition for u in pu]), pl, 10, 1, 0)
+    return attack_success_rate(fused, np.array([u.client for u in pu]), pl, 10, 1, 0)
 
 
 def memory_child(store_dir: str, data_path: str, n: int) -> None:

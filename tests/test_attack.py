@@ -54,7 +54,7 @@ def _asr(stores, shadow_labels=None):
     p_store, p_data = stores["private"]
     p_ups, p_labels = labelled_updates(p_store, p_data.client_gender)
     fused, per_layer = predict(trained.model, UpdateDataset(p_store, p_ups, p_labels, CFG.layers, trained.stats))
-    clients = np.array([u.partition for u in p_ups])
+    clients = np.array([u.client for u in p_ups])
     asr = {k: attack_success_rate(fused, clients, p_labels, pool_rounds=k) for k in (1, 5)}
     return asr, {l: attack_success_rate(v, clients, p_labels) for l, v in per_layer.items()}
 
@@ -69,7 +69,7 @@ def test_attack_infers_gender_and_control_is_at_chance(stores):
     print(f"ASR {asr} per layer {per_layer}")
 
     def shuffle(ups, labels):
-        parts = np.array([u.partition for u in ups])
+        parts = np.array([u.client for u in ups])
         uniq = np.unique(parts)
         perm = dict(zip(uniq, np.random.default_rng(5).permutation([labels[parts == p][0] for p in uniq])))
         return np.array([perm[p] for p in parts])
@@ -105,12 +105,12 @@ def _profile_asr(stores, noise_std: float = 0.0, shuffle: bool = False, pools=(1
     s_prof = s_prof + rng.normal(0, noise_std * np.sqrt(out_units), s_prof.shape)
     p_prof = p_prof + rng.normal(0, noise_std * np.sqrt(out_units), p_prof.shape)
     if shuffle:  # one shuffled gender per shadow client, as in the CNN control
-        parts = np.array([u.partition for u in s_ups])
+        parts = np.array([u.client for u in s_ups])
         uniq = np.unique(parts)
         perm = dict(zip(uniq, np.random.default_rng(5).permutation([s_labels[parts == p][0] for p in uniq])))
         s_labels = np.array([perm[p] for p in parts])
     attack = train_profile_attack(s_prof, s_labels)
-    clients = np.array([u.partition for u in p_ups])
+    clients = np.array([u.client for u in p_ups])
     return {k: profile_asr(attack, p_prof, clients, p_labels, pool_rounds=k) for k in pools}
 
 

@@ -55,11 +55,11 @@ def test_reported_epsilon_is_what_opacus_accountant_computes(calibrate):
         assert 5.0 - 0.05 <= _opacus_epsilon(c["noise_multiplier"], c["sample_rate"], c["calibrated_steps"]) <= 5.0
     assert report["spent_epsilon_max"] == max(c["epsilon"] for c in report["clients"])
     # the clients use the noise multipliers the server reports for them
-    for pid in (2, 5):
-        n = SIZES[pid]
+    for client in (2, 5):
+        n = SIZES[client]
         X, y = np.random.default_rng(0).normal(size=(n, 12)).astype(np.float32), np.arange(n) % 4
-        r = client_update(build_model(12, 0.0, 0), X, y, s, seed=1, pid=pid, num_clients=len(SIZES))
-        assert r.metrics["dp-noise-multiplier"] == report["clients"][pid]["noise_multiplier"]
+        r = client_update(build_model(12, 0.0, 0), X, y, s, seed=1, client=client, num_clients=len(SIZES))
+        assert r.metrics["dp-noise-multiplier"] == report["clients"][client]["noise_multiplier"]
 
 
 def test_per_client_calibration_keeps_every_client_within_the_target_epsilon():

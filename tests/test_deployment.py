@@ -43,7 +43,7 @@ def test_tls_authenticated_federation_trains_records_every_update_and_runs_secag
         out = fed.run(s.to_run_config(), timeout=400).stdout
         out_secagg = fed.run(secure.to_run_config(), timeout=400).stdout
     assert listed  # the CLI reached the SuperLink over TLS
-    assert "3 nodes connected, 3 hold partitions [0, 1, 2]" in out and "round 2/2: 3/3 replies" in out, out[-3000:]
+    assert "3 nodes connected, 3 hold clients [0, 1, 2]" in out and "round 2/2: 3/3 replies" in out, out[-3000:]
     for i in range(3):  # every node installed the app into its own FLWR_HOME, as separate machines would
         assert list((tmp_path / "fed" / f"supernode{i}_home" / "apps").iterdir())
 
@@ -52,12 +52,12 @@ def test_tls_authenticated_federation_trains_records_every_update_and_runs_secag
     assert [r["replies"] for r in res["rounds"]] == [3, 3] and not res.get("short_rounds")
     store = UpdateStore(tmp_path / "run" / "updates")
     ups = store.updates()
-    assert sorted((u.round, u.partition) for u in ups) == [(r, p) for r in (1, 2) for p in range(3)]
+    assert sorted((u.round, u.client) for u in ups) == [(r, p) for r in (1, 2) for p in range(3)]
     data = FederatedData.load(prepared)
     for u in ups:  # what was recorded from the wire is the client's gradient on its own shard
         g = store.read(u)
         assert g["dense1.weight"].shape == (256, data.X.shape[1]) and np.isfinite(g["dense1.weight"]).all()
-        assert u.num_examples == len(data.client_rows(u.partition, TRAIN)[0])
+        assert u.num_examples == len(data.client_rows(u.client, TRAIN)[0])
 
     assert "round 1/1: 3/3 replies" in out_secagg, out_secagg[-3000:]
     res = json.loads((tmp_path / "secagg" / "results.json").read_text())
@@ -87,7 +87,7 @@ def test_run_finishes_when_a_supernode_is_killed_mid_run(prepared, tmp_path):
     assert res["final"]["round"] == 2 and res["final"]["test_uar"] >= 0.0
     assert {r["round"]: r["replies"] for r in res["rounds"]} == {1: 3, 2: 2}
     assert res["short_rounds"] == [2]
-    parts = sorted((u.round, u.partition) for u in UpdateStore(tmp_path / "run" / "updates").updates())
+    parts = sorted((u.round, u.client) for u in UpdateStore(tmp_path / "run" / "updates").updates())
     assert parts == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]  # the dead node's round-2 update never came
 
 

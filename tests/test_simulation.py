@@ -32,7 +32,7 @@ def test_short_fedsgd_simulation_records_every_update_and_resumes(cfg_and_data, 
     assert res["final"]["round"] == 3 and 0.0 <= res["final"]["test_uar"] <= 1.0
     store = UpdateStore(out / "updates")
     assert len(store) == 12
-    partitions = {r.partition for r in store.updates()}
+    partitions = {r.client for r in store.updates()}
     assert partitions <= set(range(16)) and len(partitions) > 1
     first = [(r.round, r.node) for r in store.updates()]
 
@@ -100,7 +100,7 @@ def test_simulation_attaches_to_a_running_ray_cluster(cfg_and_data, tmp_path):
 
 
 def _gradients(store: UpdateStore, rnd: int) -> dict:
-    return {u.partition: store.attack_input(u) for u in store.updates() if u.round == rnd}
+    return {u.client: store.attack_input(u) for u in store.updates() if u.round == rnd}
 
 
 def test_flowers_dp_as_shipped_and_what_the_curious_server_still_records(cfg_and_data, tmp_path):
@@ -174,10 +174,10 @@ def test_secagg_plus_gives_the_server_only_sums_equal_to_the_weighted_mean_withi
     theta = store.read(store.global_record(1))
     got, noisy = store.read(store.aggregate_record(1)), store.read(store.global_record(2))
     models, weights, factors = [], [], []
-    for pid in chosen:
-        X, y = data.client_rows(pid, TRAIN)
-        r = client_update(build_model(data.X.shape[1], s.dropout, s.seed), X, y, s, client_seed(s.seed, 1, pid),
-                          pid=pid, num_clients=data.num_clients)
+    for client in chosen:
+        X, y = data.client_rows(client, TRAIN)
+        r = client_update(build_model(data.X.shape[1], s.dropout, s.seed), X, y, s, client_seed(s.seed, 1, client),
+                          client=client, num_clients=data.num_clients)
         step = {k: -s.lr * r.arrays[k] for k in theta}
         factors.append(min(1.0, clip / float(np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in step.values())))))
         models.append({k: theta[k] + factors[-1] * step[k] for k in theta})

@@ -111,7 +111,8 @@ def test_a_round_committed_once_reads_back_whole_and_an_uncommitted_round_is_red
 
 
 def test_stores_written_with_zlib_crc32_stay_readable(tmp_path):
-    """Stores recorded before the CRC32C frames (magic FSU1, zlib's CRC32) read back and take appends."""
+    """Stores recorded before the CRC32C frames (magic FSU1, zlib's CRC32, the client id called partition)
+    read back and take appends."""
     import json
     import struct
     import zlib
@@ -125,7 +126,7 @@ def test_stores_written_with_zlib_crc32_stay_readable(tmp_path):
     frame = struct.pack("<4sIQI", b"FSU1", len(header), len(payload), zlib.crc32(payload, zlib.crc32(header)))
     (tmp_path / "updates.bin").write_bytes(frame + header + payload)
     old = UpdateStore(tmp_path)
-    assert [r.node for r in old.updates()] == [5]
+    assert [(r.node, r.client) for r in old.updates()] == [(5, 5)]
     np.testing.assert_array_equal(old.read(old.updates()[0])["dense1.bias"], arrays["dense1.bias"])
     old.close()
     writer = UpdateStore(tmp_path, mode="a")  # a resumed old run appends new frames after the old ones

@@ -28,8 +28,8 @@ class FakeGrid:
         return list(self.nodes)
 
 
-def _reply(to: Message, arrays: dict, n: int, pid: int, steps: int = 1) -> Message:
-    metrics = MetricRecord({"num-examples": n, "partition-id": pid, "local-steps": steps, "train-loss": 1.0})
+def _reply(to: Message, arrays: dict, n: int, client: int, steps: int = 1) -> Message:
+    metrics = MetricRecord({"num-examples": n, "client-id": client, "local-steps": steps, "train-loss": 1.0})
     return Message(RecordDict({"arrays": numpy_to_arrays(arrays), "metrics": metrics}), reply_to=to)
 
 
@@ -98,11 +98,11 @@ def test_fedavg_pseudo_gradient_equals_true_gradient_for_one_sgd_step(tmp_path):
     np.testing.assert_allclose(glob["dense1.weight"] - store.read(info)["dense1.weight"], local.arrays["dense1.weight"], atol=1e-6)
 
 
-def test_selection_by_partition_follows_the_shared_schedule_and_skips_gone_nodes():
+def test_selection_by_client_id_follows_the_shared_schedule_and_skips_gone_nodes():
     from fed_ser.core.schedule import select_clients
 
-    nodes = {pid: 1000 + 17 * pid for pid in range(20)}  # partition -> node id
-    strat = FedSerStrategy(algorithm="fedsgd", lr=0.1, partition_nodes=nodes, num_clients=20, seed=4,
+    nodes = {client: 1000 + 17 * client for client in range(20)}  # client -> node id
+    strat = FedSerStrategy(algorithm="fedsgd", lr=0.1, client_nodes=nodes, num_clients=20, seed=4,
                            fraction_train=0.25, min_available_nodes=1)
     arrays = numpy_to_arrays({"w": np.zeros(2, dtype=np.float32)})
     for rnd in (1, 2):
@@ -122,7 +122,7 @@ def test_a_reply_without_a_required_metric_is_an_error_naming_the_node(tmp_path)
     msgs = list(s.configure_train(1, numpy_to_arrays(THETA), ConfigRecord({}), FakeGrid([11, 22])))
     good = _reply(msgs[0], THETA, 10, 0)
     bad = Message(RecordDict({"arrays": numpy_to_arrays(THETA),
-                              "metrics": MetricRecord({"num-examples": 10, "partition-id": 1})}), reply_to=msgs[1])
+                              "metrics": MetricRecord({"num-examples": 10, "client-id": 1})}), reply_to=msgs[1])
     node = msgs[1].metadata.dst_node_id
     with pytest.raises(ValueError, match=rf"reply of node {node} lacks the metric\(s\) \['local-steps'\]"):
         s.aggregate_train(1, [good, bad])
@@ -132,11 +132,11 @@ def test_a_federation_smaller_than_the_data_set_stops_naming_both_numbers():
     """flwr run's default local federation has 2 nodes: the ServerApp must not wait for 72 for ever."""
     import time
 
-    from fed_ser.flower.server_app import FederationTooSmall, discover_partitions
+    from fed_ser.flower.server_app import FederationTooSmall, discover_clients
 
     t0 = time.monotonic()
     with pytest.raises(FederationTooSmall, match=r"has 2 node\(s\) but x\.npz has 72 clients.*num-supernodes=72"):
-        discover_partitions(FakeGrid([1, 2]), 72, "x.npz", settle=1.0)
+        discover_clients(FakeGrid([1, 2]), 72, "x.npz", settle=1.0)
     assert time.monotonic() - t0 < 10
 
 

@@ -39,7 +39,7 @@ def test_a_round_sum_from_the_global_models_is_the_weighted_mean_of_the_rounds_u
     assert [a.round for a in aggs] == [1, 2, 3]  # the last round's result is not in the store
     for a in aggs:
         ups = [u for u in store.updates() if u.round == a.round]
-        assert a.clients == tuple(sorted(u.partition for u in ups)) and len(a.clients) == 6
+        assert a.clients == tuple(sorted(u.client for u in ups)) and len(a.clients) == 6
         w = np.array([u.num_examples for u in ups], dtype=np.float64)
         for k in a.update:
             mean = sum(wi * store.attack_input(u)[k] for wi, u in zip(w / w.sum(), ups))

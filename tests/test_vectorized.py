@@ -73,14 +73,14 @@ def test_fedavg_round_equals_local_update(data_path, optimizer):
     model = build_model(data.X.shape[1], s.dropout, seed=1)
     theta = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sizes = {p: len(data.client_rows(p, TRAIN)[0]) for p in range(data.num_clients)}
-    pids = sorted(sizes, key=sizes.get)[:: max(data.num_clients // 4, 1)][:4]
-    work = [client_work(*data.client_rows(p, TRAIN), s, 100 + p, model) for p in pids]
+    clients = sorted(sizes, key=sizes.get)[:: max(data.num_clients // 4, 1)][:4]
+    work = [client_work(*data.client_rows(p, TRAIN), s, 100 + p, model) for p in clients]
     assert len({len(c.steps) for c in work}) > 1  # clients with different step counts finish at different steps
     stacked, _ = fedavg_round(model, theta, work, s.batch_size, s.lr, optimizer)
-    for i, pid in enumerate(pids):
+    for i, client in enumerate(clients):
         model.load_state_dict(theta)
-        r = local_update(model, *data.client_rows(pid, TRAIN), algorithm="fedavg", lr=s.lr, epochs=2,
-                         batch_size=2, optimizer=optimizer, seed=100 + pid)
+        r = local_update(model, *data.client_rows(client, TRAIN), algorithm="fedavg", lr=s.lr, epochs=2,
+                         batch_size=2, optimizer=optimizer, seed=100 + client)
         assert r.steps == len(work[i].steps)
         for k, v in r.arrays.items():
-            np.testing.assert_allclose(stacked[k][i].numpy(), v, rtol=0, atol=1e-5, err_msg=f"{optimizer} {pid} {k}")
+            np.testing.assert_allclose(stacked[k][i].numpy(), v, rtol=0, atol=1e-5, err_msg=f"{optimizer} {client} {k}")

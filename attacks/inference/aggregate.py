@@ -23,7 +23,7 @@ class RoundAggregate:
     """One round as an observer of aggregates sees it."""
 
     round: int
-    clients: tuple[int, ...]  # the partitions that took part (SecAgg+ reveals who did)
+    clients: tuple[int, ...]  # the clients that took part (SecAgg+ reveals who did)
     batch_size: int  # utterances behind the sum (FedSGD: sum of min(B, n_k))
     update: dict[str, np.ndarray]  # the round's mean (pseudo-)gradient, as the global models give it
     params: dict[str, np.ndarray]  # the global model the round started from
@@ -37,7 +37,7 @@ def round_aggregates(store: UpdateStore, batch_size: int, members: dict[int, tup
     (FedSGD: ``T = 1``): the mean update the server applied, DP noise included. ``server_view``: the
     round's unmasked mean reply (``kind="aggregate"``: what a server under SecAgg+ records, with the
     global models, never an update) takes the place of ``theta(t+1)``: the server's own view, before
-    any noise it adds. ``members`` (round -> partitions) says who took part when the store holds no
+    any noise it adds. ``members`` (round -> clients) says who took part when the store holds no
     client updates (SecAgg+ reveals it); each member's batch then counts as ``batch_size``, an upper
     bound (Flower's SecAgg+ also passes each ``n_k`` in the clear; the inversion reads the true count off
     the spectrum), and the step count as 1 (FedSGD; a FedAvg sum is not inverted anyway).
@@ -49,7 +49,7 @@ def round_aggregates(store: UpdateStore, batch_size: int, members: dict[int, tup
             by_round.setdefault(u.round, []).append(u)
         for rnd, ups in by_round.items():
             batch = sum(min(batch_size, u.num_examples) if u.kind == "gradient" else u.num_examples for u in ups)
-            rounds[rnd] = (tuple(sorted(u.partition for u in ups)), int(batch), float(np.mean([max(u.steps, 1) for u in ups])))
+            rounds[rnd] = (tuple(sorted(u.client for u in ups)), int(batch), float(np.mean([max(u.steps, 1) for u in ups])))
     else:
         rounds = {int(r): (tuple(sorted(c)), batch_size * len(c), 1.0) for r, c in members.items() if c}
     out = []

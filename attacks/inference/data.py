@@ -74,13 +74,13 @@ class UpdateDataset(Dataset):
 
 
 def labelled_updates(store: UpdateStore, client_gender: np.ndarray) -> tuple[list[UpdateInfo], np.ndarray]:
-    """Client updates of ``store`` and their labels (1 = female) via the partition id.
+    """Client updates of ``store`` and their labels (1 = female) via the client id.
 
     Ground truth is joined here, from the prepared data set's client table; it never travelled
     with the update.
     """
     ups = store.updates()
-    bad = [u.partition for u in ups if not 0 <= u.partition < len(client_gender)]
+    bad = [u.client for u in ups if not 0 <= u.client < len(client_gender)]
     if bad:
-        raise ValueError(f"{store.path}: updates from partitions {sorted(set(bad))[:5]} have no ground truth")
-    return ups, np.array([1 if client_gender[u.partition] == "F" else 0 for u in ups], dtype=np.int64)
+        raise ValueError(f"{store.path}: updates from clients {sorted(set(bad))[:5]} have no ground truth")
+    return ups, np.array([1 if client_gender[u.client] == "F" else 0 for u in ups], dtype=np.int64)

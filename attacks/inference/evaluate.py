@@ -100,7 +100,7 @@ class Evaluation:
     """One attack's outcome on one set of attacked clients, before it is summarised.
 
     Kept apart from the summary so that the clients of several folds can be pooled into one
-    interval (client keys must then differ between folds, e.g. ``fold * 100000 + partition``).
+    interval (client keys must then differ between folds, e.g. ``fold * 100000 + client``).
     """
 
     success: dict[str, dict[int, float]]  # k pooled rounds -> client -> share of its trials right

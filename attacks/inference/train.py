@@ -62,7 +62,7 @@ def train_attack(store: UpdateStore, updates: list[UpdateInfo], labels: np.ndarr
     if cfg.max_updates and len(updates) > cfg.max_updates:
         keep = np.sort(rng.choice(len(updates), cfg.max_updates, replace=False))
         updates, labels = [updates[i] for i in keep], labels[keep]
-    clients = np.array([(u.partition) for u in updates])
+    clients = np.array([(u.client) for u in updates])
     uniq = np.unique(clients)
     val_clients = set(rng.choice(uniq, max(1, int(len(uniq) * cfg.val_share)), replace=False).tolist())
     is_val = np.array([c in val_clients for c in clients])

@@ -53,7 +53,7 @@ def local_epsilon(epsilon: float, delta: float, participations: int) -> float:
 
 def flower_dp_report(mode: str, noise_multiplier: float, epsilon: float, delta: float, took_part: list[int],
                      secagg: bool = False) -> dict:
-    """What each client spent under Flower's ``mode`` (``took_part[pid]``: rounds it replied in), and against whom.
+    """What each client spent under Flower's ``mode`` (``took_part[client]``: rounds it replied in), and against whom.
 
     ``epsilon_server`` is None where the server receives the update before any noise (no guarantee); under
     SecAgg+ (``secagg``) a central mode's server still adds the noise after it unmasks the sum.

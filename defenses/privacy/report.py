@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from fed_ser.core.settings import RunSettings
 
 
-def dp_steps(s: RunSettings, pid: int, num_clients: int) -> int:
-    """The participations client ``pid``'s DP noise is calibrated for (``dp.calibrate``).
+def dp_steps(s: RunSettings, client: int, num_clients: int) -> int:
+    """The participations client ``client``'s DP noise is calibrated for (``dp.calibrate``).
 
     ``per_client``: the rounds the shared schedule selects it for, so that no client spends more
     than ``dp.epsilon`` (a client never selected gets 1). ``expected``: ``rounds * fraction`` for
@@ -31,7 +31,7 @@ def dp_steps(s: RunSettings, pid: int, num_clients: int) -> int:
     """
     if s.dp_calibrate == "expected":
         return planned_steps(s.rounds, s.fraction)
-    return max(participations(s.seed, s.rounds, num_clients, s.fraction)[pid], 1)
+    return max(participations(s.seed, s.rounds, num_clients, s.fraction)[client], 1)
 
 
 def check_privacy(s: RunSettings, num_clients: int) -> None:
@@ -55,7 +55,7 @@ GUARANTEES = {
 
 
 def privacy_report(s: RunSettings, num_examples: list[int], took_part: list[int]) -> dict | None:
-    """Privacy spent by each client (``num_examples[pid]`` rows, ``took_part[pid]`` rounds it replied in).
+    """Privacy spent by each client (``num_examples[client]`` rows, ``took_part[client]`` rounds it replied in).
 
     The noise was calibrated to the scheduled participations; what is spent is computed from the
     participations that happened. Each mode says what its epsilon guarantees (:data:`GUARANTEES`).
@@ -73,15 +73,15 @@ def privacy_report(s: RunSettings, num_examples: list[int], took_part: list[int]
               "delta": s.dp_delta, "clip": s.dp_clip}
     cfg, clients, n = s.privacy(), [], len(num_examples)
     if s.dp_mode == "sample":
-        for pid, (m, c) in enumerate(zip(num_examples, took_part)):
-            q, calibrated = sample_rate(s.batch_size, m), dp_steps(s, pid, n)
+        for client, (m, c) in enumerate(zip(num_examples, took_part)):
+            q, calibrated = sample_rate(s.batch_size, m), dp_steps(s, client, n)
             sigma = noise_multiplier(cfg, q, calibrated)
             clients.append({"num_examples": int(m), "sample_rate": q, "noise_multiplier": sigma, "steps": int(c),
                             "calibrated_steps": calibrated, "epsilon": spent_epsilon(sigma, q, int(c), s.dp_delta)})
         report.update(calibrate=s.dp_calibrate, planned_steps=planned_steps(s.rounds, s.fraction))
     elif s.dp_mode == "user":
-        for pid, (m, c) in enumerate(zip(num_examples, took_part)):
-            calibrated = dp_steps(s, pid, n)
+        for client, (m, c) in enumerate(zip(num_examples, took_part)):
+            calibrated = dp_steps(s, client, n)
             sigma = server_noise_multiplier(cfg, calibrated)
             clients.append({"num_examples": int(m), "noise_multiplier": sigma, "steps": int(c),
                             "calibrated_steps": calibrated, "epsilon": server_epsilon(sigma, int(c), s.dp_delta)})

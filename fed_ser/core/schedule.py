@@ -13,7 +13,7 @@ from functools import lru_cache
 
 
 def federation_size(min_available: int, num_clients: int) -> int:
-    """How many clients (partition ids ``0..n-1``) the schedule draws from: ``fl.min_available`` when
+    """How many clients (client ids ``0..n-1``) the schedule draws from: ``fl.min_available`` when
     set, else every client of the data set. The server schedules with it and every client
     calibrates its DP noise with it, so the two always agree."""
     if min_available < 0 or min_available > num_clients:
@@ -21,9 +21,9 @@ def federation_size(min_available: int, num_clients: int) -> int:
     return min_available or num_clients
 
 
-def client_seed(seed: int, rnd: int, pid: int) -> int:
-    """The local-batch seed of client ``pid`` in round ``rnd``."""
-    return hash((seed, rnd, pid)) % (2**31)
+def client_seed(seed: int, rnd: int, client: int) -> int:
+    """The local-batch seed of client ``client`` in round ``rnd``."""
+    return hash((seed, rnd, client)) % (2**31)
 
 
 def is_eval_round(rnd: int, eval_every: int, rounds: int) -> bool:
@@ -37,7 +37,7 @@ def clients_per_round(num_clients: int, fraction: float) -> int:
 
 
 def select_clients(seed: int, rnd: int, num_clients: int, fraction: float) -> list[int]:
-    """The partition ids that train in round ``rnd``: a seeded sample without replacement.
+    """The client ids that train in round ``rnd``: a seeded sample without replacement.
 
     Stateless in ``rnd``, so it does not depend on how many rounds ran before in this process.
     """
@@ -47,13 +47,13 @@ def select_clients(seed: int, rnd: int, num_clients: int, fraction: float) -> li
 
 @lru_cache(maxsize=64)
 def participations(seed: int, rounds: int, num_clients: int, fraction: float) -> tuple[int, ...]:
-    """How many of rounds ``1..rounds`` each partition id is selected for (index = partition id).
+    """How many of rounds ``1..rounds`` each client is selected for (index = client id).
 
     The schedule is fixed by the run's seed before training starts, so a client knows in advance
     how often it will be asked; DP-FedSGD calibrates each client's noise to this count.
     """
     counts = [0] * num_clients
     for rnd in range(1, rounds + 1):
-        for pid in select_clients(seed, rnd, num_clients, fraction):
-            counts[pid] += 1
+        for client in select_clients(seed, rnd, num_clients, fraction):
+            counts[client] += 1
     return tuple(counts)

@@ -186,13 +186,13 @@ def local_update(
 
 
 def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: RunSettings, seed: int, *,
-                  pid: int, num_clients: int) -> LocalResult:
+                  client: int, num_clients: int) -> LocalResult:
     """What one client sends in one round under run settings ``s``, defences included.
 
     The single entry point of the Flower ClientApp and the in-process engine: plain FedSGD /
     FedAvg, DP-FedSGD (``dp.mode=sample``), user-level DP (``dp.mode=user``), UDP as published
     (``dp.mode=udp``) and federated adversarial training (``adv.mix > 0``, examples crafted against
-    the received global model). ``pid`` and ``num_clients`` place the client in the shared schedule
+    the received global model). ``client`` (its id) and ``num_clients`` place the client in the shared schedule
     (the DP calibration): ``num_clients`` is :func:`fed_ser.core.schedule.federation_size`.
     """
     privacy = s.privacy()
@@ -208,7 +208,7 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: RunSettings
         from defenses.privacy.report import dp_steps
 
         q = sample_rate(s.batch_size, len(X))
-        sigma = noise_multiplier(privacy, q, dp_steps(s, pid, num_clients))
+        sigma = noise_multiplier(privacy, q, dp_steps(s, client, num_clients))
         dp_sgd, metrics = (sigma, privacy.clip), {"dp-noise-multiplier": sigma, "dp-sample-rate": q}
     old = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if s.dp_mode in ("user", "udp") else None
     r = local_update(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr, epochs=s.local_epochs,
@@ -217,7 +217,7 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: RunSettings
         from defenses.privacy.report import dp_steps
         from defenses.privacy.user_dp import privatize, server_noise_multiplier
 
-        sigma = server_noise_multiplier(privacy, dp_steps(s, pid, num_clients))
+        sigma = server_noise_multiplier(privacy, dp_steps(s, client, num_clients))
         r.arrays = privatize(r.arrays, old, privacy.clip, sigma, np.random.default_rng(seed + 1))
         metrics = {"dp-noise-multiplier": sigma}
     elif s.dp_mode == "udp":

@@ -36,13 +36,13 @@ class FederatedData:
     def num_clients(self) -> int:
         return len(self.client_speaker)
 
-    def client_rows(self, cid: int, split: int) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of client ``cid`` in ``split``; raises if the shard is empty."""
-        if not 0 <= cid < self.num_clients:
-            raise IndexError(f"partition-id {cid} out of range: this data set has {self.num_clients} clients")
-        rows = (self.client == cid) & (self.split == split)
+    def client_rows(self, client: int, split: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of client ``client`` in ``split``; raises if the shard is empty."""
+        if not 0 <= client < self.num_clients:
+            raise IndexError(f"client {client} out of range: this data set has {self.num_clients} clients")
+        rows = (self.client == client) & (self.split == split)
         if not rows.any():
-            raise ValueError(f"client {cid} has no {['train', 'validation', 'test'][split]} rows (empty shard)")
+            raise ValueError(f"client {client} has no {['train', 'validation', 'test'][split]} rows (empty shard)")
         return self.X[rows], self.y[rows]
 
     def test_rows(self) -> tuple[np.ndarray, np.ndarray]:

@@ -38,12 +38,12 @@ def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder 
     check_privacy(s, n)
     for rnd in range(1, s.rounds + 1):
         updates, weights = [], []
-        for pid in select_clients(s.seed, rnd, n, s.fraction):
+        for client in select_clients(s.seed, rnd, n, s.fraction):
             model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
-            X, y = data.client_rows(pid, TRAIN)
-            r = client_update(model, X, y, s, client_seed(s.seed, rnd, pid), pid=pid, num_clients=n)
+            X, y = data.client_rows(client, TRAIN)
+            r = client_update(model, X, y, s, client_seed(s.seed, rnd, client), client=client, num_clients=n)
             if recorder is not None:
-                recorder.record(round=rnd, node=pid, partition=pid, num_examples=r.num_examples, steps=r.steps,
+                recorder.record(round=rnd, client=client, num_examples=r.num_examples, steps=r.steps,
                                 arrays=r.arrays, global_arrays=theta)
             updates.append(r.arrays)
             weights.append(r.num_examples)

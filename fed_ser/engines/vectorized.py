@@ -117,12 +117,12 @@ def run_vectorized(data: FederatedData, s: RunSettings, recorder: UpdateRecorder
     model = build_model(data.X.shape[1], s.dropout, s.seed)
     theta = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_clients = federation_size(s.min_available, data.num_clients)
-    rows = {pid: data.client_rows(pid, TRAIN) for pid in range(n_clients)}
+    rows = {c: data.client_rows(c, TRAIN) for c in range(n_clients)}
     t0 = time.perf_counter()
     history = []
     for rnd in tqdm(range(1, s.rounds + 1), desc=f"{s.algorithm} (vectorised)", disable=not progress, unit="round"):
-        pids = select_clients(s.seed, rnd, n_clients, s.fraction)
-        work = [client_work(*rows[pid], s, client_seed(s.seed, rnd, pid), model) for pid in pids]
+        clients = select_clients(s.seed, rnd, n_clients, s.fraction)
+        work = [client_work(*rows[c], s, client_seed(s.seed, rnd, c), model) for c in clients]
         if s.algorithm == "fedsgd":
             out, loss = fedsgd_round(model, theta, work, s.batch_size)
         else:
@@ -130,12 +130,12 @@ def run_vectorized(data: FederatedData, s: RunSettings, recorder: UpdateRecorder
         theta_np = {k: v.numpy() for k, v in theta.items()}
         updates = [{k: v[i].numpy() for k, v in out.items()} for i in range(len(work))]
         if recorder is not None:
-            for pid, c, u in zip(pids, work, updates):
-                recorder.record(round=rnd, node=pid, partition=pid, num_examples=len(c.X), steps=len(c.steps),
+            for client, c, u in zip(clients, work, updates):
+                recorder.record(round=rnd, client=client, num_examples=len(c.X), steps=len(c.steps),
                                 arrays=u, global_arrays=theta_np)
             recorder.commit()
         theta = {k: torch.as_tensor(v) for k, v in aggregate(theta_np, updates, [len(c.X) for c in work], s.algorithm, s.lr).items()}
-        history.append({"round": rnd, "sampled": len(pids), "replies": len(pids), "train_loss": float(loss.mean())})
+        history.append({"round": rnd, "sampled": len(clients), "replies": len(clients), "train_loss": float(loss.mean())})
     model.load_state_dict(theta)
     X_test, y_test = data.test_rows()
     m = evaluate(model, X_test, y_test)

@@ -52,7 +52,7 @@ from fed_ser.recording.checkpoint import fingerprint
 from fed_ser.recording.store import UpdateStore
 
 SHADOW_MODES = ("corpora", "speakers", "synthetic")
-FOLD_KEY = 100_000  # client key = fold * FOLD_KEY + partition: clients of all folds pooled in one interval
+FOLD_KEY = 100_000  # client key = fold * FOLD_KEY + client id: clients of all folds pooled in one interval
 
 
 def attack_config(cfg: DictConfig) -> AttackConfig:
@@ -145,7 +145,7 @@ def train_recorded(cfg: DictConfig, prepared: Path, fold_dir: Path, role: str, e
 
 def _shuffled_genders(updates: list, labels: np.ndarray, seed: int) -> np.ndarray:
     """The control: shadow labels permuted across shadow clients (a client keeps one label)."""
-    parts = np.array([u.partition for u in updates])
+    parts = np.array([u.client for u in updates])
     uniq = np.unique(parts)
     first = {p: labels[parts == p][0] for p in uniq}
     fake = dict(zip(uniq.tolist(), np.random.default_rng(seed + 99).permutation([first[p] for p in uniq])))
@@ -209,7 +209,7 @@ def _recovery_report(recovered: list[Recovered], updates: list, data: FederatedD
         total += rec.batch_size
         found += len(rec.inputs)
         if len(rec.inputs):
-            X, _ = data.client_rows(u.partition, TRAIN)
+            X, _ = data.client_rows(u.client, TRAIN)
             dist = np.abs(rec.inputs[:, None, :] - X[None]).max(2).min(1) / (np.abs(X).max() + 1e-12)
             exact += int((dist < 1e-3).sum())
     return {"updates": len(recovered), "complete_updates": int(sum(r.complete for r in recovered)),
@@ -225,7 +225,7 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
     """Train every enabled attack on the shadow updates and evaluate it on the private ones."""
     acfg = attack_config(cfg)
     trials, seed, pools = int(cfg.attack.trials), int(cfg.attack.seed), [int(k) for k in cfg.attack.pool_rounds]
-    clients = np.array([u.partition for u in p_updates]) + fold * FOLD_KEY
+    clients = np.array([u.client for u in p_updates]) + fold * FOLD_KEY
     ev, layers, weights, history = {}, {}, {}, []
     if cnn:
         print(f"[attack] fold {fold}: CNN on {len(s_updates)} shadow updates, layers {acfg.layers}{suffix}", flush=True)
@@ -259,7 +259,7 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
                 continue
             round_scores = {a.round: attack.p_female(r.inputs, r.labels) for a, r in inverted}
             # every private client that took part (SecAgg+: as the rounds' members say)
-            cl = sorted({u.partition for u in p_updates} or {p for a, _ in inverted for p in a.clients})
+            cl = sorted({u.client for u in p_updates} or {p for a, _ in inverted for p in a.clients})
             gender = np.array([int(client_gender[c] == "F") for c in cl])
             p = differencing_scores(round_scores, {a.round: a.clients for a, _ in inverted}, cl)
             ev[f"{name}{suffix}"] = evaluate_attack(lambda idx, p=p: float(p[idx].mean()), p, np.array(cl) + fold * FOLD_KEY,
@@ -369,8 +369,8 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
         "ser": {"test_acc": priv_fl["selected"]["test_acc"], "test_uar": priv_fl["selected"]["test_uar"],
                 "final_test_uar": priv_fl["final"]["test_uar"]},
         "shadow_ser_uar": shadow_fl["final"]["test_uar"] if shadow_fl else None, "secagg": secagg,
-        "private_clients": int(len(np.unique([u.partition for u in p_updates]))), "private_updates": len(p_updates),
-        "shadow_clients": int(len(np.unique([u.partition for u in s_updates]))), "shadow_updates": len(s_updates),
+        "private_clients": int(len(np.unique([u.client for u in p_updates]))), "private_updates": len(p_updates),
+        "shadow_clients": int(len(np.unique([u.client for u in s_updates]))), "shadow_updates": len(s_updates),
         "attacks": {name: summarize([e]) for name, e in attacks.evaluations.items()},
         "asr_per_layer": attacks.per_layer,
         "fusion_weights": attacks.fusion_weights,

@@ -2,7 +2,7 @@
 
 The shard comes from the node's ``partition-id`` (simulation assigns it; a real SuperNode is
 given it with ``--node-config 'partition-id=3 num-partitions=10'``). A reply carries the update,
-``num-examples`` (n_k), the local step count and the partition id (a pseudonymous client index,
+``num-examples`` (n_k), the local step count and the ``client-id`` (the partition id: a pseudonymous client index,
 like the node id); never the speaker id or gender.
 """
 
@@ -39,7 +39,8 @@ def _parameter_names(input_dim: int) -> list[str]:
     return list(build_model(input_dim, 0.0, 0).state_dict())
 
 
-def _partition(context: Context) -> int:
+def client_id(context: Context) -> int:
+    """This node's client id: the data shard Flower's node config names ``partition-id``."""
     if "partition-id" not in context.node_config:
         raise KeyError("node config lacks 'partition-id' (start the SuperNode with --node-config 'partition-id=K')")
     return int(context.node_config["partition-id"])
@@ -66,26 +67,26 @@ def one_step_model(theta: dict[str, np.ndarray], grads: dict[str, np.ndarray], l
 def local_round(s: RunSettings, context: Context, theta: dict[str, np.ndarray], rnd: int) -> tuple[LocalResult, int]:
     """One client's local round from the global model ``theta``: FedSGD gradient of one batch, or FedAvg
     local epochs; FedSGD under :attr:`~fed_ser.core.settings.RunSettings.model_replies` replies with the
-    one-step model. Returns the result and the client's partition id."""
+    one-step model. Returns the result and the client id."""
     torch.set_num_threads(1)
     data = _data(s.prepared)
-    pid = _partition(context)
-    X, y = data.client_rows(pid, TRAIN)
+    client = client_id(context)
+    X, y = data.client_rows(client, TRAIN)
     model = build_model(data.X.shape[1], s.dropout, s.seed)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
-    result = client_update(model, X, y, s, client_seed(s.seed, rnd, pid), pid=pid,
+    result = client_update(model, X, y, s, client_seed(s.seed, rnd, client), client=client,
                            num_clients=federation_size(s.min_available, data.num_clients))
     if s.algorithm == "fedsgd" and s.model_replies:  # the one-step model, for Flower's DP and SecAgg+
         result.arrays = one_step_model(theta, result.arrays, s.lr)
-    return result, pid
+    return result, client
 
 
 def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
     """A training message (Message API): the local round, replied with its metrics."""
     theta = arrays_to_numpy(msg.content.array_records["arrays"])
-    result, pid = local_round(s, context, theta, int(msg.content.config_records["config"]["server-round"]))
+    result, client = local_round(s, context, theta, int(msg.content.config_records["config"]["server-round"]))
     metrics = MetricRecord({"num-examples": result.num_examples, "local-steps": result.steps,
-                            "train-loss": result.loss, "partition-id": pid, **result.metrics})
+                            "train-loss": result.loss, "client-id": client, **result.metrics})
     return Message(RecordDict({"arrays": numpy_to_arrays(result.arrays), "metrics": metrics}), reply_to=msg)
 
 
@@ -95,9 +96,9 @@ def handle_train_legacy(msg: Message, context: Context, s: RunSettings) -> Messa
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     keys = _parameter_names(_data(s.prepared).X.shape[1])
     theta = dict(zip(keys, parameters_to_ndarrays(fitins.parameters)))
-    result, pid = local_round(s, context, theta, int(fitins.config["server-round"]))
+    result, client = local_round(s, context, theta, int(fitins.config["server-round"]))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([result.arrays[k] for k in keys]), result.num_examples,
-                    {"partition-id": pid})
+                    {"client-id": client})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
@@ -105,20 +106,20 @@ def handle_evaluate(msg: Message, context: Context, s: RunSettings) -> Message:
     """Accuracy and UAR of the global model on the client's validation rows."""
     torch.set_num_threads(1)
     data = _data(s.prepared)
-    X, y = data.client_rows(_partition(context), VAL)
+    X, y = data.client_rows(client_id(context), VAL)
     m = evaluate(_model(s, data, msg), X, y)
     metrics = MetricRecord({"num-examples": len(y), "val-acc": m["acc"], "val-uar": m["uar"], "val-loss": m["loss"]})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 def handle_query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (a pseudonymous index, as in the replies).
+    """Tell the server which client (data shard) this node holds (a pseudonymous index, as in the replies).
 
-    The server asks once before round 1, so that it can select clients by partition id with the
+    The server asks once before round 1, so that it can select clients by client id with the
     shared seeded schedule (:func:`fed_ser.core.schedule.select_clients`) instead of by Flower's
     random node ids: the same seed then trains the same clients in every run and engine.
     """
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": _partition(context)})}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord({"client-id": client_id(context)})}), reply_to=msg)
 
 
 def make_client_app(settings: RunSettings | None = None) -> ClientApp:

@@ -4,7 +4,7 @@
 (:mod:`flwr.serverapp.strategy.dp_fixed_clipping`) and sits outermost, so that it records what a
 curious server holds, before anything the server runs itself (server-side clipping, noise on the
 aggregate) touches it. Each valid reply goes to the :class:`~fed_ser.recording.recorder.UpdateRecorder`
-in partition order, with the global model of its round; the round is committed before aggregation.
+in client order, with the global model of its round; the round is committed before aggregation.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from flwr.serverapp.strategy import Strategy
 from fed_ser.recording.recorder import UpdateRecorder
 
 #: What every training reply must carry: the aggregation weight, the local step count the
-#: pseudo-gradient divides by, and which partition (client) sent it.
-REQUIRED_METRICS = ("num-examples", "local-steps", "partition-id")
+#: pseudo-gradient divides by, and which client sent it.
+REQUIRED_METRICS = ("num-examples", "local-steps", "client-id")
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -41,11 +41,11 @@ def reply_metrics(reply: Message) -> MetricRecord:
     return metrics
 
 
-def in_partition_order(replies: Iterable[Message]) -> list[Message]:
-    """Valid replies by partition id, then the failed ones: replies arrive in whatever order the
-    nodes finish, taken in partition order the weighted sum (and the store) are the same in every run."""
+def in_client_order(replies: Iterable[Message]) -> list[Message]:
+    """Valid replies by client id, then the failed ones: replies arrive in whatever order the
+    nodes finish, taken in client order the weighted sum (and the store) are the same in every run."""
     replies = list(replies)
-    valid = sorted((m for m in replies if not m.has_error()), key=lambda m: int(reply_metrics(m)["partition-id"]))
+    valid = sorted((m for m in replies if not m.has_error()), key=lambda m: int(reply_metrics(m)["client-id"]))
     return valid + [m for m in replies if m.has_error()]
 
 
@@ -67,7 +67,7 @@ class Eavesdropper(Strategy):
         """Append one reply of round ``rnd`` (sent the model ``global_arrays``) to the store."""
         metrics = reply_metrics(reply)
         self.recorder.record(
-            round=rnd, node=reply.metadata.src_node_id, partition=int(metrics["partition-id"]),
+            round=rnd, client=int(metrics["client-id"]), node=reply.metadata.src_node_id,
             num_examples=int(metrics["num-examples"]), steps=int(metrics["local-steps"]),
             arrays=arrays_to_numpy(reply.content.array_records["arrays"]), global_arrays=global_arrays,
         )
@@ -77,7 +77,7 @@ class Eavesdropper(Strategy):
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = in_partition_order(replies)
+        replies = in_client_order(replies)
         for reply in replies:
             if not reply.has_error():
                 self.record(server_round + self.round_offset, reply, self._global)

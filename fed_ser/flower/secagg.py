@@ -48,12 +48,12 @@ RECONSTRUCTION_THRESHOLD = 0.7
 class ScheduledSecAgg(FedAvg):
     """Flower's legacy FedAvg (a sample-weighted mean: the sum SecAgg+ unmasks, over its total weight),
     with fed-ser's client schedule. Per round it keeps what the server learns (``rounds[rnd]``: the
-    partitions that took part) and, with a ``recorder``, records all of it: the global model the round
+    clients that took part) and, with a ``recorder``, records all of it: the global model the round
     starts from and the round's unmasked mean reply (before the noise of a central-DP wrapper around
     this strategy). ``on_round(rnd, params)`` gets each round's new global model (Flower's centralised
     evaluation). Rounds are numbered from ``round_offset + 1`` (a resumed run)."""
 
-    def __init__(self, s: RunSettings, num_clients: int, partition_nodes: dict[int, int], initial: dict[str, np.ndarray],
+    def __init__(self, s: RunSettings, num_clients: int, client_nodes: dict[int, int], initial: dict[str, np.ndarray],
                  on_round: Callable[[int, dict[str, np.ndarray]], None], recorder: UpdateRecorder | None = None,
                  round_offset: int = 0) -> None:
         self.keys = list(initial)
@@ -66,7 +66,7 @@ class ScheduledSecAgg(FedAvg):
         super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1, min_evaluate_clients=1,
                          min_available_clients=1, initial_parameters=ndarrays_to_parameters(list(initial.values())),
                          evaluate_fn=evaluate_fn, fit_metrics_aggregation_fn=lambda _: {})
-        self.s, self.num_clients, self.partition_nodes = s, num_clients, partition_nodes
+        self.s, self.num_clients, self.client_nodes = s, num_clients, client_nodes
         self.recorder, self.round_offset = recorder, round_offset
         self.rounds: dict[int, dict] = {}
 
@@ -76,17 +76,17 @@ class ScheduledSecAgg(FedAvg):
             self.recorder.record_global(rnd, dict(zip(self.keys, parameters_to_ndarrays(parameters))))
         proxies = client_manager.all()
         chosen = select_clients(self.s.seed, rnd, self.num_clients, self.s.fraction)
-        online = [p for p in chosen if str(self.partition_nodes.get(p)) in proxies]
+        online = [p for p in chosen if str(self.client_nodes.get(p)) in proxies]
         self.rounds[rnd] = {"round": rnd, "sampled": len(chosen), "clients": online}
         ins = FitIns(parameters, {"server-round": rnd})
-        return [(proxies[str(self.partition_nodes[p])], ins) for p in online]
+        return [(proxies[str(self.client_nodes[p])], ins) for p in online]
 
     def aggregate_fit(self, server_round, results, failures):
         params, metrics = super().aggregate_fit(server_round, results, failures)
         rnd = server_round + self.round_offset
         row = self.rounds.setdefault(rnd, {"round": rnd, "sampled": len(results), "clients": []})
         row.update(replies=len(results) if params is not None else 0, train_loss=None)
-        ids = [res.metrics.get("partition-id") for _, res in results]
+        ids = [res.metrics.get("client-id") for _, res in results]
         if params is not None and all(i is not None for i in ids):  # who is in the sum (Flower's SecAgg+ sends metrics in the clear)
             row["clients"] = sorted(int(i) for i in ids)
         if self.recorder is not None:

@@ -35,14 +35,14 @@ class FederationTooSmall(RuntimeError):
     """The federation holds fewer nodes than the data set has clients; the message says how to fix it."""
 
 
-def discover_partitions(grid: Grid, expected: int, prepared: str = "", timeout: float = 600.0,
+def discover_clients(grid: Grid, expected: int, prepared: str = "", timeout: float = 600.0,
                         settle: float = 30.0) -> dict[int, int]:
-    """Wait for ``expected`` nodes, ask each which partition it holds; return partition -> node id.
+    """Wait for ``expected`` nodes, ask each which client (data shard) it holds; return client id -> node id.
 
     If fewer nodes are there and their number has not changed for ``settle`` seconds (a simulation
     whose node count is fixed, say), the run stops with a message naming both numbers and how to
     set the federation's size, instead of waiting for ever. Nodes that do not answer within
-    ``timeout`` are left out (they will not be selected). Two nodes claiming one partition is a
+    ``timeout`` are left out (they will not be selected). Two nodes claiming one client is a
     deployment error and stops the run.
     """
     t0 = time.monotonic()
@@ -63,13 +63,13 @@ def discover_partitions(grid: Grid, expected: int, prepared: str = "", timeout: 
     found: dict[int, int] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
         if reply.has_error():
-            print(f"[fed-ser] node {reply.metadata.src_node_id} did not say its partition: {reply.error.reason}", flush=True)
+            print(f"[fed-ser] node {reply.metadata.src_node_id} did not say its client id: {reply.error.reason}", flush=True)
             continue
-        pid = int(reply.content.metric_records["metrics"]["partition-id"])
-        if pid in found:
-            raise RuntimeError(f"nodes {found[pid]} and {reply.metadata.src_node_id} both hold partition-id={pid}")
-        found[pid] = reply.metadata.src_node_id
-    print(f"[fed-ser] {len(node_ids)} nodes connected, {len(found)} hold partitions {sorted(found)} "
+        client = int(reply.content.metric_records["metrics"]["client-id"])
+        if client in found:
+            raise RuntimeError(f"nodes {found[client]} and {reply.metadata.src_node_id} both hold client {client} (partition-id={client})")
+        found[client] = reply.metadata.src_node_id
+    print(f"[fed-ser] {len(node_ids)} nodes connected, {len(found)} hold clients {sorted(found)} "
           f"({time.monotonic() - t0:.1f} s)", flush=True)
     return found
 
@@ -108,15 +108,15 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
     check_privacy(s, n_clients)
     try:
         remaining = s.rounds - start_round
-        partition_nodes = discover_partitions(grid, n_clients, Path(s.prepared).name) if remaining > 0 else {}
+        client_nodes = discover_clients(grid, n_clients, Path(s.prepared).name) if remaining > 0 else {}
         if s.secagg:  # the server's recorder gets what SecAgg+ gives it: global models and unmasked sums
-            strategy = ScheduledSecAgg(s, n_clients, partition_nodes, {k: v.numpy() for k, v in model.state_dict().items()},
+            strategy = ScheduledSecAgg(s, n_clients, client_nodes, {k: v.numpy() for k, v in model.state_dict().items()},
                                        on_round=lambda rnd, params: evaluate_fn(rnd - start_round, numpy_to_arrays(params)),
                                        recorder=recorder, round_offset=start_round)
         else:
             strategy = FedSerStrategy(
                 algorithm=s.algorithm, lr=s.lr, model_replies=s.model_replies, eval_every=s.eval_every, num_rounds=s.rounds,
-                round_offset=start_round, partition_nodes=partition_nodes, num_clients=n_clients, seed=s.seed,
+                round_offset=start_round, client_nodes=client_nodes, num_clients=n_clients, seed=s.seed,
                 fraction_train=s.fraction, fraction_evaluate=s.eval_fraction,
                 min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,  # all were awaited once; later rounds go on with whoever is left
             )

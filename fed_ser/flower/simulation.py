@@ -14,7 +14,7 @@ from fed_ser.flower.server_app import make_server_app
 
 def simulate(settings: RunSettings, num_supernodes: int, cpus_per_client: float = 1.0,
              ray_address: str | None = None, verbose: bool = False) -> None:
-    """Simulate ``num_supernodes`` nodes (partition ids 0..n-1) with ``settings``.
+    """Simulate ``num_supernodes`` nodes (clients 0..n-1, Flower's partition-id) with ``settings``.
 
     ``ray_address`` attaches to a running Ray cluster (``ray start --head``) instead of starting
     a local one. Each ClientApp uses one CPU by default (Flower's default of 2 would run one

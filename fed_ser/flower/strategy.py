@@ -1,9 +1,9 @@
 """FedSGD / FedAvg on Flower's message-based FedAvg.
 
 :class:`FedSerStrategy` subclasses :class:`flwr.serverapp.strategy.FedAvg` and keeps Flower's
-messaging. Clients are selected by partition id with the shared seeded schedule
+messaging. Clients are selected by client id with the shared seeded schedule
 (:func:`fed_ser.core.schedule.select_clients`) once the ServerApp has learnt which node holds which
-partition, so one seed trains the same clients as the in-process engines; without that map it
+client, so one seed trains the same clients as the in-process engines; without that map it
 falls back to Flower's random node sampling. The eavesdropping recorder wraps this strategy
 (:class:`fed_ser.flower.eavesdropper.Eavesdropper`), outside any of Flower's DP wrappers.
 Aggregation is :func:`fed_ser.core.aggregation.aggregate`, the engines' too (Flower's weighted
@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fed_ser.core.aggregation import aggregate
 from fed_ser.core.schedule import is_eval_round, select_clients
-from fed_ser.flower.eavesdropper import arrays_to_numpy, in_partition_order, numpy_to_arrays, reply_metrics
+from fed_ser.flower.eavesdropper import arrays_to_numpy, in_client_order, numpy_to_arrays, reply_metrics
 
 
 def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -42,11 +42,11 @@ class FedSerStrategy(FedAvg):
     """FedAvg from Flower plus FedSGD's server step, a recorder and a round offset for resuming.
 
     Per round it keeps what the run's history needs (``rounds[rnd]``: clients sampled, replies,
-    the partitions that replied, training loss, client validation UAR).
+    the clients that replied, training loss, client validation UAR).
     """
 
     def __init__(self, *, algorithm: str, lr: float, model_replies: bool | None = None, eval_every: int = 1,
-                 num_rounds: int = 1, round_offset: int = 0, partition_nodes: dict[int, int] | None = None,
+                 num_rounds: int = 1, round_offset: int = 0, client_nodes: dict[int, int] | None = None,
                  num_clients: int = 0, seed: int = 0, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", _train_metrics)
         super().__init__(**kwargs)
@@ -58,8 +58,8 @@ class FedSerStrategy(FedAvg):
         self.eval_every = eval_every
         self.num_rounds = num_rounds
         self.round_offset = round_offset
-        self.partition_nodes = dict(partition_nodes or {})
-        self.num_clients = num_clients or len(self.partition_nodes)
+        self.client_nodes = dict(client_nodes or {})
+        self.num_clients = num_clients or len(self.client_nodes)
         self.seed = seed
         self._global: dict[str, np.ndarray] = {}
         self.rounds: dict[int, dict] = {}
@@ -68,7 +68,7 @@ class FedSerStrategy(FedAvg):
         self._global = arrays_to_numpy(arrays)
         config["lr"] = self.lr
         rnd = server_round + self.round_offset
-        if not self.partition_nodes:
+        if not self.client_nodes:
             messages = list(super().configure_train(rnd, arrays, config, grid))
             self.rounds[rnd] = {"round": rnd, "sampled": len(messages)}
             return messages
@@ -77,17 +77,17 @@ class FedSerStrategy(FedAvg):
         config["server-round"] = rnd
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # one record, shared by all
         self.rounds[rnd] = {"round": rnd, "sampled": len(chosen)}  # a node that has gone away makes the round short
-        return [Message(record, dst_node_id=self.partition_nodes[p], message_type=MessageType.TRAIN)
-                for p in chosen if self.partition_nodes.get(p) in online]
+        return [Message(record, dst_node_id=self.client_nodes[p], message_type=MessageType.TRAIN)
+                for p in chosen if self.client_nodes.get(p) in online]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.round_offset
-        replies = in_partition_order(replies)
+        replies = in_client_order(replies)
         valid = [m for m in replies if not m.has_error()]
         for m in replies:
             if m.has_error():
                 log(WARNING, "round %s: node %s replied with an error: %s", rnd, m.metadata.src_node_id, m.error.reason)
-        clients = [int(reply_metrics(m)["partition-id"]) for m in valid]
+        clients = [int(reply_metrics(m)["client-id"]) for m in valid]
         agg, metrics = None, None
         if valid:
             updates = [arrays_to_numpy(m.content.array_records[self.arrayrecord_key]) for m in valid]

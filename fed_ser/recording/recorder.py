@@ -1,6 +1,6 @@
 """The eavesdropper's record of one client update, independent of how it travelled.
 
-:class:`UpdateRecorder` turns (round, node, update, global parameters) into store records:
+:class:`UpdateRecorder` turns (round, client, node, update, global parameters) into store records:
 FedSGD gradients as they are (sent as the one-step model ``theta - lr g``, under Flower's DP: stored
 as ``(theta - theta_k) / lr``); FedAvg as ``theta(t) - theta_k(t)``; and, for both, the round's
 global parameters once (the server sent them, so it knows them: the feature-space attack inverts
@@ -38,9 +38,10 @@ class UpdateRecorder:
     model_replies: bool = False  # FedSGD clients send theta - lr g (see RunSettings.model_replies)
     _globals_written: set[int] = field(default_factory=set)
 
-    def record(self, *, round: int, node: int, partition: int, num_examples: int, steps: int,
-               arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray]) -> None:
-        meta = dict(round=round, node=node, partition=partition, num_examples=num_examples, steps=steps,
+    def record(self, *, round: int, client: int, num_examples: int, steps: int, arrays: dict[str, np.ndarray],
+               global_arrays: dict[str, np.ndarray], node: int = -1) -> None:
+        """Record client ``client``'s reply of round ``round`` (``node``: the Flower node it came from, if any)."""
+        meta = dict(round=round, node=node, client=client, num_examples=num_examples, steps=steps,
                     lr=self.lr, float16=self.float16, sync=False)
         self.record_global(round, global_arrays)
         if self.algorithm == "fedsgd":

@@ -3,7 +3,7 @@
 Layout of a store directory::
 
     updates.bin    framed records: MAGIC | header length | payload length | CRC32C | header | payload
-    index.jsonl    one JSON line per record: round, node, partition, n_k, steps, lr, kind, layers
+    index.jsonl    one JSON line per record: round, node, client, n_k, steps, lr, kind, layers
 
 Each record holds what an observer of the traffic learns from one client reply:
 
@@ -59,8 +59,8 @@ class UpdateInfo:
     """Index entry of one recorded update."""
 
     round: int
-    node: int
-    partition: int
+    node: int  # the Flower node that sent it; -1 where none did (the in-process engines, the server's own records)
+    client: int  # the client id (the data shard it trains on: Flower's partition-id), -1 for the server's records
     num_examples: int
     steps: int
     lr: float
@@ -72,7 +72,7 @@ class UpdateInfo:
     position: int = 0  # record number in the store
 
     def to_json(self) -> str:
-        d = {k: getattr(self, k) for k in ("round", "node", "partition", "num_examples", "steps", "lr", "kind", "dtype", "layers", "offset")}
+        d = {k: getattr(self, k) for k in ("round", "node", "client", "num_examples", "steps", "lr", "kind", "dtype", "layers", "offset")}
         return json.dumps(d, separators=(",", ":"))
 
 
@@ -127,6 +127,8 @@ class UpdateStore:
                 if checksum(payload, checksum(header)) != crc:
                     break
                 meta = json.loads(header)
+                if "partition" in meta:  # stores written before 2026-12-01 called the client id partition
+                    meta["client"] = meta.pop("partition")
                 self.records.append(
                     UpdateInfo(**{**meta, "offset": good_end + _FRAME.size + hlen, "start": good_end, "position": len(self.records)})
                 )
@@ -154,8 +156,8 @@ class UpdateStore:
         arrays: dict[str, np.ndarray],
         *,
         round: int,
-        node: int,
-        partition: int = -1,
+        node: int = -1,
+        client: int = -1,
         num_examples: int = 0,
         steps: int = 1,
         lr: float = 0.0,
@@ -177,7 +179,7 @@ class UpdateStore:
         parts = [np.ascontiguousarray(a, dtype=dtype) for a in arrays.values()]
         views = [memoryview(p).cast("B") for p in parts if p.size]
         plen = sum(p.nbytes for p in parts)
-        meta = dict(round=int(round), node=int(node), partition=int(partition), num_examples=int(num_examples),
+        meta = dict(round=int(round), node=int(node), client=int(client), num_examples=int(num_examples),
                     steps=int(steps), lr=float(lr), kind=kind, dtype=dtype.name,
                     layers={k: list(np.shape(a)) for k, a in arrays.items()})
         header = json.dumps(meta, separators=(",", ":")).encode()
@@ -339,23 +341,23 @@ def max_difference(a: UpdateStore, b: UpdateStore) -> float:
 def difference_by_round(a: UpdateStore, b: UpdateStore) -> dict[int, float]:
     """Per round, the largest element difference between two stores of the same run.
 
-    Records are matched by (round, partition, kind), since a Flower run stores replies in arrival
+    Records are matched by (round, client, kind), since a Flower run stores replies in arrival
     order; a mismatch in which updates exist, their step counts or shapes is an error. Two
     float implementations agree to rounding in a round that starts from the same global model;
     over many rounds the rounding differences grow (ReLU units switch), so long runs drift apart.
     """
     def key(u: UpdateInfo) -> tuple:
-        return (u.round, u.partition, u.kind)
+        return (u.round, u.client, u.kind)
 
     ua, ub = sorted(a.updates(), key=key), sorted(b.updates(), key=key)
-    meta = lambda us: [(u.round, u.partition, u.kind, u.steps, u.num_examples) for u in us]
+    meta = lambda us: [(u.round, u.client, u.kind, u.steps, u.num_examples) for u in us]
     if meta(ua) != meta(ub):
         raise ValueError(f"{a.path} and {b.path} hold different updates")
     worst: dict[int, float] = {}
     for x, y in zip(ua, ub):
         ra, rb = a.read(x), b.read(y)
         if ra.keys() != rb.keys():
-            raise ValueError(f"round {x.round} partition {x.partition}: layers differ")
+            raise ValueError(f"round {x.round} client {x.client}: layers differ")
         d = max(float(np.abs(ra[k].astype(np.float64) - rb[k]).max()) for k in ra)
         worst[x.round] = max(worst.get(x.round, 0.0), d)
     return worst
