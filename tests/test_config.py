@@ -48,6 +48,29 @@ def test_every_default_is_the_same_whichever_entry_point_runs():
         assert (dp.dp_delta, dp.dp_clip, dp.dp_epsilon) == (hydra["dp.delta"], hydra["dp.clip"], hydra["dp.epsilon"])
 
 
+def test_conf_groups_extend_the_schema_built_from_run_settings_and_repeat_no_default():
+    """Every default of a run setting is written once, in RunSettings: a group option's yaml sets only
+    what makes it that option, and Hydra checks types and keys against the schema."""
+    import yaml
+
+    from fed_ser.experiments.config import RUN_CONFIG_GROUPS
+
+    defaults = RunSettings(prepared="x").to_run_config()
+    for group in RUN_CONFIG_GROUPS:
+        for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+            doc = yaml.safe_load(path.read_text()) or {}
+            assert doc.get("defaults") == ["schema", "_self_"], path
+            again = {k: v for k, v in doc.items() if k not in ("defaults", "algorithm", "mode")  # the option's own name may equal the default
+                     and defaults.get(f"{group}.{k}", object()) == v}
+            assert not again, f"{path.relative_to(ROOT)} repeats the defaults {again}"
+            composed = load_config([f"{group}={path.stem}"])
+            assert set(composed[group]) >= {k.split(".", 1)[1] for k in defaults if k.startswith(group + ".")} - {"dir"}
+    with pytest.raises(ConfigError, match=r"^fl\.rounds: Value 'abc'"):
+        load_config(["fl.rounds=abc"])
+    with pytest.raises(ConfigError, match=r"^fl\.nope: no such setting \(known: fl\.algorithm"):
+        load_config(["fl.nope=1"])
+
+
 def test_hydra_overrides_reach_the_run_settings():
     cfg = load_config(["fl=fedavg", "fl.rounds=7", "model.dropout=0.4", "fold=2", "recorder.layers=dense1"])
     s = run_settings(cfg, Path("x.npz"), "out")

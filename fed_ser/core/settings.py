@@ -1,15 +1,17 @@
 """Run settings shared by the ServerApp and ClientApp, from Hydra or from Flower's run config.
 
 Flower's run config is flat (``"fl.algorithm" = "fedsgd"``, values bool/int/float/str only), the
-Hydra config is nested (``fl.algorithm=fedsgd``). :class:`RunSettings` is the one typed view of
-both: :meth:`from_run_config` reads the flat keys, :meth:`to_run_config` writes them, and the
-Hydra CLI builds the flat keys from its config.
+Hydra config is nested (``fl.algorithm=fedsgd``). :class:`RunSettings` is the one declaration of
+both: each field names its key with :func:`setting`; :meth:`from_run_config` reads the flat keys,
+:meth:`to_run_config` writes them, the Hydra CLI reads its config by the same keys, and Hydra's
+schema for the run-config groups of ``conf/`` (``fl``, ``model``, ``recorder``, ``dp``, ``flower_dp``,
+``adv``) is built from the fields' types and defaults (:mod:`fed_ser.experiments.config`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 ALGORITHMS = ("fedsgd", "fedavg")
@@ -24,59 +26,60 @@ class ConfigError(ValueError):
     """A wrong configuration value; the message names the key."""
 
 
+_REQUIRED = object()
+
+
+def setting(key: str, default: Any = _REQUIRED) -> Any:
+    """A :class:`RunSettings` field and its flat run-config ``key`` (``"fl.lr"``): the one place a run
+    setting is declared. The run-config keys, Hydra's schema for ``conf/`` (:mod:`fed_ser.experiments.config`)
+    and the checks on ``pyproject.toml``'s ``[tool.flwr.app.config]`` (tests/test_config.py) come from here."""
+    if default is _REQUIRED:
+        return field(metadata={"key": key})
+    return field(default=default, metadata={"key": key})
+
+
 @dataclass(frozen=True)
 class RunSettings:
-    prepared: str  # path of the prepared FederatedData .npz
-    algorithm: str = "fedsgd"
-    rounds: int = 200
-    fraction: float = 0.1
-    lr: float = 0.1  # FedSGD: server step size; FedAvg: client learning rate
-    local_epochs: int = 1
-    batch_size: int = 20
-    optimizer: str = "sgd"  # FedAvg clients' optimiser (fl=fedavg: adam, as the paper's code)
-    dropout: float = 0.2
-    eval_every: int = 20
-    eval_fraction: float = 1.0
-    min_available: int = 0  # 0: wait for every client of the data set
-    round_timeout: float = 600.0  # seconds a round waits for replies (a dead node's reply never comes)
-    secagg: bool = False  # SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): the server sees each round's sum only
-    recorder_dir: str = ""  # empty: no recording
-    recorder_layers: str = "all"  # "all" or comma-separated layer names, e.g. "dense1"
-    recorder_float16: bool = False
-    out_dir: str = ""
-    resume: bool = True
-    seed: int = 0
-    dp_mode: str = "none"  # none | sample (DP-FedSGD, Opacus) | user (user-level DP, FedAvg) | udp (as published)
-    dp_epsilon: float = 10.0
-    dp_delta: float = 1e-5
-    dp_clip: float = 1.0
-    dp_calibrate: str = "per_client"  # DP-FedSGD noise for: per_client (its scheduled steps) | expected
-    flower_dp_mode: str = "none"  # one of FLOWER_DP_MODES (Flower's DP wrappers and mods, as shipped)
-    flower_dp_noise: float = 1.0  # central modes: noise multiplier (std sigma * clip on the sum of the round's updates)
-    flower_dp_clip: float = 1.0  # clipping norm of a client's model update (central-adaptive: the initial norm)
-    flower_dp_epsilon: float = 10.0  # local: LocalDpMod's epsilon per release
-    flower_dp_delta: float = 1e-5  # local: LocalDpMod's delta per release; every mode: the delta epsilon is reported at
-    adv_mix: float = 0.0  # federated adversarial training: share of each batch made adversarial (0: off)
-    adv_method: str = "pgd"  # fgsm | pgd
-    adv_norm: str = "linf"  # linf | l2
-    adv_epsilon: float = 0.1
-    adv_steps: int = 5
-    adv_step_size: float = 0.0  # 0: 2.5 * epsilon / steps
+    """Everything one FL run needs, typed and checked: each field's :func:`setting` names its run-config key."""
 
-    _KEYS: ClassVar[dict[str, str]] = {
-        "prepared": "data.prepared", "algorithm": "fl.algorithm", "rounds": "fl.rounds",
-        "fraction": "fl.fraction", "lr": "fl.lr", "local_epochs": "fl.local_epochs",
-        "batch_size": "fl.batch_size", "optimizer": "fl.optimizer", "dropout": "model.dropout",
-        "eval_every": "fl.eval_every", "eval_fraction": "fl.eval_fraction",
-        "min_available": "fl.min_available", "round_timeout": "fl.round_timeout", "secagg": "fl.secagg", "recorder_dir": "recorder.dir",
-        "recorder_layers": "recorder.layers", "recorder_float16": "recorder.float16",
-        "out_dir": "out_dir", "resume": "resume", "seed": "seed", "dp_mode": "dp.mode",
-        "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_clip": "dp.clip",
-        "dp_calibrate": "dp.calibrate", "flower_dp_mode": "flower_dp.mode", "flower_dp_noise": "flower_dp.noise_multiplier",
-        "flower_dp_clip": "flower_dp.clip", "flower_dp_epsilon": "flower_dp.epsilon", "flower_dp_delta": "flower_dp.delta",
-        "adv_mix": "adv.mix", "adv_method": "adv.method", "adv_norm": "adv.norm", "adv_epsilon": "adv.epsilon",
-        "adv_steps": "adv.steps", "adv_step_size": "adv.step_size",
-    }
+    prepared: str = setting("data.prepared")  # path of the prepared FederatedData .npz
+    algorithm: str = setting("fl.algorithm", "fedsgd")
+    rounds: int = setting("fl.rounds", 200)
+    fraction: float = setting("fl.fraction", 0.1)
+    lr: float = setting("fl.lr", 0.1)  # FedSGD: server step size; FedAvg: client learning rate
+    local_epochs: int = setting("fl.local_epochs", 1)
+    batch_size: int = setting("fl.batch_size", 20)
+    optimizer: str = setting("fl.optimizer", "sgd")  # FedAvg clients' optimiser (fl=fedavg: adam, as the paper's code)
+    dropout: float = setting("model.dropout", 0.2)
+    eval_every: int = setting("fl.eval_every", 20)
+    eval_fraction: float = setting("fl.eval_fraction", 1.0)
+    min_available: int = setting("fl.min_available", 0)  # 0: wait for every client of the data set
+    round_timeout: float = setting("fl.round_timeout", 600.0)  # seconds a round waits for replies (a dead node's reply never comes)
+    secagg: bool = setting("fl.secagg", False)  # SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): the server sees each round's sum only
+    recorder_dir: str = setting("recorder.dir", "")  # empty: no recording
+    recorder_layers: str = setting("recorder.layers", "all")  # "all" or comma-separated layer names, e.g. "dense1"
+    recorder_float16: bool = setting("recorder.float16", False)
+    out_dir: str = setting("out_dir", "")
+    resume: bool = setting("resume", True)
+    seed: int = setting("seed", 0)
+    dp_mode: str = setting("dp.mode", "none")  # none | sample (DP-FedSGD, Opacus) | user (user-level DP, FedAvg) | udp (as published)
+    dp_epsilon: float = setting("dp.epsilon", 10.0)
+    dp_delta: float = setting("dp.delta", 1e-5)
+    dp_clip: float = setting("dp.clip", 1.0)
+    dp_calibrate: str = setting("dp.calibrate", "per_client")  # DP-FedSGD noise for: per_client (its scheduled steps) | expected
+    flower_dp_mode: str = setting("flower_dp.mode", "none")  # one of FLOWER_DP_MODES (Flower's DP wrappers and mods, as shipped)
+    flower_dp_noise: float = setting("flower_dp.noise_multiplier", 1.0)  # central modes: noise multiplier (std sigma * clip on the sum of the round's updates)
+    flower_dp_clip: float = setting("flower_dp.clip", 1.0)  # clipping norm of a client's model update (central-adaptive: the initial norm)
+    flower_dp_epsilon: float = setting("flower_dp.epsilon", 10.0)  # local: LocalDpMod's epsilon per release
+    flower_dp_delta: float = setting("flower_dp.delta", 1e-5)  # local: LocalDpMod's delta per release; every mode: the delta epsilon is reported at
+    adv_mix: float = setting("adv.mix", 0.0)  # federated adversarial training: share of each batch made adversarial (0: off)
+    adv_method: str = setting("adv.method", "pgd")  # fgsm | pgd
+    adv_norm: str = setting("adv.norm", "linf")  # linf | l2
+    adv_epsilon: float = setting("adv.epsilon", 0.1)
+    adv_steps: int = setting("adv.steps", 5)
+    adv_step_size: float = setting("adv.step_size", 0.0)  # 0: 2.5 * epsilon / steps
+
+    _KEYS: ClassVar[dict[str, str]]  # field name -> run-config key, from each field's setting() (below the class)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -184,6 +187,9 @@ class RunSettings:
 
     def layers(self) -> list[str] | None:
         return None if self.recorder_layers in ("", "all") else [x.strip() for x in self.recorder_layers.split(",")]
+
+
+RunSettings._KEYS = {f.name: f.metadata["key"] for f in fields(RunSettings)}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:

@@ -3,6 +3,12 @@
 Every console script goes through :func:`load_config` (Hydra's compose API: ``@hydra.main`` cannot
 wrap Flower's app entry points) and :func:`console` (a configuration or input error is one line on
 stderr naming the key or file, exit code 2, no traceback).
+
+The run-config groups of ``conf/`` (``fl``, ``model``, ``recorder``, ``dp``, ``flower_dp``, ``adv``)
+extend a structured schema, ``<group>/schema``, built here from :class:`~fed_ser.core.settings.RunSettings`:
+its fields' keys, types and defaults. So a group option's yaml says only what makes it that option
+(``fl/fedavg.yaml``: FedAvg's learning rate and optimiser), every default lives in the dataclass,
+and Hydra rejects an override of the wrong type or an unknown key, naming it.
 """
 
 from __future__ import annotations
@@ -10,13 +16,16 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from dataclasses import MISSING, fields, make_dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from fed_ser.core.settings import ConfigError
+from fed_ser.core.settings import ConfigError, RunSettings
 from fed_ser.data.corpora import CorpusError
 from fed_ser.data.partition import PartitionError
 
@@ -31,6 +40,28 @@ def _source(corpus: str, *, _root_: DictConfig) -> str:
 if not OmegaConf.has_resolver("source"):
     OmegaConf.register_new_resolver("source", _source)
 
+#: The ``conf/`` groups whose keys are run settings; ``recorder.dir`` is chosen by the entry point, not by the user.
+RUN_CONFIG_GROUPS = ("fl", "model", "recorder", "dp", "flower_dp", "adv")
+_NOT_IN_SCHEMA = {"recorder.dir"}
+_HYDRA_ONLY = {"recorder": [("enabled", bool, True)]}  # Hydra knobs of these groups that are no run setting
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def group_schema(group: str) -> type:
+    """The structured config of ``conf/<group>/``: one field per run setting keyed ``<group>.<name>``."""
+    spec = []
+    for f in fields(RunSettings):
+        prefix, _, name = f.metadata["key"].partition(".")
+        if prefix == group and name and f.metadata["key"] not in _NOT_IN_SCHEMA:
+            assert f.default is not MISSING, f.name
+            spec.append((name, _TYPES[str(f.type)], dc_field(default=f.default)))
+    spec += [(n, t, dc_field(default=d)) for n, t, d in _HYDRA_ONLY.get(group, [])]
+    return make_dataclass(f"{group.title().replace('_', '')}Schema", spec, frozen=False)
+
+
+for _group in RUN_CONFIG_GROUPS:
+    ConfigStore.instance().store(group=_group, name="schema", node=group_schema(_group))
+
 
 def load_config(overrides: list[str], config_name: str = "config") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides.
@@ -43,16 +74,19 @@ def load_config(overrides: list[str], config_name: str = "config") -> DictConfig
     except MissingConfigException as exc:  # a group option that does not exist (dataset=timit)
         group = next((o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].lstrip("+~") and
                       f"'{o.split('=', 1)[0].lstrip('+~')}/" in str(exc)), None)
-        options = re.findall(r"^\t(\S+)$", str(exc), re.M)
+        options = [o for o in re.findall(r"^\t(\S+)$", str(exc), re.M) if o != "schema"]
         what = f"{group}: no such option" if group else str(exc).splitlines()[0]
         raise ConfigError(f"{what} (available: {', '.join(options)})" if options else what) from None
     except HydraException as exc:
+        cause = str(exc.__cause__ or "").splitlines()
+        m = re.search(r"Error merging override ([^=\s]+)=", str(exc))
+        if m is not None and cause:  # the key exists; the schema's type does not take the value
+            raise ConfigError(f"{m.group(1)}: {cause[0]}") from None
         m = re.search(r"Could not override '([^']+)'", str(exc))
         if m is None:
             raise ConfigError(" ".join(str(exc).split("\n")[:2])) from None
         key = m.group(1)
-        cause = str(exc.__cause__ or "").splitlines()
-        if cause and "not in struct" not in cause[0]:  # the key exists; the value does not fit it
+        if cause and not re.search(r"not in (struct|'\w+')", cause[0]):  # the key exists; the value does not fit it
             raise ConfigError(f"{key}: {cause[0]}") from None
         parent, _, _leaf = key.rpartition(".")
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
