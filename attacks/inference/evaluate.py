@@ -155,12 +155,3 @@ def summarize(evaluations: list[Evaluation], n_boot: int = 2000, seed: int = 0) 
     return {"asr": pooled["1"], "asr_ci": intervals["1"], "asr_pooled": pooled, "asr_pooled_ci": intervals,
             **roc_metrics(scores, labels), "clients": int(len(np.unique(clients))), "updates": int(len(clients)),
             "runs": evaluations[0].runs}
-
-
-def attack_metrics(score_of: Callable[[np.ndarray], float], p_update: np.ndarray, clients: np.ndarray,
-                   labels: np.ndarray, *, trials: int = 10, pool_rounds: list[int] | tuple[int, ...] = (1,),
-                   seed: int = 0, n_boot: int = 2000) -> dict:
-    """:func:`summarize` of one :func:`evaluate_attack`: ``asr``, ``asr_ci``, ``asr_pooled``,
-    ``asr_pooled_ci``, ``auc``, ``tpr_at_fpr``, ``roc``, ``clients`` and ``updates``."""
-    return summarize([evaluate_attack(score_of, p_update, clients, labels, trials=trials, pool_rounds=pool_rounds,
-                                      seed=seed)], n_boot, seed)

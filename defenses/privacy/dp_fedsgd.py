@@ -6,7 +6,8 @@ sample-level DP the batch is a **Poisson sample**: each row independently with p
 analysis of the subsampled Gaussian mechanism assumes). The gradient is computed with Opacus'
 ``GradSampleModule`` (per-sample gradients) and ``DPOptimizer.pre_step`` (clip each per-sample
 gradient to ``clip``, sum, add ``N(0, (noise_multiplier * clip)^2)``, divide by the expected batch
-size ``b``), inside the shared local loop; an empty sample sends the noise alone.
+size ``b``), inside the shared local loop (whose plan draws the Poisson batch:
+:func:`fed_ser.core.training.poisson_rows`); an empty sample sends the noise alone.
 
 Accounting per client (:mod:`defenses.privacy.accounting`, Opacus' RDP accountant): one step per round
 the client takes part in, sample rate ``q``. The noise multiplier is calibrated so that a given
@@ -22,7 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
@@ -64,14 +64,8 @@ def spent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     return spent(sigma, q, steps, delta)
 
 
-def poisson_batch(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Row indices of one Poisson sample: each of ``n`` rows with probability ``min(b, n) / n``."""
-    return np.flatnonzero(rng.random(n) < sample_rate(batch_size, n))
-
-
 @contextmanager
-def private_gradients(model: nn.Module, sigma: float, clip: float, batch_size: int,
-                      generator: torch.Generator | None = None) -> Iterator[DPOptimizer]:
+def private_gradients(model: nn.Module, sigma: float, clip: float, batch_size: int) -> Iterator[DPOptimizer]:
     """Per-sample gradient hooks on ``model`` and a DP optimiser over its parameters.
 
     After ``loss.backward()`` on a batch, ``optimizer.pre_step()`` leaves the clipped, noised,
@@ -81,8 +75,7 @@ def private_gradients(model: nn.Module, sigma: float, clip: float, batch_size: i
     gsm = GradSampleModule(model, loss_reduction="mean")
     try:
         base = torch.optim.SGD(model.parameters(), lr=0.0)
-        yield DPOptimizer(base, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=batch_size,
-                          generator=generator)
+        yield DPOptimizer(base, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=batch_size)
     finally:
         gsm._close()
         for p in model.parameters():

@@ -32,8 +32,6 @@ class SERModel(nn.Module):
         return self.out(h)
 
 
-LAYERS = ("dense1", "dense2", "out")
-
 
 def build_model(input_dim: int, dropout: float, seed: int) -> SERModel:
     """A freshly initialised model; the same seed gives the same weights everywhere."""

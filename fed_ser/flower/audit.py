@@ -23,13 +23,6 @@ def _audit_arrays(v: np.ndarray) -> ArrayRecord:
     return ArrayRecord({"w": Array(np.ascontiguousarray(v, dtype=np.float32))})
 
 
-def _canary_update(canary: bool, clip: float) -> np.ndarray:
-    """The canary client's update: ten times the clip along e_1, or against it (clipped: +-C e_1)."""
-    u = np.zeros(DIM)
-    u[0] = (10.0 if canary else -10.0) * clip
-    return u
-
-
 class _AuditGrid:
     def __init__(self, n: int):
         self.n = n

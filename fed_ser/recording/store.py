@@ -69,7 +69,6 @@ class UpdateInfo:
     layers: dict[str, list[int]]
     offset: int = field(default=0, compare=False)  # payload offset in updates.bin
     start: int = field(default=0, compare=False)  # frame offset in updates.bin
-    position: int = 0  # record number in the store
 
     def to_json(self) -> str:
         d = {k: getattr(self, k) for k in ("round", "node", "client", "num_examples", "steps", "lr", "kind", "dtype", "layers", "offset")}
@@ -130,7 +129,7 @@ class UpdateStore:
                 if "partition" in meta:  # stores written before 2026-12-01 called the client id partition
                     meta["client"] = meta.pop("partition")
                 self.records.append(
-                    UpdateInfo(**{**meta, "offset": good_end + _FRAME.size + hlen, "start": good_end, "position": len(self.records)})
+                    UpdateInfo(**{**meta, "offset": good_end + _FRAME.size + hlen, "start": good_end})
                 )
                 good_end = end
         return good_end
@@ -190,7 +189,7 @@ class UpdateStore:
         start = self._end
         _write_all(fd, [_FRAME.pack(MAGIC, len(header), plen, crc) + header, *views])
         self._end = start + _FRAME.size + len(header) + plen
-        info = UpdateInfo(**meta, offset=start + _FRAME.size + len(header), start=start, position=len(self.records))
+        info = UpdateInfo(**meta, offset=start + _FRAME.size + len(header), start=start)
         self.records.append(info)
         self._pending.append(info.to_json() + "\n")
         if sync:
