@@ -9,13 +9,13 @@ from attacks.evasion.adversarial import PerturbationConfig, fgsm, perturb, pgd, 
 from defenses.evasion.adversarial_training import AdversarialBatches, AdversarialTrainingConfig
 from defenses.evasion.randomization import RandomizationConfig, RandomizedModel
 from fed_ser.core.model import build_model
-from fed_ser.core.settings import ConfigError, RunSettings
 from fed_ser.core.training import local_update
 from fed_ser.data.federated import FederatedData
 from fed_ser.engines.inprocess import run_inprocess
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import prepare
 from fed_ser.recording.checkpoint import load_model
+from fed_ser.run.settings import ConfigError, RunSettings
 
 EPS = 0.2  # the adversarial-training radius, and the radius its robustness is judged at
 

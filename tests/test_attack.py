@@ -10,7 +10,6 @@ from attacks.inference.data import UpdateDataset, labelled_updates
 from attacks.inference.evaluate import attack_success_rate
 from attacks.inference.profile import input_profile, profile_asr, train_profile_attack, update_profiles
 from attacks.inference.train import AttackConfig, predict, train_attack
-from fed_ser.core.settings import RunSettings
 from fed_ser.data.federated import FederatedData
 from fed_ser.data.synthetic import generate
 from fed_ser.engines.vectorized import run_vectorized
@@ -18,6 +17,7 @@ from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import prepare
 from fed_ser.recording.recorder import UpdateRecorder
 from fed_ser.recording.store import UpdateStore
+from fed_ser.run.settings import RunSettings
 
 ROUNDS = 30
 SCALE = 0.25  # at the shared fixtures' 5% a client holds ~7 utterances: too few for the gender cue (ASR ~0.6)

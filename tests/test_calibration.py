@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fed_ser.core.settings import ConfigError
 from fed_ser.data.federated import build_federated
 from fed_ser.data.synthetic import generate
 from fed_ser.experiments.calibration import calibrate, compare, gender_pattern
 from fed_ser.experiments.config import load_config
+from fed_ser.run.settings import ConfigError
 
 
 def _corpus(seed: int, cue: float):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fed_ser.core.settings import ConfigError, RunSettings
 from fed_ser.experiments.cli import load_config, run_settings
+from fed_ser.run.settings import ConfigError, RunSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from defenses.privacy.dp_fedsgd import DPConfig, noise_multiplier, planned_steps, sample_rate
-from defenses.privacy.report import privacy_report
+from defenses.privacy.dp_fedsgd import DPConfig, PrivateGradient, noise_multiplier, planned_steps, sample_rate
 from defenses.privacy.udp import UDPConfig, clip_update, privatize_update
 from fed_ser.core.model import build_model
-from fed_ser.core.settings import ConfigError, RunSettings
-from fed_ser.core.training import client_update, local_update
+from fed_ser.core.training import local_update
 from fed_ser.experiments.cli import load_config, run_settings
+from fed_ser.run.client import client_update
+from fed_ser.run.privacy import privacy_report
+from fed_ser.run.settings import ConfigError, RunSettings
 
 
 def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -91,13 +92,13 @@ def test_dp_fedsgd_gradient_is_the_mean_of_clipped_per_sample_gradients():
     clipped = [g * min(1.0, clip / n) for g, n in zip(per_sample, norms)]
     assert max(np.linalg.norm(c) for c in clipped) <= clip + 1e-6
 
-    dp = local_update(build_model(12, 0.0, seed=2), X, y, algorithm="fedsgd", dp_sgd=(0.0, clip), seed=3)
+    dp = local_update(build_model(12, 0.0, seed=2), X, y, algorithm="fedsgd", dp_sgd=PrivateGradient(0.0, clip, 20), seed=3)
     np.testing.assert_allclose(_flat(dp.arrays), np.mean(clipped, axis=0), atol=1e-6)
     assert np.linalg.norm(_flat(dp.arrays)) <= clip + 1e-6
     plain = local_update(build_model(12, 0.0, seed=2), X, y, algorithm="fedsgd", seed=3)
     np.testing.assert_allclose(_flat(plain.arrays), np.mean(per_sample, axis=0), atol=1e-5)
     # with noise, the noise has the calibrated scale: sigma * clip / batch per coordinate
-    noisy = local_update(build_model(12, 0.0, seed=2), X, y, algorithm="fedsgd", dp_sgd=(2.0, clip), seed=3)
+    noisy = local_update(build_model(12, 0.0, seed=2), X, y, algorithm="fedsgd", dp_sgd=PrivateGradient(2.0, clip, 20), seed=3)
     resid = _flat(noisy.arrays) - _flat(dp.arrays)
     assert np.std(resid) == pytest.approx(2.0 * clip / 20, rel=0.1)
 
@@ -124,12 +125,12 @@ def test_dp_fedsgd_draws_poisson_batches_as_its_accountant_assumes():
     """Opacus' RDP accountant is for Poisson sampling at rate q = b / n: each row in with probability q."""
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(60, 12)).astype(np.float32), np.arange(60) % 4
-    sizes = [local_update(build_model(12, 0.0, 0), X, y, algorithm="fedsgd", dp_sgd=(1.0, 1.0), seed=s).metrics["dp-batch"]
+    sizes = [local_update(build_model(12, 0.0, 0), X, y, algorithm="fedsgd", dp_sgd=PrivateGradient(1.0, 1.0, 20), seed=s).metrics["dp-batch"]
              for s in range(300)]
     q = 20 / 60
     assert np.mean(sizes) == pytest.approx(60 * q, abs=0.6) and np.var(sizes) == pytest.approx(60 * q * (1 - q), rel=0.25)
     empty = next(r for r in (local_update(build_model(12, 0.0, 0), X[:3], y[:3], algorithm="fedsgd", batch_size=1,
-                                          dp_sgd=(2.0, 0.5), seed=s) for s in range(50)) if r.metrics["dp-batch"] == 0)
+                                          dp_sgd=PrivateGradient(2.0, 0.5, 1), seed=s) for s in range(50)) if r.metrics["dp-batch"] == 0)
     assert _flat(empty.arrays).std() == pytest.approx(2.0 * 0.5 / 1, rel=0.1)  # the noise alone, at its scale
 
 
@@ -199,7 +200,7 @@ def test_user_level_dp_is_accounted_against_the_server_over_the_clients_particip
 
 
 def test_user_level_delta_must_be_well_below_one_over_the_clients():
-    from defenses.privacy.report import check_privacy
+    from fed_ser.run.privacy import check_privacy
 
     s = RunSettings(prepared="x.npz", algorithm="fedavg", dp_mode="user", dp_delta=0.01)
     with pytest.raises(ConfigError, match=r"dp\.delta: 0\.01 is not well below 1/80"):

@@ -10,12 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from fed_ser.core.settings import RunSettings
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.deployment.federation import LocalFederation
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import prepare
 from fed_ser.recording.store import UpdateStore
+from fed_ser.run.settings import RunSettings
 
 
 @pytest.fixture(scope="module")

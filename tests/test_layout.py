@@ -77,8 +77,8 @@ def test_only_the_flower_package_imports_flwr() -> None:
 
 
 def test_the_core_imports_nothing_above_it() -> None:
-    above = ("fed_ser.flower", "fed_ser.engines", "fed_ser.recording", "fed_ser.experiments",
-             "fed_ser.deployment", "fed_ser.tools", "fed_ser.data", "fed_ser.features", "attacks.inference")
+    above = ("fed_ser.run", "fed_ser.flower", "fed_ser.engines", "fed_ser.recording", "fed_ser.experiments",
+             "fed_ser.deployment", "fed_ser.tools", "fed_ser.data", "fed_ser.features", "attacks", "defenses")
     for m in (m for m in GRAPH if m.startswith("fed_ser.core")):
         bad = sorted(d for d in _reach(m) if d.startswith(above) or d in ("flwr", "ray", "hydra", "omegaconf"))
         assert not bad, f"{m} reaches {bad}"
@@ -89,6 +89,35 @@ def test_attacks_read_recorded_updates_and_the_core_only() -> None:
     for m in (m for m in GRAPH if m.startswith(("attacks", "defenses"))):
         project = [d for d in GRAPH[m] if d.split(".")[0] in PACKAGES]
         assert all(d.startswith(allowed) for d in project), f"{m} imports {project}"
+
+
+def _package(module: str) -> str:
+    """The layer a module belongs to: ``fed_ser.<sub>``, ``attacks.<sub>`` or ``defenses.<sub>``."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else parts[0]
+
+
+def test_no_cycles_between_layers() -> None:
+    """Packages, not only modules, form a layered graph: no two layers reach each other (a cycle
+    hidden in an import inside a function counts too)."""
+    layers: dict[str, set[str]] = {}
+    for m, deps in GRAPH.items():
+        if "." not in m:
+            continue
+        layers.setdefault(_package(m), set()).update(_package(d) for d in deps if d in GRAPH and "." in d)
+    for layer, deps in layers.items():
+        deps.discard(layer)
+    seen_cycle = []
+    for a in layers:
+        todo, reach = list(layers[a]), set()
+        while todo:
+            b = todo.pop()
+            if b not in reach:
+                reach.add(b)
+                todo.extend(layers.get(b, ()))
+        if a in reach:
+            seen_cycle.append(a)
+    assert not seen_cycle, f"layers in a cycle: {sorted(seen_cycle)}"
 
 
 def test_no_import_cycles() -> None:

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 
 from attacks.inference.evaluate import bootstrap_interval, evaluate_attack, roc_metrics, summarize
-from fed_ser.core.settings import ConfigError
 from fed_ser.data.federated import TEST, build_federated
 from fed_ser.data.synthetic import generate
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import corpus_source
+from fed_ser.run.settings import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The real recordings the project is measured on (EmoDB, 535 utterances); CI machines without the

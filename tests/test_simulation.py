@@ -153,10 +153,10 @@ def test_secagg_plus_gives_the_server_only_sums_equal_to_the_weighted_mean_withi
 
     from fed_ser.core.model import build_model
     from fed_ser.core.schedule import client_seed, select_clients
-    from fed_ser.core.training import client_update
     from fed_ser.data.federated import TRAIN
     from fed_ser.experiments.cli import run_settings
     from fed_ser.flower.secagg import quantisation_bound
+    from fed_ser.run.client import client_update
 
     cfg, prepared = cfg_and_data
     clip = 0.05

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_ser.core.settings import RunSettings
 from fed_ser.data.corpora import load_corpus
 from fed_ser.data.federated import FederatedData
 from fed_ser.engines.vectorized import run_vectorized
@@ -23,6 +22,7 @@ from fed_ser.features.extract import cache_path, file_digest
 from fed_ser.features.ssl import UPSTREAMS, S3prlUpstream, checkpoint_path
 from fed_ser.recording.recorder import UpdateRecorder
 from fed_ser.recording.store import UpdateStore
+from fed_ser.run.settings import RunSettings
 from fed_ser.tools import s3prl_env as ssl_env
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,11 @@ import pytest
 
 from attacks.inference.aggregate import differencing_scores, round_aggregates
 from defenses.privacy.central import central_epsilon, flower_dp_report, local_epsilon
-from fed_ser.core.settings import ConfigError, RunSettings
 from fed_ser.data.federated import FederatedData
 from fed_ser.engines.vectorized import run_vectorized
 from fed_ser.recording.recorder import UpdateRecorder
 from fed_ser.recording.store import UpdateStore
+from fed_ser.run.settings import ConfigError, RunSettings
 
 
 def _data(tmp_path, n_clients=12, per_client=10):

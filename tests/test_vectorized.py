@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fed_ser.core.model import build_model
-from fed_ser.core.settings import RunSettings
 from fed_ser.core.training import dropout_multiplier, local_plan, local_update, seed_client_rng
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.engines.inprocess import run_inprocess
@@ -18,6 +17,7 @@ from fed_ser.experiments.prepare import prepare
 from fed_ser.recording.recorder import UpdateRecorder
 from fed_ser.recording.store import UpdateStore
 from fed_ser.recording.store import max_difference as max_store_difference
+from fed_ser.run.settings import RunSettings
 
 
 @pytest.fixture(scope="module")

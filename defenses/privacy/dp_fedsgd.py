@@ -19,7 +19,7 @@ the participations that happened. The guarantee is per utterance (sample level),
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -64,19 +64,40 @@ def spent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     return spent(sigma, q, steps, delta)
 
 
-@contextmanager
-def private_gradients(model: nn.Module, sigma: float, clip: float, batch_size: int) -> Iterator[DPOptimizer]:
-    """Per-sample gradient hooks on ``model`` and a DP optimiser over its parameters.
+@dataclass(frozen=True)
+class PrivateGradient:
+    """DP-FedSGD's gradient of one Poisson batch, for the shared local loop (``local_update(dp_sgd=...)``).
 
-    After ``loss.backward()`` on a batch, ``optimizer.pre_step()`` leaves the clipped, noised,
-    batch-averaged gradient in each ``p.grad``. The hooks are removed on exit (the model object
-    is reused for the next client in the in-process engine).
+    :meth:`hooks` puts Opacus' per-sample gradient hooks on the model and yields ``finish(rows)``:
+    after ``loss.backward()`` on a batch of ``rows`` rows it leaves in each ``p.grad`` the per-sample
+    clipped (``clip``), summed, noised (``N(0, (noise_multiplier clip)^2)``) gradient divided by
+    ``expected_batch_size``; for an empty Poisson sample (``rows == 0``, no backward ran) the noise alone.
     """
-    gsm = GradSampleModule(model, loss_reduction="mean")
-    try:
-        base = torch.optim.SGD(model.parameters(), lr=0.0)
-        yield DPOptimizer(base, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=batch_size)
-    finally:
-        gsm._close()
-        for p in model.parameters():
-            p.grad_sample = None
+
+    noise_multiplier: float
+    clip: float
+    expected_batch_size: int
+
+    @contextmanager
+    def hooks(self, model: nn.Module) -> Iterator[Callable[[int], None]]:
+        """The hooks are removed on exit (the in-process engine reuses the model for the next client)."""
+        gsm = GradSampleModule(model, loss_reduction="mean")
+        try:
+            opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=self.noise_multiplier,
+                              max_grad_norm=self.clip, expected_batch_size=self.expected_batch_size)
+
+            def finish(rows: int) -> None:
+                if rows > 0:
+                    opt.pre_step()  # clip per-sample gradients, sum, add noise, average: into p.grad
+                    return
+                for p in model.parameters():
+                    p.summed_grad = torch.zeros_like(p)
+                opt.add_noise()
+                for p in model.parameters():
+                    p.grad /= opt.expected_batch_size
+
+            yield finish
+        finally:
+            gsm._close()
+            for p in model.parameters():
+                p.grad_sample = None

@@ -10,27 +10,35 @@ same optimiser (:func:`make_optimizer`). Both return what the client would send:
 one mini-batch (FedSGD) or its locally trained parameters (FedAvg), plus the number of local steps
 ``T`` that the attacker's pseudo-gradient divides by. Defences plug into :func:`local_update`:
 ``batch_hook`` may replace a batch (adversarial training) and ``dp_sgd`` makes the gradient
-sample-level DP (a Poisson batch, :func:`poisson_rows`).
+sample-level DP (a Poisson batch, :func:`poisson_rows`); :func:`fed_ser.run.client.client_update`
+chooses them from the run's settings.
 
-The defence mechanisms (:mod:`defenses`) are imported when a run uses them: Opacus alone takes
-about a second to import, which every ClientApp process would pay.
+The core imports no defence: each is handed in (``batch_hook``, ``dp_sgd``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from fed_ser.core.settings import RunSettings
-
 BatchHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class PrivateStep(Protocol):
+    """Sample-level DP for a FedSGD step, plugged into :func:`local_update` by the defence that provides it.
+
+    ``hooks(model)`` is a context (per-sample gradient hooks on ``model``) that yields ``finish(rows)``:
+    called after the backward pass of a batch of ``rows`` rows (or with 0 for an empty Poisson sample,
+    without one), it leaves the private gradient in each parameter's ``.grad``.
+    """
+
+    def hooks(self, model: nn.Module) -> AbstractContextManager[Callable[[int], None]]: ...
 
 
 @dataclass
@@ -127,13 +135,13 @@ def local_update(
     optimizer: str = "adam",
     seed: int = 0,
     batch_hook: BatchHook | None = None,
-    dp_sgd: tuple[float, float] | None = None,
+    dp_sgd: PrivateStep | None = None,
 ) -> LocalResult:
     """Run one client's local computation; ``model`` holds the current global parameters.
 
-    The steps are :func:`local_plan`'s for ``seed``. ``dp_sgd=(noise_multiplier, clip)`` makes the
-    FedSGD gradient sample-level DP (Opacus: per-sample clipping, Gaussian noise, on a Poisson sample
-    of the rows; see :mod:`defenses.privacy.dp_fedsgd`).
+    The steps are :func:`local_plan`'s for ``seed``. ``dp_sgd`` makes the FedSGD gradient
+    sample-level DP on a Poisson sample of the rows (:class:`PrivateStep`; DP-FedSGD with Opacus is
+    :class:`defenses.privacy.dp_fedsgd.PrivateGradient`).
     """
     if len(X) == 0:
         raise ValueError("local_update: the client's training shard is empty")
@@ -147,22 +155,12 @@ def local_update(
     model.zero_grad(set_to_none=True)
     losses: list[float] = []
     metrics: dict[str, float] = {}
-    if dp_sgd is not None:
-        from defenses.privacy.dp_fedsgd import private_gradients
-
-        private = private_gradients(model, dp_sgd[0], dp_sgd[1], min(batch_size, len(X)))
-    else:
-        private = nullcontext(None)
-    with private as dp_opt:
+    with dp_sgd.hooks(model) if dp_sgd is not None else nullcontext(None) as finish:
         for step in plan:
-            if dp_opt is not None:
+            if finish is not None:
                 metrics["dp-batch"] = len(step.rows)
                 if len(step.rows) == 0:  # an empty Poisson sample: the client sends the noise alone
-                    for p in model.parameters():
-                        p.summed_grad = torch.zeros_like(p)
-                    dp_opt.add_noise()
-                    for p in model.parameters():
-                        p.grad /= dp_opt.expected_batch_size
+                    finish(0)
                     losses = [float("nan")]
                     break
             xb, yb = Xt[step.rows], yt[step.rows]
@@ -175,56 +173,11 @@ def local_update(
             losses.append(float(loss.detach()))
             if opt is not None:
                 opt.step()
-            elif dp_opt is not None:
-                dp_opt.pre_step()  # clip per-sample gradients, add noise, average: into p.grad
+            elif finish is not None:
+                finish(len(step.rows))
     if algorithm == "fedsgd":
         arrays = {k: p.grad.detach().cpu().numpy().copy() for k, p in model.named_parameters()}
     else:
         arrays = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     return LocalResult(arrays=arrays, num_examples=len(X), steps=len(plan), loss=float(np.nanmean(losses) if
                        np.isfinite(losses).any() else np.nan), metrics=metrics)
-
-
-def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: RunSettings, seed: int, *,
-                  client: int, num_clients: int) -> LocalResult:
-    """What one client sends in one round under run settings ``s``, defences included.
-
-    The single entry point of the Flower ClientApp and the in-process engine: plain FedSGD /
-    FedAvg, DP-FedSGD (``dp.mode=sample``), user-level DP (``dp.mode=user``), UDP as published
-    (``dp.mode=udp``) and federated adversarial training (``adv.mix > 0``, examples crafted against
-    the received global model). ``client`` (its id) and ``num_clients`` place the client in the shared schedule
-    (the DP calibration): ``num_clients`` is :func:`fed_ser.core.schedule.federation_size`.
-    """
-    privacy = s.privacy()
-    hook = None
-    adv = s.adversarial_training()
-    if adv is not None:
-        from defenses.evasion.adversarial_training import AdversarialBatches
-
-        hook = AdversarialBatches(model, adv, seed + 2)
-    dp_sgd, metrics = None, {}
-    if s.dp_mode == "sample":
-        from defenses.privacy.dp_fedsgd import noise_multiplier, sample_rate
-        from defenses.privacy.report import dp_steps
-
-        q = sample_rate(s.batch_size, len(X))
-        sigma = noise_multiplier(privacy, q, dp_steps(s, client, num_clients))
-        dp_sgd, metrics = (sigma, privacy.clip), {"dp-noise-multiplier": sigma, "dp-sample-rate": q}
-    old = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if s.dp_mode in ("user", "udp") else None
-    r = local_update(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr, epochs=s.local_epochs,
-                     optimizer=s.optimizer, seed=seed, dp_sgd=dp_sgd, batch_hook=hook)
-    if s.dp_mode == "user":
-        from defenses.privacy.report import dp_steps
-        from defenses.privacy.user_dp import privatize, server_noise_multiplier
-
-        sigma = server_noise_multiplier(privacy, dp_steps(s, client, num_clients))
-        r.arrays = privatize(r.arrays, old, privacy.clip, sigma, np.random.default_rng(seed + 1))
-        metrics = {"dp-noise-multiplier": sigma}
-    elif s.dp_mode == "udp":
-        from defenses.privacy.udp import privatize_update, udp_sigma
-
-        sigma = udp_sigma(privacy, len(X), s.fraction, s.rounds)
-        r.arrays = privatize_update(r.arrays, old, privacy, sigma, np.random.default_rng(seed + 1))
-        metrics = {"dp-sigma": sigma}
-    r.metrics = {**r.metrics, **metrics}
-    return r

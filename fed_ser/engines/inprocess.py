@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 
-from defenses.privacy.report import check_privacy
 from fed_ser.core.aggregation import aggregate
 from fed_ser.core.metrics import evaluate
 from fed_ser.core.model import build_model
 from fed_ser.core.schedule import client_seed, federation_size, select_clients
-from fed_ser.core.settings import RunSettings
-from fed_ser.core.training import client_update
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.recording.checkpoint import NAME as CHECKPOINT
 from fed_ser.recording.checkpoint import save_checkpoint
 from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.run.client import client_update
+from fed_ser.run.privacy import check_privacy
+from fed_ser.run.settings import RunSettings
 
 
 def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder | None = None) -> dict:

@@ -31,10 +31,10 @@ from fed_ser.core.aggregation import aggregate
 from fed_ser.core.metrics import evaluate
 from fed_ser.core.model import build_model
 from fed_ser.core.schedule import client_seed, federation_size, select_clients
-from fed_ser.core.settings import RunSettings
 from fed_ser.core.training import LocalStep, local_plan, make_optimizer
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.run.settings import RunSettings
 
 Params = dict[str, torch.Tensor]
 

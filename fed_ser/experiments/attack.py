@@ -41,7 +41,6 @@ from attacks.inference.feature_space import train_feature_space_attack
 from attacks.inference.inversion import Recovered, invert_fedsgd
 from attacks.inference.profile import pooled_scorer, train_profile_attack, update_profiles
 from attacks.inference.train import AttackConfig, predict, train_attack
-from fed_ser.core.settings import ConfigError
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.data.synthetic import PAPER_CORPORA
 from fed_ser.experiments.cli import console, expand_overrides, load_config, run_fl, run_settings, run_vectorized_fl
@@ -50,6 +49,7 @@ from fed_ser.experiments.report import write_defense_report, write_grid_report, 
 from fed_ser.io import atomic_write_json, atomic_write_text
 from fed_ser.recording.checkpoint import fingerprint
 from fed_ser.recording.store import UpdateStore
+from fed_ser.run.settings import ConfigError
 
 SHADOW_MODES = ("corpora", "speakers", "synthetic")
 FOLD_KEY = 100_000  # client key = fold * FOLD_KEY + client id: clients of all folds pooled in one interval

@@ -27,10 +27,10 @@ from omegaconf import DictConfig
 from defenses.privacy.audit import DIM, audit, canary_update
 from defenses.privacy.central import central_epsilon, local_epsilon
 from defenses.privacy.user_dp import UserDPConfig, privatize, server_epsilon, server_noise_multiplier
-from fed_ser.core.settings import ConfigError
 from fed_ser.experiments.config import console, load_config
 from fed_ser.flower.audit import central_dp_canary, local_dp_canary
 from fed_ser.io import atomic_write_json, atomic_write_text
+from fed_ser.run.settings import ConfigError
 
 
 def _no_dp(clip: float):

@@ -35,12 +35,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from attacks.inference.feature_space import emotion_means
-from fed_ser.core.settings import ConfigError
 from fed_ser.data.corpora import EMOTIONS
 from fed_ser.data.federated import FederatedData
 from fed_ser.experiments.config import console, load_config
 from fed_ser.experiments.prepare import corpus_source, prepare
 from fed_ser.io import atomic_write_json, atomic_write_text
+from fed_ser.run.settings import ConfigError
 
 
 def gender_pattern(data: FederatedData) -> np.ndarray:

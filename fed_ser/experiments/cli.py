@@ -13,10 +13,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fed_ser.core.settings import ConfigError, RunSettings
 from fed_ser.data.federated import FederatedData
 from fed_ser.experiments.config import console, load_config
 from fed_ser.io import atomic_write_json, atomic_write_text
+from fed_ser.run.settings import ConfigError, RunSettings
 
 
 def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = "") -> RunSettings:

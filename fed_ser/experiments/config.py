@@ -5,7 +5,7 @@ wrap Flower's app entry points) and :func:`console` (a configuration or input er
 stderr naming the key or file, exit code 2, no traceback).
 
 The run-config groups of ``conf/`` (``fl``, ``model``, ``recorder``, ``dp``, ``flower_dp``, ``adv``)
-extend a structured schema, ``<group>/schema``, built here from :class:`~fed_ser.core.settings.RunSettings`:
+extend a structured schema, ``<group>/schema``, built here from :class:`~fed_ser.run.settings.RunSettings`:
 its fields' keys, types and defaults. So a group option's yaml says only what makes it that option
 (``fl/fedavg.yaml``: FedAvg's learning rate and optimiser), every default lives in the dataclass,
 and Hydra rejects an override of the wrong type or an unknown key, naming it.
@@ -25,9 +25,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from fed_ser.core.settings import ConfigError, RunSettings
 from fed_ser.data.corpora import CorpusError
 from fed_ser.data.partition import PartitionError
+from fed_ser.run.settings import ConfigError, RunSettings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

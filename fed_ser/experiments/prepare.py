@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from fed_ser.core.settings import ConfigError
 from fed_ser.data.corpora import LOADERS, load_corpus
 from fed_ser.data.federated import build_federated
 from fed_ser.data.synthetic import CORPORA as SYNTHETIC_CORPORA
@@ -25,6 +24,7 @@ from fed_ser.data.synthetic import ensure_corpus
 from fed_ser.features.extract import extract_features
 from fed_ser.features.normalize import speaker_znorm
 from fed_ser.io import atomic_write_text
+from fed_ser.run.settings import ConfigError
 
 
 def feature_factory(features: DictConfig):

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fed_ser.core.settings import ConfigError
 from fed_ser.experiments.attack import run_experiment
 from fed_ser.experiments.config import console, load_config
 from fed_ser.experiments.report import write_threat_report
 from fed_ser.io import atomic_write_json
+from fed_ser.run.settings import ConfigError
 
 
 def observer_epsilons(summary: dict) -> tuple[float | None, float | None, str]:

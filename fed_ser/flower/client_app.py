@@ -21,11 +21,12 @@ from flwr.compat.common import recorddict_compat as compat
 from fed_ser.core.metrics import evaluate
 from fed_ser.core.model import build_model
 from fed_ser.core.schedule import client_seed, federation_size
-from fed_ser.core.settings import RunSettings
-from fed_ser.core.training import LocalResult, client_update
+from fed_ser.core.training import LocalResult
 from fed_ser.data.federated import TRAIN, VAL, FederatedData
 from fed_ser.flower.eavesdropper import arrays_to_numpy, numpy_to_arrays
 from fed_ser.flower.privacy import client_mods
+from fed_ser.run.client import client_update
+from fed_ser.run.settings import RunSettings
 
 
 @lru_cache(maxsize=4)
@@ -66,7 +67,7 @@ def one_step_model(theta: dict[str, np.ndarray], grads: dict[str, np.ndarray], l
 
 def local_round(s: RunSettings, context: Context, theta: dict[str, np.ndarray], rnd: int) -> tuple[LocalResult, int]:
     """One client's local round from the global model ``theta``: FedSGD gradient of one batch, or FedAvg
-    local epochs; FedSGD under :attr:`~fed_ser.core.settings.RunSettings.model_replies` replies with the
+    local epochs; FedSGD under :attr:`~fed_ser.run.settings.RunSettings.model_replies` replies with the
     one-step model. Returns the result and the client id."""
     torch.set_num_threads(1)
     data = _data(s.prepared)

@@ -1,6 +1,6 @@
 """Flower's own differential privacy, used as shipped: the strategy wrapper and the client mods of a mode.
 
-``flower_dp.mode`` (:data:`fed_ser.core.settings.FLOWER_DP_MODES`) picks one of Flower's mechanisms:
+``flower_dp.mode`` (:data:`fed_ser.run.settings.FLOWER_DP_MODES`) picks one of Flower's mechanisms:
 
 * ``central-fixed``: :class:`flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping`;
 * ``central-adaptive``: :class:`flwr.serverapp.strategy.DifferentialPrivacyServerSideAdaptiveClipping`;
@@ -10,7 +10,7 @@
   data sets of a client give clipped updates at most that far apart).
 
 The wrappers clip ``reply - global``, so under these modes FedSGD clients reply with the one-step
-model ``theta - lr g`` (:attr:`~fed_ser.core.settings.RunSettings.model_replies`). The recorder wraps the
+model ``theta - lr g`` (:attr:`~fed_ser.run.settings.RunSettings.model_replies`). The recorder wraps the
 result (:class:`~fed_ser.flower.eavesdropper.Eavesdropper`): the curious server records what it receives,
 before its own clipping and noise. What each mode's epsilon guarantees, and against whom, is in
 :mod:`defenses.privacy.central`; :mod:`fed_ser.flower.audit` runs the same mechanisms on the
@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fed_ser.core.settings import RunSettings
+from fed_ser.run.settings import RunSettings
 
 
 def wrap_strategy(strategy: Strategy, s: RunSettings, clients_per_round: int) -> Strategy:

@@ -38,8 +38,8 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from fed_ser.core.schedule import clients_per_round, is_eval_round, select_clients
-from fed_ser.core.settings import RunSettings
 from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.run.settings import RunSettings
 
 #: Share of a round's clients whose shares must survive to unmask the sum (Flower's example value).
 RECONSTRUCTION_THRESHOLD = 0.7

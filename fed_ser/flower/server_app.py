@@ -14,11 +14,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from defenses.privacy.report import check_privacy, privacy_report
 from fed_ser.core.metrics import evaluate
 from fed_ser.core.model import build_model
 from fed_ser.core.schedule import clients_per_round, federation_size
-from fed_ser.core.settings import RunSettings
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.flower.eavesdropper import Eavesdropper, arrays_to_numpy, numpy_to_arrays
 from fed_ser.flower.privacy import wrap_strategy
@@ -29,6 +27,8 @@ from fed_ser.recording.checkpoint import NAME as CHECKPOINT
 from fed_ser.recording.checkpoint import checkpoint_history, load_checkpoint, save_checkpoint
 from fed_ser.recording.recorder import UpdateRecorder
 from fed_ser.recording.store import UpdateStore
+from fed_ser.run.privacy import check_privacy, privacy_report
+from fed_ser.run.settings import RunSettings
 
 
 class FederationTooSmall(RuntimeError):

@@ -7,9 +7,9 @@ import os
 
 from flwr.simulation import run_simulation
 
-from fed_ser.core.settings import RunSettings
 from fed_ser.flower.client_app import make_client_app
 from fed_ser.flower.server_app import make_server_app
+from fed_ser.run.settings import RunSettings
 
 
 def simulate(settings: RunSettings, num_supernodes: int, cpus_per_client: float = 1.0,

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from fed_ser.core.model import SERModel, build_model
-from fed_ser.core.settings import RunSettings
 from fed_ser.io import atomic_save_npz
+from fed_ser.run.settings import RunSettings
 
 NAME = "checkpoint.npz"
 

@@ -16,10 +16,10 @@ from defenses.privacy.dp_fedsgd import noise_multiplier, planned_steps, sample_r
 from defenses.privacy.udp import udp_sigma
 from defenses.privacy.user_dp import aggregate_epsilon, check_delta, server_epsilon, server_noise_multiplier
 from fed_ser.core.schedule import clients_per_round, participations
-from fed_ser.core.settings import ConfigError
+from fed_ser.run.settings import ConfigError
 
 if TYPE_CHECKING:
-    from fed_ser.core.settings import RunSettings
+    from fed_ser.run.settings import RunSettings
 
 
 def dp_steps(s: RunSettings, client: int, num_clients: int) -> int:
