@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from math import gcd
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,6 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     """``wave`` at ``target`` Hz (polyphase filter; unchanged if the rates already agree)."""
     if rate == target:
         return wave
-    from math import gcd
-
     from scipy.signal import resample_poly
 
     g = gcd(int(rate), int(target))

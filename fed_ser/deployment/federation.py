@@ -15,6 +15,7 @@ process, waits until they are ready, and stops every process it started, also on
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ipaddress
 import json
@@ -24,13 +25,18 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from fed_ser.experiments.cli import run_settings
+from fed_ser.experiments.config import load_config
+from fed_ser.experiments.prepare import prepare
+from fed_ser.io import atomic_write_json
 
 PROJECT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"  # a local federation never listens on or talks to any other address
@@ -357,12 +363,6 @@ def deploy(cfg) -> dict:
     With ``deploy.compare_simulation`` the same settings also run in Flower's simulation engine,
     so the report gives the deployment (HTTPS) vs simulation for the same configuration.
     """
-    from dataclasses import replace
-
-    from fed_ser.experiments.cli import run_settings
-    from fed_ser.experiments.prepare import prepare
-    from fed_ser.io import atomic_write_json
-
     d = cfg.deploy
     nodes = int(d.nodes)
     if nodes < 1:
@@ -389,7 +389,7 @@ def deploy(cfg) -> dict:
                             "privacy": {k: privacy.get(k) for k in ("mode", "spent_epsilon_max", "delta", "epsilon_server",
                                                                     "guarantee")} if privacy else None}
     if d.compare_simulation:
-        from fed_ser.flower.simulation import simulate
+        from fed_ser.flower.simulation import simulate  # Flower's simulation engine (and Ray) load only for the comparison
 
         sim = replace(s, out_dir=str(out / "simulation"), recorder_dir=str(out / "simulation" / "updates"))
         simulate(sim, nodes, cpus_per_client=float(cfg.simulation.cpus_per_client))
@@ -410,8 +410,6 @@ def deploy(cfg) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Console script ``fed-ser-deploy deploy.nodes=3 fl.rounds=5 [deploy.insecure=true]`` (conf/deploy.yaml)."""
-    from fed_ser.experiments.config import load_config
-
     deploy(load_config(list(sys.argv[1:] if argv is None else argv), "deploy"))
 
 
@@ -421,11 +419,6 @@ def setup_main(argv: list[str] | None = None) -> None:
     TLS certificates (valid for the SuperLink's service name too), SuperNode keys, the synthetic
     corpus with prepared features, the run config naming that file, and the CLI connection.
     """
-    import argparse
-
-    from fed_ser.experiments.cli import load_config, run_settings
-    from fed_ser.experiments.prepare import prepare
-
     p = argparse.ArgumentParser(prog="fed-ser-deploy-setup", description=setup_main.__doc__)
     p.add_argument("--certs", type=Path, required=True)
     p.add_argument("--keys", type=Path, required=True)

@@ -27,7 +27,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -161,8 +161,6 @@ def _control_permutations(cfg: DictConfig) -> int:
 
 def _shuffled_client_genders(data: FederatedData, seed: int) -> FederatedData:
     """The control for attacks trained on the attacker's data: its clients' genders permuted."""
-    from dataclasses import replace
-
     return replace(data, client_gender=np.random.default_rng(seed + 99).permutation(data.client_gender))
 
 

@@ -7,6 +7,7 @@ entry points) from ``conf/``; every paper knob is an override. Results land in `
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fed_ser.data.federated import FederatedData
+from fed_ser.engines.vectorized import run_vectorized
 from fed_ser.experiments.config import console, load_config
+from fed_ser.experiments.prepare import prepare
 from fed_ser.io import atomic_write_json, atomic_write_text
+from fed_ser.recording.recorder import UpdateRecorder
+from fed_ser.recording.store import UpdateStore
 from fed_ser.run.settings import ConfigError, RunSettings
 
 
@@ -35,9 +40,7 @@ def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: st
 
 def run_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = "") -> dict:
     """One Flower simulation on the prepared data; returns its results.json content."""
-    import json
-
-    from fed_ser.flower.simulation import simulate
+    from fed_ser.flower.simulation import simulate  # Flower's simulation engine (and Ray) load only for a Flower run
 
     settings = run_settings(cfg, prepared, out_dir, recorder_dir)
     n = FederatedData.load(prepared).num_clients
@@ -55,10 +58,6 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
     Same settings, client selection, seeds and store format as :func:`run_fl`; no Ray, no
     messages. It does not resume: an unfinished run's records are dropped and it starts over.
     """
-    from fed_ser.engines.vectorized import run_vectorized
-    from fed_ser.recording.recorder import UpdateRecorder
-    from fed_ser.recording.store import UpdateStore
-
     settings = run_settings(cfg, prepared, out_dir, recorder_dir)
     if settings.secagg:
         raise ConfigError("fl.secagg=true: SecAgg+ runs in the Flower engine only (private_engine=flower)")
@@ -130,8 +129,6 @@ def prepare_main(argv: list[str] | None = None) -> None:
     """Console script ``fed-ser-prepare dataset=crema_d [fold=0] key=value ...``: build (or find) the
     prepared data set of this config and print its path (for ``flwr run --run-config data.prepared=...``);
     the client count, and the matching ``flwr run`` command, go to stderr."""
-    from fed_ser.experiments.prepare import prepare
-
     cfg = load_config(list(sys.argv[1:] if argv is None else argv))
     path = prepare(cfg, [str(cfg.dataset.name)], int(cfg.fold)).resolve()
     n = FederatedData.load(path).num_clients
@@ -146,8 +143,6 @@ def train(argv: list[str] | None = None) -> None:
 
     ``fed-ser-train -m fold=0,1,2,3,4`` runs each fold and writes ``runs/train/table_iii.md``.
     """
-    from fed_ser.experiments.prepare import prepare
-
     multirun, runs = expand_overrides(list(sys.argv[1:] if argv is None else argv))
     rows = []
     for overrides in runs:

@@ -21,6 +21,7 @@ from fed_ser.data.corpora import LOADERS, load_corpus
 from fed_ser.data.federated import build_federated
 from fed_ser.data.synthetic import CORPORA as SYNTHETIC_CORPORA
 from fed_ser.data.synthetic import ensure_corpus
+from fed_ser.experiments.config import load_config
 from fed_ser.features.extract import extract_features
 from fed_ser.features.normalize import speaker_znorm
 from fed_ser.io import atomic_write_text
@@ -147,8 +148,6 @@ def corpus_features(cfg: DictConfig, src: CorpusSource) -> tuple[pd.DataFrame, n
 def extract_main(argv: list[str] | None = None) -> None:
     """Console script ``fed-ser-extract features=<set> [corpora=[...]] [limit=N] key=value ...``: fill
     the feature cache (the separate extraction step; s3prl upstreams run it in ``.venv-s3prl``)."""
-    from fed_ser.experiments.config import load_config
-
     cfg = load_config(list(sys.argv[1:] if argv is None else argv), "extract")
     if int(cfg.limit) < 0:
         raise ValueError(f"limit: must be >= 0 (0: every utterance), got {cfg.limit}")

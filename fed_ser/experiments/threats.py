@@ -12,6 +12,7 @@ against each observer. Results: ``<out_dir>/matrix.md``, ``matrix.csv``, ``matri
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -74,8 +75,6 @@ def _earlier_rows(out: Path, cfg: DictConfig, running: dict) -> dict:
     path = out / "matrix.json"
     if not path.exists():
         return {}
-    import json
-
     kept = {}
     for name, row in json.loads(path.read_text()).get("rows", {}).items():
         if name not in running and row.get("rounds") == int(cfg.fl.rounds) and row.get("fold_ids") == [int(f) for f in cfg.folds]:
