@@ -134,3 +134,45 @@ def test_input_profile_of_a_dense_gradient_is_the_weighted_input_sum():
     assert np.allclose(input_profile(delta.T @ x), delta.sum(1) @ x)
     with pytest.raises(ValueError, match="2-D"):
         input_profile(np.zeros(4))
+
+
+def test_attack_precision_is_checked_and_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    import torch
+
+    from attacks.inference import train
+
+    assert train.resolve_precision("float32") == torch.float32
+    with pytest.raises(ValueError, match="attack.precision"):
+        train.resolve_precision("float16")
+    monkeypatch.setattr(train, "native_bfloat16", lambda: False)
+    assert train.resolve_precision("auto") == torch.float32
+    with pytest.raises(ValueError, match="no native bfloat16"):
+        train.resolve_precision("bfloat16")
+    monkeypatch.setattr(train, "native_bfloat16", lambda: True)
+    assert train.resolve_precision("auto") == torch.bfloat16
+
+
+def test_pooling_before_the_relu_computes_what_relu_then_pooling_does():
+    """The attack CNN pools before its ReLU (a smaller map to rectify): values and gradients are the same."""
+    import torch
+
+    from attacks.inference.model import LayerAttack
+
+    torch.manual_seed(0)
+    net = LayerAttack((64, 96), 64, channels=(4, 8, 8), kernel=3, pools=(2, 4, 4), dropout=0.0).eval()
+    x = torch.randn(3, 1, 64, 96)
+    blocks = list(net.cnn)
+    swapped = []
+    for i, m in enumerate(blocks):  # the published order: ReLU, then max-pooling
+        if isinstance(m, torch.nn.MaxPool2d):
+            swapped += [blocks[i + 1], m]
+        elif not (isinstance(m, torch.nn.ReLU) and i > 0 and isinstance(blocks[i - 1], torch.nn.MaxPool2d)):
+            swapped.append(m)
+    reference = torch.nn.Sequential(*swapped)
+    assert [type(m) for m in reference].index(torch.nn.ReLU) < [type(m) for m in reference].index(torch.nn.MaxPool2d)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = net.cnn(a), reference(b)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.equal(a.grad, b.grad)

@@ -40,8 +40,9 @@ class LayerAttack(nn.Module):
             blocks += [nn.Conv2d(c_in, c, kernel, padding=kernel // 2, stride=stride if i == 0 else 1)]
             if i == len(channels) - 1:
                 blocks += [nn.BatchNorm2d(c)]
-            # a 1 x 1 pool is the identity: skipped, it cost a full pass over the largest feature map
-            blocks += [nn.ReLU(), nn.MaxPool2d(pool, ceil_mode=True) if pool != (1, 1) else nn.Identity(), nn.Dropout2d(dropout)]
+            # max-pooling before the ReLU computes the same (both are monotone) on a map pool-size times
+            # smaller; a 1 x 1 pool is the identity: skipped, it cost a full pass over the largest feature map
+            blocks += [nn.MaxPool2d(pool, ceil_mode=True) if pool != (1, 1) else nn.Identity(), nn.ReLU(inplace=True), nn.Dropout2d(dropout)]
             c_in = c
         self.cnn = nn.Sequential(*blocks)
         with torch.no_grad():
@@ -60,6 +61,7 @@ class AttackModel(nn.Module):
 
     def __init__(self, shapes: dict[str, tuple[int, int]], **layer_kwargs):
         super().__init__()
+        self.compute_dtype = torch.float32  # bfloat16 when trained under bf16 autocast (attacks.inference.train)
         self.layers = list(shapes)
         self.branches = nn.ModuleDict({l: LayerAttack(shapes[l], shapes[l][0], **layer_kwargs) for l in self.layers})
         sizes = torch.tensor([math.prod(shapes[l]) for l in self.layers], dtype=torch.float32)

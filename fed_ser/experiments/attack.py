@@ -61,7 +61,8 @@ def attack_config(cfg: DictConfig) -> AttackConfig:
     return AttackConfig(layers=list(a.layers), lr=float(a.lr), weight_decay=float(a.weight_decay),
                         batch_size=int(a.batch_size), max_epochs=int(a.max_epochs), patience=int(a.patience),
                         val_share=float(a.val_share), channels=tuple(a.channels), kernel=int(a.kernel),
-                        pools=tuple(a.pools), first_stride=int(a.first_stride), dropout=float(a.dropout), max_updates=int(a.max_updates), seed=int(a.seed))
+                        pools=tuple(a.pools), first_stride=int(a.first_stride), dropout=float(a.dropout), max_updates=int(a.max_updates), seed=int(a.seed),
+                        precision=str(a.precision))
 
 
 @dataclass(frozen=True)
