@@ -9,10 +9,10 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from defenses.privacy.dp_fedsgd import DPConfig, PrivateGradient, noise_multiplier, planned_steps, sample_rate
+from defenses.privacy.dp_fedsgd import DPConfig, PrivateGradient, noise_multiplier, planned_steps
 from defenses.privacy.udp import UDPConfig, clip_update, privatize_update
 from fed_ser.core.model import build_model
-from fed_ser.core.training import local_update
+from fed_ser.core.training import local_update, sample_rate
 from fed_ser.experiments.cli import load_config, run_settings
 from fed_ser.run.client import client_update
 from fed_ser.run.privacy import privacy_report
@@ -132,6 +132,8 @@ def test_dp_fedsgd_draws_poisson_batches_as_its_accountant_assumes():
     empty = next(r for r in (local_update(build_model(12, 0.0, 0), X[:3], y[:3], algorithm="fedsgd", batch_size=1,
                                           dp_sgd=PrivateGradient(2.0, 0.5, 1), seed=s) for s in range(50)) if r.metrics["dp-batch"] == 0)
     assert _flat(empty.arrays).std() == pytest.approx(2.0 * 0.5 / 1, rel=0.1)  # the noise alone, at its scale
+    with pytest.raises(ValueError, match="divides by 7 rows"):  # the DP step and the Poisson batch must agree on b
+        local_update(build_model(12, 0.0, 0), X, y, algorithm="fedsgd", dp_sgd=PrivateGradient(1.0, 1.0, 7), seed=0)
 
 
 def test_privacy_report_counts_the_participations_that_happened():
@@ -145,7 +147,7 @@ def test_privacy_report_counts_the_participations_that_happened():
 
 
 def test_a_client_calibrates_to_the_schedule_the_server_draws_from(tmp_path):
-    """With fl.min_available=3 the server schedules partitions 0-2 only; the clients must calibrate to it."""
+    """With fl.min_available=3 the server schedules clients 0-2 only; the clients must calibrate to it."""
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 

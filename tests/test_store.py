@@ -119,17 +119,19 @@ def test_stores_written_with_zlib_crc32_stay_readable(tmp_path):
 
     tmp_path.mkdir(exist_ok=True)
     arrays = _update(3)
-    meta = dict(round=1, node=5, partition=5, num_examples=20, steps=1, lr=0.1, kind="gradient", dtype="float32",
+    meta = dict(round=1, node=9, partition=5, num_examples=20, steps=1, lr=0.1, kind="gradient", dtype="float32",
                 layers={k: list(v.shape) for k, v in arrays.items()})
     header = json.dumps(meta).encode()
     payload = b"".join(v.tobytes() for v in arrays.values())
     frame = struct.pack("<4sIQI", b"FSU1", len(header), len(payload), zlib.crc32(payload, zlib.crc32(header)))
     (tmp_path / "updates.bin").write_bytes(frame + header + payload)
+    (tmp_path / "index.jsonl").write_text(json.dumps({**meta, "offset": struct.calcsize("<4sIQI") + len(header)}) + "\n")
     old = UpdateStore(tmp_path)
-    assert [(r.node, r.client) for r in old.updates()] == [(5, 5)]
+    assert [(r.node, r.client) for r in old.updates()] == [(9, 5)]
     np.testing.assert_array_equal(old.read(old.updates()[0])["dense1.bias"], arrays["dense1.bias"])
     old.close()
     writer = UpdateStore(tmp_path, mode="a")  # a resumed old run appends new frames after the old ones
     writer.append(_update(4), round=2, node=6)
     writer.close()
-    assert [r.node for r in UpdateStore(tmp_path).updates()] == [5, 6]
+    assert [r.node for r in UpdateStore(tmp_path).updates()] == [9, 6]
+    assert '"partition"' not in (tmp_path / "index.jsonl").read_text()  # the writer rewrote the old index's names

@@ -155,3 +155,22 @@ def test_the_core_aggregation_is_flower_s_weighted_average_bit_for_bit():
         assert ours[k].dtype == np.float32 and np.array_equal(ours[k], flower[k]), k
     float64 = {k: sum(np.float64(w) / sum(n) * u[k] for w, u in zip(n, updates)) for k in flower}
     assert any(not np.array_equal(ours[k], float64[k].astype(np.float32)) for k in flower)  # the order of operations shows
+
+
+def test_the_strategy_moves_the_global_model_as_flower_s_fedavg_does_bit_for_bit():
+    from flwr.serverapp.strategy import FedAvg
+
+    rng = np.random.default_rng(1)
+    theta = {"w": rng.normal(size=(16, 8)).astype(np.float32), "b": rng.normal(size=8).astype(np.float32)}
+    models = [{k: (v + rng.normal(scale=0.1, size=v.shape)).astype(np.float32) for k, v in theta.items()} for _ in range(5)]
+    n = [17, 3, 40, 8, 8]
+    ours = FedSerStrategy(algorithm="fedavg", lr=5e-4, fraction_train=1.0, min_available_nodes=5, min_train_nodes=5)
+    msgs = list(ours.configure_train(1, numpy_to_arrays(theta), ConfigRecord({}), FakeGrid(range(1, 6))))
+    replies = [_reply(m, models[i], n[i], i) for i, m in enumerate(msgs)]
+    agg, _ = ours.aggregate_train(1, replies)
+    flower, _ = FedAvg(fraction_train=1.0, min_available_nodes=5, min_train_nodes=5).aggregate_train(1, replies)
+    for k in theta:
+        assert np.array_equal(arrays_to_numpy(agg)[k], arrays_to_numpy(flower)[k]), k
+    wrong = [_reply(msgs[0], {"w": models[0]["w"]}, 10, 0)]  # a reply without the bias
+    with pytest.raises(ValueError, match="holds arrays"):
+        ours.aggregate_train(1, wrong)

@@ -1,7 +1,8 @@
 """The attack model: a CNN per SER layer, then per-layer predictions fused by update size.
 
 Per layer ``l``: the weight update ``W_l`` (out x in) as a one-channel image through three
-convolution blocks (16, 32, 64 filters; ReLU; max-pooling; dropout), flattened, concatenated
+convolution blocks (16, 32, 64 filters; max-pooling; ReLU; dropout: pooling first computes what
+the published ReLU-then-pooling does, on a smaller map), flattened, concatenated
 with the bias update ``b_l``, then an MLP (-> 256 -> 128 -> 2). The fused prediction is the
 weighted average of the per-layer class probabilities with weights proportional to each layer's
 number of weights (Emo-Base: 0.884 / 0.114 / 0.002).

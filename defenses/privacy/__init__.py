@@ -1,4 +1,5 @@
-"""Differential privacy for federated SER: mechanisms, accounting, and what each client spent."""
+"""Differential privacy for federated SER: mechanisms, accounting, and what Flower's DP guarantees to whom
+(what each client of a run spent is reported by :mod:`fed_ser.run.privacy`)."""
 
 
 def check_privacy_parameters(epsilon: float, delta: float, clip: float) -> None:

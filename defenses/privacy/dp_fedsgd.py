@@ -44,11 +44,6 @@ class DPConfig:
         check_privacy_parameters(self.epsilon, self.delta, self.clip)
 
 
-def sample_rate(batch_size: int, num_examples: int) -> float:
-    """Probability that one of the client's rows is in its FedSGD batch."""
-    return min(batch_size, num_examples) / num_examples
-
-
 def planned_steps(rounds: int, fraction: float) -> int:
     """Expected participations of one client over the run (one DP step each)."""
     return max(round(rounds * fraction), 1)

@@ -2,8 +2,8 @@
 
 :func:`local_plan` says what a client does: which rows each optimiser step sees (FedSGD: one
 batch; FedAvg: ``epochs`` shuffled passes) and the dropout mask of each step, drawn from the
-client's seed. :func:`local_update` carries the plan out on an ``nn.Module`` (the Flower ClientApp
-and the in-process engine, through :func:`client_update`); the vectorised engine
+client's seed. :func:`local_update` carries the plan out on the SER model (the Flower ClientApp
+and the in-process engine, through :func:`fed_ser.run.client.client_update`); the vectorised engine
 (:mod:`fed_ser.engines.vectorized`) carries the same plan out for a round's clients at once with
 the same forward pass (:meth:`fed_ser.core.model.SERModel.forward` under ``torch.func``) and the
 same optimiser (:func:`make_optimizer`). Both return what the client would send: the gradient of
@@ -27,6 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fed_ser.core.model import SERModel
+
+#: Replaces a batch (adversarial training) before the forward pass; it keeps the batch's rows (the plan's
+#: dropout mask is drawn for them).
 BatchHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -35,8 +39,11 @@ class PrivateStep(Protocol):
 
     ``hooks(model)`` is a context (per-sample gradient hooks on ``model``) that yields ``finish(rows)``:
     called after the backward pass of a batch of ``rows`` rows (or with 0 for an empty Poisson sample,
-    without one), it leaves the private gradient in each parameter's ``.grad``.
+    without one), it leaves the private gradient in each parameter's ``.grad``, divided by
+    ``expected_batch_size`` (``min(b, n)``, the Poisson batch's expected size).
     """
+
+    expected_batch_size: int
 
     def hooks(self, model: nn.Module) -> AbstractContextManager[Callable[[int], None]]: ...
 
@@ -89,10 +96,15 @@ def dropout_multiplier(n: int, width: int, p: float) -> torch.Tensor | None:
     return torch.empty(n, width).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
+def sample_rate(batch_size: int, num_examples: int) -> float:
+    """Probability ``q = min(b, n) / n`` that one of a client's ``n`` rows is in its Poisson batch."""
+    return min(batch_size, num_examples) / num_examples
+
+
 def poisson_rows(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Row indices of one Poisson sample: each of ``n`` rows with probability ``min(b, n) / n``
+    """Row indices of one Poisson sample: each of ``n`` rows with probability :func:`sample_rate`
     (DP-FedSGD's batch, as Opacus' ``DPDataLoader`` draws it and its accountant assumes)."""
-    return np.flatnonzero(rng.random(n) < min(batch_size, n) / n)
+    return np.flatnonzero(rng.random(n) < sample_rate(batch_size, n))
 
 
 def local_plan(n: int, *, algorithm: str, batch_size: int, epochs: int, seed: int, hidden: int, dropout: float,
@@ -124,7 +136,7 @@ def local_plan(n: int, *, algorithm: str, batch_size: int, epochs: int, seed: in
 
 
 def local_update(
-    model: nn.Module,
+    model: SERModel,
     X: np.ndarray,
     y: np.ndarray,
     *,
@@ -145,6 +157,9 @@ def local_update(
     """
     if len(X) == 0:
         raise ValueError("local_update: the client's training shard is empty")
+    if dp_sgd is not None and dp_sgd.expected_batch_size != min(batch_size, len(X)):
+        raise ValueError(f"local_update: the DP step divides by {dp_sgd.expected_batch_size} rows, the Poisson batch "
+                         f"expects min(batch_size, n) = {min(batch_size, len(X))}")
     plan = local_plan(len(X), algorithm=algorithm, batch_size=batch_size, epochs=epochs, seed=seed,
                       hidden=model.dense1.out_features, dropout=model.dropout.p, poisson=dp_sgd is not None)
     Xt = torch.as_tensor(X, dtype=torch.float32)

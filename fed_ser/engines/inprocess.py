@@ -1,6 +1,6 @@
 """In-process federated training: the same arithmetic as the Flower path, without Flower.
 
-It samples clients, calls the shared :func:`fed_ser.core.training.client_update` with the same
+It samples clients, calls the shared :func:`fed_ser.run.client.client_update` with the same
 per-(round, client) seeds as the ClientApp, aggregates with the same weights and feeds the same
 :class:`fed_ser.recording.recorder.UpdateRecorder`. Used as the bare-PyTorch reference for the Flower
 simulation, and to produce recorded updates quickly where Ray is not the point (tests).

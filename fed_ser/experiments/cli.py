@@ -15,7 +15,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fed_ser.data.federated import FederatedData
-from fed_ser.engines.vectorized import run_vectorized
 from fed_ser.experiments.config import console, load_config
 from fed_ser.experiments.prepare import prepare
 from fed_ser.io import atomic_write_json, atomic_write_text
@@ -27,8 +26,8 @@ from fed_ser.run.settings import ConfigError, RunSettings
 def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = "") -> RunSettings:
     """The flat run settings of one FL run from the Hydra config, read key by key with the run-config keys
     (:attr:`RunSettings._KEYS`, the one list of them): what ``flwr run --run-config`` and ``pyproject.toml``
-    name ``fl.lr`` is ``cfg.fl.lr`` here. The caller gives the paths; a key the Hydra config lacks
-    (``fl.min_available``: a deployment's choice) keeps the dataclass default."""
+    name ``fl.lr`` is ``cfg.fl.lr`` here (the groups' schema gives every key its dataclass default).
+    The caller gives the paths."""
     given = {"data.prepared": str(prepared), "out_dir": out_dir, "recorder.dir": recorder_dir}
     flat = {}
     for key in RunSettings._KEYS.values():
@@ -58,6 +57,8 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
     Same settings, client selection, seeds and store format as :func:`run_fl`; no Ray, no
     messages. It does not resume: an unfinished run's records are dropped and it starts over.
     """
+    from fed_ser.engines.vectorized import run_vectorized  # torch.func: loaded only for a run on this engine
+
     settings = run_settings(cfg, prepared, out_dir, recorder_dir)
     if settings.secagg:
         raise ConfigError("fl.secagg=true: SecAgg+ runs in the Flower engine only (private_engine=flower)")

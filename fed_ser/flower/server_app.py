@@ -36,7 +36,7 @@ class FederationTooSmall(RuntimeError):
 
 
 def discover_clients(grid: Grid, expected: int, prepared: str = "", timeout: float = 600.0,
-                        settle: float = 30.0) -> dict[int, int]:
+                     settle: float = 30.0) -> dict[int, int]:
     """Wait for ``expected`` nodes, ask each which client (data shard) it holds; return client id -> node id.
 
     If fewer nodes are there and their number has not changed for ``settle`` seconds (a simulation

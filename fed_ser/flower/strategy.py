@@ -17,7 +17,7 @@ average, operation for operation, then the server step):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -84,6 +84,7 @@ class FedSerStrategy(FedAvg):
         rnd = server_round + self.round_offset
         replies = in_client_order(replies)
         valid = [m for m in replies if not m.has_error()]
+        log(INFO, "aggregate_train: round %s: %s replies, %s failures", rnd, len(valid), len(replies) - len(valid))
         for m in replies:
             if m.has_error():
                 log(WARNING, "round %s: node %s replied with an error: %s", rnd, m.metadata.src_node_id, m.error.reason)
@@ -91,7 +92,11 @@ class FedSerStrategy(FedAvg):
         agg, metrics = None, None
         if valid:
             updates = [arrays_to_numpy(m.content.array_records[self.arrayrecord_key]) for m in valid]
-            weights = [int(reply_metrics(m)[self.weighted_by_key]) for m in valid]
+            for m, u in zip(valid, updates):
+                if set(u) != set(self._global):
+                    raise ValueError(f"round {rnd}: the reply of node {m.metadata.src_node_id} holds arrays {sorted(u)}, "
+                                     f"the global model {sorted(self._global)}")
+            weights = [reply_metrics(m)[self.weighted_by_key] for m in valid]
             algorithm = "fedavg" if self.model_replies else "fedsgd"
             agg = numpy_to_arrays(aggregate(self._global, updates, weights, algorithm, self.lr))
             metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)

@@ -92,6 +92,7 @@ class UpdateStore:
         self._wfd: int | None = None  # the writer's open updates.bin (appends)
         self._end = 0  # where the next frame starts
         self._pending: list[str] = []  # index lines of appends not yet synced
+        self._old_names = False  # a frame names the client "partition" (the writer then rewrites the index)
         if mode == "r":
             if not self.data_path.exists():
                 raise FileNotFoundError(f"{self.path}: no recorded updates (no {self.data_path.name})")
@@ -128,6 +129,7 @@ class UpdateStore:
                 meta = json.loads(header)
                 if "partition" in meta:  # stores written before 2026-12-01 called the client id partition
                     meta["client"] = meta.pop("partition")
+                    self._old_names = True
                 self.records.append(
                     UpdateInfo(**{**meta, "offset": good_end + _FRAME.size + hlen, "start": good_end})
                 )
@@ -145,7 +147,7 @@ class UpdateStore:
             with open(self.data_path, "r+b") as fh:
                 fh.truncate(good_end)
         index_lines = self.index_path.read_text().splitlines() if self.index_path.exists() else []
-        if len(index_lines) != len(self.records) or self.recovered_bytes or not self.index_path.exists():
+        if len(index_lines) != len(self.records) or self.recovered_bytes or not self.index_path.exists() or self._old_names:
             atomic_write_text(self.index_path, "".join(r.to_json() + "\n" for r in self.records))
         self._end = good_end
 

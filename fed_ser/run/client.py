@@ -35,7 +35,8 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: RunSettings
         hook = AdversarialBatches(model, adv, seed + 2)
     dp_sgd, metrics = None, {}
     if s.dp_mode == "sample":
-        from defenses.privacy.dp_fedsgd import PrivateGradient, noise_multiplier, sample_rate
+        from defenses.privacy.dp_fedsgd import PrivateGradient, noise_multiplier
+        from fed_ser.core.training import sample_rate
         from fed_ser.run.privacy import dp_steps
 
         q = sample_rate(s.batch_size, len(X))

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from defenses.privacy.dp_fedsgd import noise_multiplier, planned_steps, sample_rate, spent_epsilon
+from defenses.privacy.dp_fedsgd import noise_multiplier, planned_steps, spent_epsilon
 from defenses.privacy.udp import udp_sigma
 from defenses.privacy.user_dp import aggregate_epsilon, check_delta, server_epsilon, server_noise_multiplier
 from fed_ser.core.schedule import clients_per_round, participations
+from fed_ser.core.training import sample_rate
 from fed_ser.run.settings import ConfigError
 
 if TYPE_CHECKING:
