@@ -5,8 +5,8 @@ is recorded on the vectorised engine (private and shadow, same seed), then the s
 shadow updates, seed and epochs) is trained twice: ``attack.precision=float32`` (the reference:
 float32 throughout, as before bf16 support) and ``attack.precision=auto`` (bfloat16 autocast and
 channels-last maps where the CPU has native bf16). Prints shadow updates trained a second in each
-(target: >= 5x), the time per update-epoch, and the ASR on the private clients of each (target:
-within 1 point). ``attack=paper`` measures the published layout instead.
+(target: >= 5x), the time per update-epoch, and the ASR on the private clients of each, with its interval and AUC
+(target: within 1 point). ``attack=paper`` measures the published layout instead.
 
     python benchmarks/attack_training.py [attack=paper] [attack.max_epochs=6] [--json FILE]
 """
@@ -21,7 +21,7 @@ import numpy as np
 from _common import ROOT, parser, report
 
 from attacks.inference.data import UpdateDataset, labelled_updates
-from attacks.inference.evaluate import attack_success_rate
+from attacks.inference.evaluate import evaluate_attack, summarize
 from attacks.inference.train import native_bfloat16, predict, train_attack
 from fed_ser.data.federated import FederatedData
 from fed_ser.experiments.attack import attack_config, threat_model
@@ -46,9 +46,17 @@ def measure(cfg, shadow: UpdateStore, shadow_data: Path, private: UpdateStore, p
     epochs = len(trained.history)
     pu, pl = labelled_updates(private, FederatedData.load(private_data).client_gender)
     fused, _ = predict(trained.model, UpdateDataset(private, pu, pl, acfg.layers, trained.stats))
-    asr = attack_success_rate(fused, np.array([u.client for u in pu]), pl, int(cfg.attack.trials), 1, int(cfg.attack.seed))
+    ev = evaluate_attack(lambda idx: float(fused[idx].mean()), fused, np.array([u.client for u in pu]), pl,
+                         trials=int(cfg.attack.trials), seed=int(cfg.attack.seed))
+    summary = summarize([ev], seed=int(cfg.attack.seed))
     return {"precision": precision, "dtype": str(trained.model.compute_dtype), "seconds": seconds, "updates": n, "epochs": epochs,
-            "updates_per_s": n * epochs / seconds, "ms_per_update_epoch": 1000 * seconds / (n * epochs), "asr": asr}
+            "updates_per_s": n * epochs / seconds, "ms_per_update_epoch": 1000 * seconds / (n * epochs),
+            "asr": summary["asr"], "asr_ci": summary["asr_ci"], "auc": summary["auc"], "clients": summary["clients"]}
+
+
+def _asr(m: dict) -> str:
+    lo, hi = m["asr_ci"]
+    return f"ASR {100 * m['asr']:.1f}% [95% interval {100 * lo:.1f}, {100 * hi:.1f}] on {m['clients']} clients, AUC {m['auc']:.3f}"
 
 
 def main() -> None:
@@ -66,10 +74,10 @@ def main() -> None:
     rows = [("CPU with native bfloat16", str(native_bfloat16())),
             ("attack", f"{cfg.attack.channels} channels, pools {list(cfg.attack.pools)}, first stride {cfg.attack.first_stride}; "
                        f"{ref['updates']} shadow updates, {ref['epochs']} / {new['epochs']} epochs"),
-            ("float32 (reference)", f"{ref['updates_per_s']:.1f} updates/s ({ref['ms_per_update_epoch']:.1f} ms an update-epoch), "
-                                    f"ASR {100 * ref['asr']:.1f}%"),
-            (f"auto ({new['dtype']})", f"{new['updates_per_s']:.1f} updates/s ({new['ms_per_update_epoch']:.1f} ms an update-epoch), "
-                                       f"ASR {100 * new['asr']:.1f}%"),
+            ("float32 (reference)", f"{ref['updates_per_s']:.1f} updates/s ({ref['ms_per_update_epoch']:.1f} ms an update-epoch), " +
+                                    _asr(ref)),
+            (f"auto ({new['dtype']})", f"{new['updates_per_s']:.1f} updates/s ({new['ms_per_update_epoch']:.1f} ms an update-epoch), " +
+                                       _asr(new)),
             ("speed-up", f"{speedup:.2f}x (target >= 5x)"),
             ("ASR difference", f"{100 * (new['asr'] - ref['asr']):+.1f} points (target within 1)")]
     report("Attack training: bfloat16 vs float32 (same shadow updates, seed and epochs)", rows, args.json,
