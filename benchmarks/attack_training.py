@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def record(cfg, prepared: Path, out: Path) -> UpdateStore:
 
 def measure(cfg, shadow: UpdateStore, shadow_data: Path, private: UpdateStore, private_data: Path, precision: str) -> dict:
     """Train the attack at ``precision``; its training time per shadow update-epoch and its ASR."""
-    acfg = attack_config(cfg).__class__(**{**attack_config(cfg).__dict__, "precision": precision})
+    acfg = replace(attack_config(cfg), precision=precision)
     su, sl = labelled_updates(shadow, FederatedData.load(shadow_data).client_gender)
     t = time.perf_counter()
     trained = train_attack(shadow, su, sl, acfg, progress=False)

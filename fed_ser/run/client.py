@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from fed_ser.core.training import LocalResult, local_update
+from fed_ser.core.training import LocalResult, local_update, sample_rate
 from fed_ser.run.settings import RunSettings
 
 
@@ -36,7 +36,6 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: RunSettings
     dp_sgd, metrics = None, {}
     if s.dp_mode == "sample":
         from defenses.privacy.dp_fedsgd import PrivateGradient, noise_multiplier
-        from fed_ser.core.training import sample_rate
         from fed_ser.run.privacy import dp_steps
 
         q = sample_rate(s.batch_size, len(X))
