@@ -12,18 +12,31 @@ it; this attack reads the update as what it is, a function of the client's batch
    a client that joins several rounds sends different combinations of the same utterances) into
    the client's statistics;
 3. a logistic regression trained on the attacker's own speakers (the shadow data: no shadow
-   federated training needed), simulated the same way (random batches of the protocol's size,
-   k of them pooled), predicts gender.
+   federated training needed), simulated the same way, predicts gender. The simulation draws
+   **virtual clients** from each attacker speaker's utterances, as many rows as the attacked
+   clients hold (their ``num-examples``, sent in the clear), then random batches of the protocol's
+   size, k of them pooled (:func:`virtual_clients`). Drawing them from the speaker rather than
+   re-sampling the attacker's few fixed shards matters on real speech: with 4 attacker speakers of
+   EmoDB the shards gave the classifier 16 compositions to memorise and a pooled AUC of 0.79 on the
+   private clients; virtual clients give 0.96 (README, "Measured on real speech");
+4. optionally (:meth:`FeatureSpaceAttack.adapted`, the ``feature-space-adaptive`` evaluation) the
+   decision threshold is set from the attacked population itself: the two clusters of the
+   clients' scores (two-means on their logits). The curious server sees every client's update, so
+   this needs no label; it assumes both genders are among the attacked clients, and it is what
+   turns a good ranking (AUC) into a good ASR when the classifier's scale does not carry from the
+   attacker's speakers to the private ones.
 
 What the attacker knows: the architecture, the batch size and dropout rate (the paper's
-white-box attacker), the global model of each round (it sent it), and its own shadow speakers.
+white-box attacker), the global model of each round (it sent it), each client's number of
+examples, and its own shadow speakers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from scipy.special import expit, logit
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -64,12 +77,22 @@ class FeatureSpaceAttack:
     n_classes: int = 4
     prior: float = 0.5  # P(female) when nothing was recovered
     history: dict = field(default_factory=dict)
+    offset: float = 0.0  # subtracted from the classifier's logit (:meth:`adapted`); 0: its own threshold
 
     def p_female(self, X: np.ndarray, y: np.ndarray) -> float:
         """P(female) of a client whose recovered utterances are ``X`` with emotions ``y``."""
         if len(X) == 0:
             return self.prior
-        return float(self.model.predict_proba(emotion_means(X, y, self.n_classes)[None])[0, 1])
+        p = float(self.model.predict_proba(emotion_means(X, y, self.n_classes)[None])[0, 1])
+        return p if self.offset == 0.0 else float(expit(logit(np.clip(p, 1e-12, 1 - 1e-12)) - self.offset))
+
+    def adapted(self, scores: np.ndarray) -> FeatureSpaceAttack:
+        """This attack with its threshold moved to the boundary between the two clusters of the
+        attacked clients' ``scores`` (their P(female) under this attack; see :func:`two_means_threshold`)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        z = logit(np.clip(scores, 1e-12, 1 - 1e-12)) - self.offset
+        return replace(self, offset=self.offset + two_means_threshold(z),
+                       history={**self.history, "adapted_on": len(scores)})
 
     def scorer(self, recovered: list[Recovered]):
         """``score_of(indices)`` for :mod:`attacks.inference.evaluate`: k updates pooled as the union of what
@@ -95,11 +118,67 @@ def simulated_statistics(X: np.ndarray, y: np.ndarray, client: np.ndarray, gende
     return np.array(feats), np.array(labels)
 
 
+def two_means_threshold(z: np.ndarray, iters: int = 100) -> float:
+    """The boundary between two clusters of the 1-d values ``z`` (Lloyd's two-means, started at
+    their mean, which has values on both sides): the midpoint of the two clusters' means once no
+    value changes side."""
+    z = np.asarray(z, dtype=np.float64)
+    if len(z) < 2 or np.ptp(z) == 0:
+        return float(np.median(z)) if len(z) else 0.0
+    t = float(z.mean())
+    for _ in range(iters):
+        lo, hi = z[z <= t], z[z > t]
+        if not len(lo) or not len(hi):
+            break
+        new = float((lo.mean() + hi.mean()) / 2)
+        if new == t:
+            break
+        t = new
+    return t
+
+
+def virtual_clients(X: np.ndarray, y: np.ndarray, speaker: np.ndarray, female: dict, sizes: np.ndarray,
+                    shards: dict, batch_size: int, pools: list[int], draws: int, rng: np.random.Generator,
+                    n_classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """What the attack would read from clients made of the attacker's speakers: for each speaker
+    and pool size k, ``draws`` x its number of ``shards`` times, a virtual client of n rows drawn
+    from the speaker's utterances (n drawn from ``sizes``, the attacked clients' numbers of
+    examples), the union of k random batches of ``min(batch_size, n)`` of them, its emotion means.
+    ``female[s]``: speaker ``s`` is a woman. Returns (statistics, labels)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if len(sizes) == 0 or (sizes < 1).any():
+        raise ValueError(f"the attacked clients' sizes must be >= 1, got {sizes.tolist()}")
+    feats, labels = [], []
+    for s in np.unique(speaker):
+        rows = np.flatnonzero(speaker == s)
+        for k in pools:
+            for _ in range(draws * int(shards.get(s, 1))):
+                n = min(int(rng.choice(sizes)), len(rows))
+                own = rng.choice(rows, n, replace=False)
+                b = min(batch_size, n)
+                pick = np.unique(np.concatenate([rng.choice(own, b, replace=False) for _ in range(k)]))
+                feats.append(emotion_means(X[pick], y[pick], n_classes))
+                labels.append(int(female[s]))
+    return np.array(feats), np.array(labels)
+
+
+DRAWS_FROM = ("speakers", "clients")
+
+
 def train_feature_space_attack(X: np.ndarray, y: np.ndarray, client: np.ndarray, gender: np.ndarray, *,
                                batch_size: int, pools: list[int], draws: int = 20, l2: float = 0.01,
-                               seed: int = 0, n_classes: int = 4) -> FeatureSpaceAttack:
+                               seed: int = 0, n_classes: int = 4, speaker: np.ndarray | None = None,
+                               sizes: np.ndarray | None = None, draws_from: str = "speakers") -> FeatureSpaceAttack:
     """Fit the classifier on the attacker's speakers: rows ``X`` (normalised features), emotions
-    ``y``, their ``client`` index and each client's ``gender`` ("F"/"M")."""
+    ``y``, their ``client`` index and each client's ``gender`` ("F"/"M").
+
+    ``draws_from="speakers"`` trains on :func:`virtual_clients` (needs each row's ``speaker`` and
+    the attacked clients' ``sizes``); ``"clients"`` re-samples the attacker's own clients as they
+    are (:func:`simulated_statistics`, fed-ser's first version)."""
+    if draws_from not in DRAWS_FROM:
+        raise ValueError(f"attack.feature_space.draws_from must be one of {DRAWS_FROM}, got {draws_from!r}")
+    if draws_from == "speakers" and (speaker is None or sizes is None):
+        raise ValueError("draws_from='speakers' needs each row's speaker and the attacked clients' sizes")
     if len(set(gender[np.unique(client)].tolist())) < 2:
         raise ValueError("the attacker's data hold one gender only")
     if not np.isfinite(X).all():
@@ -107,6 +186,19 @@ def train_feature_space_attack(X: np.ndarray, y: np.ndarray, client: np.ndarray,
     if l2 <= 0:
         raise ValueError(f"attack.feature_space.l2 must be > 0, got {l2}")
     rng = np.random.default_rng(seed)
-    F, L = simulated_statistics(X, y, client, gender, batch_size, sorted({1, *pools}), draws, rng, n_classes)
+    pools = sorted({1, *pools})
+    if draws_from == "speakers":
+        speaker = np.asarray(speaker)
+        female = {}
+        for s in np.unique(speaker):
+            g = set(gender[np.unique(client[speaker == s])].tolist())
+            if len(g) != 1:
+                raise ValueError(f"speaker {s}: its clients are labelled {sorted(g)}; a speaker has one gender")
+            female[s] = g == {"F"}
+        shards = {s: len(np.unique(client[speaker == s])) for s in female}
+        F, L = virtual_clients(X, y, speaker, female, np.asarray(sizes), shards, batch_size, pools, draws, rng, n_classes)
+    else:
+        F, L = simulated_statistics(X, y, client, gender, batch_size, pools, draws, rng, n_classes)
     model = make_pipeline(StandardScaler(), LogisticRegression(C=l2, max_iter=5000)).fit(F, L)
-    return FeatureSpaceAttack(model, X.shape[1], n_classes, history={"training_statistics": len(F)})
+    return FeatureSpaceAttack(model, X.shape[1], n_classes,
+                              history={"training_statistics": len(F), "draws_from": draws_from})

@@ -161,8 +161,13 @@ def _control_permutations(cfg: DictConfig) -> int:
 
 
 def _shuffled_client_genders(data: FederatedData, seed: int) -> FederatedData:
-    """The control for attacks trained on the attacker's data: its clients' genders permuted."""
-    return replace(data, client_gender=np.random.default_rng(seed + 99).permutation(data.client_gender))
+    """The control for attacks trained on the attacker's data: its speakers' genders permuted (all
+    clients of a speaker keep one label, as the feature-space attack draws clients from speakers)."""
+    speaker = np.char.add(np.char.add(data.client_corpus.astype(str), "/"), data.client_speaker.astype(str))
+    names = np.unique(speaker)
+    own = {s: data.client_gender[speaker == s][0] for s in names}
+    fake = dict(zip(names.tolist(), np.random.default_rng(seed + 99).permutation([own[s] for s in names])))
+    return replace(data, client_gender=np.array([fake[s] for s in speaker.tolist()]))
 
 
 @dataclass
@@ -245,14 +250,32 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
                                                  p_labels, trials=trials, pool_rounds=pools, seed=seed)
     fs = cfg.attack.feature_space
     if fs.enabled and shadow_data is not None and (recovered or any((aggregates or {}).values())):
-        rows = shadow_data.split == TRAIN
-        attack = train_feature_space_attack(shadow_data.X[rows], shadow_data.y[rows], shadow_data.client[rows],
-                                            shadow_data.client_gender, batch_size=int(cfg.fl.batch_size), pools=pools,
-                                            draws=int(fs.draws), l2=float(fs.l2), seed=seed)
+        draws_from = str(fs.draws_from)
+        # virtual clients draw on every row of the attacker's own clients (its validation rows are its data too);
+        # re-sampled shards keep their training rows, as fed-ser's first version did
+        rows = shadow_data.client >= 0 if draws_from == "speakers" else shadow_data.split == TRAIN
+        speaker = np.char.add(np.char.add(shadow_data.client_corpus.astype(str), "/"),
+                              shadow_data.client_speaker.astype(str))[shadow_data.client[rows]]
+        # the attacked clients' numbers of examples (sent in the clear with every reply)
+        sizes = np.array([u.num_examples for u in p_updates] or [int(cfg.fl.batch_size)])
+        try:
+            attack = train_feature_space_attack(shadow_data.X[rows], shadow_data.y[rows], shadow_data.client[rows],
+                                                shadow_data.client_gender, batch_size=int(cfg.fl.batch_size),
+                                                pools=pools, draws=int(fs.draws), l2=float(fs.l2), seed=seed,
+                                                speaker=speaker, sizes=sizes, draws_from=draws_from)
+        except ValueError as exc:
+            if "draws_from" in str(exc):
+                raise ConfigError(str(exc)) from None
+            raise
         if recovered:
             scores = np.array([attack.p_female(r.inputs, r.labels) for r in recovered])
             ev[f"feature-space{suffix}"] = evaluate_attack(attack.scorer(recovered), scores, clients, p_labels,
                                                            trials=trials, pool_rounds=pools, seed=seed)
+            # the same classifier, its threshold set between the two clusters of the attacked clients' scores
+            adaptive = attack.adapted(scores)
+            ev[f"feature-space-adaptive{suffix}"] = evaluate_attack(
+                adaptive.scorer(recovered), np.array([adaptive.p_female(r.inputs, r.labels) for r in recovered]),
+                clients, p_labels, trials=trials, pool_rounds=pools, seed=seed)
         for name, inverted in (aggregates or {}).items():
             if not inverted:  # no round whose outcome is recorded (e.g. a one-round run)
                 continue

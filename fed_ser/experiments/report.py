@@ -49,6 +49,7 @@ def _csv(rows: list[dict]) -> str:
 
 
 ATTACK_NAMES = {"cnn": "paper's CNN (fused)", "profile": "input profile", "feature-space": "feature-space (inversion)",
+                "feature-space-adaptive": "feature-space, threshold from the attacked clients' score clusters",
                 "aggregate-observer": "observer of aggregates (round-sum inversion + differencing)"}
 
 
