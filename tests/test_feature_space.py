@@ -4,8 +4,7 @@ threshold set from the attacked clients' score clusters."""
 import numpy as np
 import pytest
 
-from attacks.inference.feature_space import (emotion_means, train_feature_space_attack, two_means_threshold,
-                                             virtual_clients)
+from attacks.inference.feature_space import emotion_means, train_feature_space_attack, two_means_threshold, virtual_clients
 
 
 def _speakers(n_speakers: int = 6, rows: int = 40, d: int = 5, seed: int = 0):
@@ -34,7 +33,7 @@ def test_two_means_threshold_splits_two_clusters_wherever_they_sit():
 
 
 def test_virtual_clients_draw_from_one_speaker_at_the_attacked_clients_sizes():
-    X, y, client, speaker, gender = _speakers()
+    X, y, _, speaker, _ = _speakers()
     female = {f"c/{s}": s % 2 == 0 for s in range(6)}
     shards = {s: 2 for s in female}
     rng = np.random.default_rng(1)
@@ -51,7 +50,7 @@ def test_virtual_clients_draw_from_one_speaker_at_the_attacked_clients_sizes():
 
 def test_virtual_clients_generalise_beyond_the_attackers_fixed_shards():
     X, y, client, speaker, gender = _speakers(n_speakers=8, rows=60, seed=2)
-    Xt, yt, ct, st, gt = _speakers(n_speakers=8, rows=60, seed=3)  # new speakers, the attacked ones
+    Xt, yt, ct, _, gt = _speakers(n_speakers=8, rows=60, seed=3)  # new speakers, the attacked ones
     attack = train_feature_space_attack(X, y, client, gender, batch_size=20, pools=[1], draws=10, l2=0.1,
                                         speaker=speaker, sizes=np.array([10]))
     right = []
