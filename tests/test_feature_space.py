@@ -93,3 +93,18 @@ def test_the_control_permutes_genders_across_speakers_never_splitting_one():
         assert (g == g[:, :1]).all() and (g[:, 0] == "F").sum() == 3  # one label a speaker, the same mix
         seen.add("".join(g[:, 0]))
     assert len(seen) > 1  # the labels do move
+
+
+def test_signal_probes_tell_a_signal_kept_from_one_lost_by_the_inversion():
+    from fed_ser.experiments.attack import signal_probes
+
+    rng = np.random.default_rng(5)
+    speaker = np.repeat([f"c/{i}" for i in range(10)], 4)
+    label = np.repeat(np.arange(10) % 2, 4)
+    true = rng.normal(0, 1, (40, 8))
+    true[:, 0] += 3 * (2 * label - 1)  # gender readable from the client's own statistics
+    lost = rng.normal(0, 1, (40, 8))  # what an inversion that recovered nothing useful would hand on
+    sig = signal_probes([{"true": true[:20], "recovered": lost[:20], "label": label[:20], "speaker": speaker[:20]},
+                         {"true": true[20:], "recovered": lost[20:], "label": label[20:], "speaker": speaker[20:]}])
+    assert sig["probe_true"] >= 0.95 and sig["probe_recovered"] <= 0.75
+    assert sig["clients"] == 40 and sig["speakers"] == 10

@@ -30,7 +30,7 @@ import soundfile as sf
 
 from fed_ser.data.audio import resample
 from fed_ser.data.corpora import EMODB_GENDERS
-from fed_ser.data.voice import DEFAULT_GENDER_STYLE, SAMPLE_RATE, Speaker, sample_speaker, synthesize
+from fed_ser.data.voice import DEFAULT_GENDER_STYLE, SAMPLE_RATE, VOICES, Speaker, check_voice, sample_speaker, synthesize
 from fed_ser.io import atomic_write_text
 
 CORPORA = ("crema_d", "iemocap", "msp_improv", "emodb", "ravdess")  # every layout the generator writes
@@ -311,18 +311,21 @@ def _run_job(job: _Job) -> list[str]:
     return _WRITERS[job.corpus](job)
 
 
-def _stamp(corpus: str, scale: float, seed: int, gender_style: float) -> str:
-    """What ``.fed_ser_synthetic`` holds: every parameter the audio depends on."""
-    return f"corpus={corpus}\nscale={scale}\nseed={seed}\ngender_style={gender_style}\n"
+def _stamp(corpus: str, scale: float, seed: int, gender_style: float, voice: str = "designed") -> str:
+    """What ``.fed_ser_synthetic`` holds: every parameter the audio depends on (the designed voice
+    is not named, so corpora written before there was a choice stay valid)."""
+    named = "" if voice == "designed" else f"voice={voice}\n"
+    return f"corpus={corpus}\nscale={scale}\nseed={seed}\ngender_style={gender_style}\n{named}"
 
 
 def generate(root: str | Path, corpus: str, scale: float = 1.0, seed: int = 0, workers: int | None = None,
-             gender_style: float = DEFAULT_GENDER_STYLE) -> Path:
+             gender_style: float = DEFAULT_GENDER_STYLE, voice: str = "designed") -> Path:
     """Write one synthetic corpus under ``root`` in its real layout; return ``root``.
 
     ``gender_style`` scales how differently the genders express emotion (the cue a client's
-    update leaks, see :mod:`fed_ser.data.voice`). Deterministic for
-    ``(corpus, scale, seed, gender_style)``: each speaker draws from its own seeded stream,
+    update leaks, see :mod:`fed_ser.data.voice`); ``voice`` picks the voice model
+    (:data:`fed_ser.data.voice.VOICES`). Deterministic for
+    ``(corpus, scale, seed, gender_style, voice)``: each speaker draws from its own seeded stream,
     so the result does not depend on ``workers``. Labels/metadata are written last and
     atomically, so an interrupted run never leaves a label file pointing at missing audio.
     """
@@ -330,11 +333,12 @@ def generate(root: str | Path, corpus: str, scale: float = 1.0, seed: int = 0, w
         raise ValueError(f"corpus: unknown {corpus!r}; expected one of {CORPORA}")
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
+    check_voice(voice)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 0, CORPORA.index(corpus)])
     ids = _speaker_list(corpus, rng)
-    speakers = [sample_speaker(sid, g, rng, gender_style) for sid, g in ids]
+    speakers = [sample_speaker(sid, g, rng, gender_style, voice) for sid, g in ids]
     counts = _per_speaker_counts(corpus, len(speakers), scale)
     n_extra = max(1, int(round(sum(counts) * _EXTRA_SHARE)))
     jobs = [_Job(corpus, s, i, counts, n_extra, str(root), seed) for i, s in enumerate(speakers)]
@@ -351,20 +355,20 @@ def generate(root: str | Path, corpus: str, scale: float = 1.0, seed: int = 0, w
         _iemocap_metadata(root, lines, rng)
     elif corpus == "msp_improv":
         _msp_metadata(root, lines, rng)
-    atomic_write_text(root / ".fed_ser_synthetic", _stamp(corpus, scale, seed, gender_style))
+    atomic_write_text(root / ".fed_ser_synthetic", _stamp(corpus, scale, seed, gender_style, voice))
     return root
 
 
 def ensure_corpus(root: str | Path, corpus: str, scale: float, seed: int,
-                  gender_style: float = DEFAULT_GENDER_STYLE) -> Path:
-    """Generate the corpus unless the same (corpus, scale, seed, gender_style) is complete at ``root``.
+                  gender_style: float = DEFAULT_GENDER_STYLE, voice: str = "designed") -> Path:
+    """Generate the corpus unless the same (corpus, scale, seed, gender_style, voice) is complete at ``root``.
 
     Refuses to write into a non-empty folder that holds anything else (other parameters, or a
     real corpus): mixing two corpora in one tree would silently corrupt both.
     """
     root = Path(root)
     stamp = root / ".fed_ser_synthetic"
-    want = _stamp(corpus, scale, seed, gender_style)
+    want = _stamp(corpus, scale, seed, gender_style, voice)
     if stamp.exists() and stamp.read_text() == want:
         return root
     if root.exists() and any(root.iterdir()):
@@ -373,7 +377,7 @@ def ensure_corpus(root: str | Path, corpus: str, scale: float, seed: int,
             f"{root} already holds {found}; want {want.replace(chr(10), ' ').strip()}. "
             "Use another data.root (the default folder names every parameter) or remove that folder."
         )
-    return generate(root, corpus, scale=scale, seed=seed, gender_style=gender_style)
+    return generate(root, corpus, scale=scale, seed=seed, gender_style=gender_style, voice=voice)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -386,10 +390,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gender-style", type=float, default=DEFAULT_GENDER_STYLE,
                     help="strength of the gender-by-emotion expression style (0: none)")
+    ap.add_argument("--voice", choices=sorted(VOICES), default="designed",
+                    help="voice model: designed (fed-ser's first) or emodb (calibrated against EmoDB)")
     args = ap.parse_args(argv)
     for corpus in {"paper": PAPER_CORPORA, "all": CORPORA}.get(args.corpus, (args.corpus,)):
         t0 = time.perf_counter()
-        generate(args.out / corpus, corpus, scale=args.scale, seed=args.seed, gender_style=args.gender_style)
+        generate(args.out / corpus, corpus, scale=args.scale, seed=args.seed, gender_style=args.gender_style,
+                 voice=args.voice)
         n = sum(1 for _ in (args.out / corpus).rglob("*.wav"))
         dt = time.perf_counter() - t0
         print(f"{corpus}: {n} wav files in {dt:.1f} s ({n / dt:.0f} utt/s) -> {args.out / corpus}")

@@ -107,6 +107,52 @@ GENDER_STYLE: dict[str, dict[str, Prosody]] = {
 }
 
 
+# The voice calibrated against real recordings (``data.voice=emodb``; issue 16). Measured on the
+# EmoDB copy beside the project (10 speakers, 339 utterances of the four emotions, openSMILE Emo-Base
+# ``F0env_sma_amean`` in semitones, each speaker's emotion mean against its neutral mean), the
+# designed voice is unlike real speech in two ways, and only those are changed:
+# * F0: EmoDB's speakers raise F0 by ~5-8 semitones in happy and angry speech, both genders
+#   (women +7.7 / +7.4, men +5.3 / +6.1), while the designed voice's men barely move (-0.4 / -1.0
+#   measured: their gender style cancels the shared shift). In sad speech women lower F0 (-1.7),
+#   men slightly raise it (+1.3). These measured shifts are the emodb voice's parameters: the
+#   shared shift is the genders' mean and the style their half difference, in F0 only (EmoDB gives
+#   no clear gender difference in the other parameters at 5 speakers a gender).
+# * Level: the copy's files are level-normalised (each emotion's loudest frame within ~2 dB of
+#   neutral; the designed voice sets the level from the emotion, +5-8 dB for angry), so the
+#   emodb voice normalises each utterance's peak instead (``Voice.peak``).
+EMODB_EMOTION_PROSODY: dict[str, Prosody] = {
+    "neutral": Prosody(),
+    "happy": Prosody(6.5, 1.45, 3.0, 1.08, 0.25, 0.0, 0.03),
+    "sad": Prosody(-0.2, 0.6, -4.5, 0.82, -0.35, 0.06, -0.02),
+    "angry": Prosody(6.75, 1.25, 7.0, 1.12, 0.55, -0.02, 0.01),
+}
+EMODB_GENDER_STYLE: dict[str, dict[str, Prosody]] = {
+    "F": {"neutral": Prosody(), "happy": Prosody(1.2), "sad": Prosody(-1.5), "angry": Prosody(0.6)},
+    "M": {"neutral": Prosody(), "happy": Prosody(-1.2), "sad": Prosody(1.5), "angry": Prosody(-0.6)},
+}
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One voice model: the emotions' shared prosody, the genders' styles, and how the level is set."""
+
+    emotion: dict[str, Prosody]
+    style: dict[str, dict[str, Prosody]]
+    peak: float | None = None  # None: level from the emotion's energy; else every utterance's peak is this
+
+
+#: ``data.voice``: ``designed`` (fed-ser's first voice) or ``emodb`` (calibrated against EmoDB).
+VOICES: dict[str, Voice] = {"designed": Voice(EMOTION_PROSODY, GENDER_STYLE),
+                            "emodb": Voice(EMODB_EMOTION_PROSODY, EMODB_GENDER_STYLE, peak=0.5)}
+
+
+def check_voice(voice: str) -> Voice:
+    """The voice named ``voice``; a ValueError naming the choices otherwise."""
+    if voice not in VOICES:
+        raise ValueError(f"voice must be one of {sorted(VOICES)}, got {voice!r}")
+    return VOICES[voice]
+
+
 @dataclass(frozen=True)
 class Speaker:
     """A synthetic speaker's voice parameters."""
@@ -121,9 +167,11 @@ class Speaker:
     expressivity: float  # how strongly this speaker expresses emotion
     tilt: float  # speaker's habitual spectral tilt
     gender_style: float = 1.0  # strength of the gender-specific expression style (GENDER_STYLE)
+    voice: str = "designed"  # the voice model (VOICES)
 
 
-def sample_speaker(speaker_id: str, gender: str, rng: np.random.Generator, gender_style: float = 1.0) -> Speaker:
+def sample_speaker(speaker_id: str, gender: str, rng: np.random.Generator, gender_style: float = 1.0,
+                   voice: str = "designed") -> Speaker:
     """Draw a speaker's voice; distributions differ by gender as in adult speech.
 
     ``gender_style`` scales the explicit gender-by-emotion interaction. At 0 a weaker cue remains
@@ -134,6 +182,7 @@ def sample_speaker(speaker_id: str, gender: str, rng: np.random.Generator, gende
         raise ValueError(f"speaker {speaker_id!r}: gender must be 'F' or 'M', got {gender!r}")
     if not gender_style >= 0:
         raise ValueError(f"gender_style must be >= 0, got {gender_style}")
+    check_voice(voice)
     female = gender == "F"
     return Speaker(
         speaker_id=speaker_id,
@@ -146,6 +195,7 @@ def sample_speaker(speaker_id: str, gender: str, rng: np.random.Generator, gende
         expressivity=float(np.clip(rng.lognormal(0.0, 0.25), 0.5, 1.8)),
         tilt=float(rng.normal(0.0, 0.2)),
         gender_style=float(gender_style),
+        voice=voice,
     )
 
 
@@ -154,7 +204,8 @@ def utterance_prosody(speaker: Speaker, emotion: str, intensity: float = 1.0) ->
     if emotion not in EMOTION_PROSODY:
         raise ValueError(f"unknown emotion {emotion!r}; expected one of {sorted(EMOTION_PROSODY)}")
     k = speaker.expressivity * intensity
-    return (EMOTION_PROSODY[emotion] + GENDER_STYLE[speaker.gender][emotion].scaled(speaker.gender_style)).scaled(k)
+    v = VOICES[speaker.voice]
+    return (v.emotion[emotion] + v.style[speaker.gender][emotion].scaled(speaker.gender_style)).scaled(k)
 
 
 def _resonator(freq: float, bw: float) -> tuple[np.ndarray, np.ndarray]:
@@ -223,6 +274,9 @@ def synthesize(
     wave = np.concatenate(pieces)
     wave /= np.sqrt(np.mean(wave**2)) + 1e-12
     wave *= 0.05 * 10.0 ** (energy_db / 20.0)
+    peak_to = VOICES[speaker.voice].peak
+    if peak_to is not None:  # a level-normalised recording: the loudest sample sets the level, not the emotion
+        wave *= peak_to / (np.max(np.abs(wave)) + 1e-12)
     wave += rng.normal(0.0, 3e-4, wave.size)  # room noise: silence is never digital zero
     peak = np.max(np.abs(wave))
     if peak > 0.98:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from attacks.inference.aggregate import RoundAggregate, differencing_scores, round_aggregates
 from attacks.inference.data import UpdateDataset, labelled_updates
 from attacks.inference.evaluate import Evaluation, average_evaluations, evaluate_attack, summarize
-from attacks.inference.feature_space import train_feature_space_attack
+from attacks.inference.feature_space import emotion_means, pooled, train_feature_space_attack
 from attacks.inference.inversion import Recovered, invert_fedsgd
 from attacks.inference.profile import pooled_scorer, train_profile_attack, update_profiles
 from attacks.inference.train import AttackConfig, predict, train_attack
@@ -180,6 +180,7 @@ class FoldAttacks:
     history: list[dict]
     inversion: dict | None = None  # how much of the private batches the feature-space attack recovered
     aggregate: dict | None = None  # the observer of aggregates: round sums inverted, utterances recovered, female shares
+    signal: dict | None = None  # per attacked client: true and recovered statistics (see :func:`client_signal`)
 
 
 #: Under SecAgg+: the server's differencing attack on the sums it unmasks (its feature-space attack).
@@ -319,6 +320,43 @@ def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, 
                  "ransac_draws": draws, "seconds": time.perf_counter() - t0}
 
 
+def client_signal(data: FederatedData, updates: list, recovered: list[Recovered], fold: int) -> dict:
+    """Per attacked client: the emotion-conditional means of its true training rows and of the
+    utterances recovered from all its updates (their union), its label (1 = female) and its
+    speaker, for :func:`signal_probes`."""
+    by_client: dict[int, list[Recovered]] = {}
+    for u, r in zip(updates, recovered):
+        by_client.setdefault(u.client, []).append(r)
+    true, rec, label, speaker = [], [], [], []
+    for c, rs in sorted(by_client.items()):
+        X, y = data.client_rows(c, TRAIN)
+        Xr, yr = pooled(rs)
+        true.append(emotion_means(X, y))
+        rec.append(emotion_means(Xr, yr) if len(Xr) else np.zeros_like(true[-1]))
+        label.append(int(data.client_gender[c] == "F"))
+        speaker.append(f"{data.client_corpus[c]}/{data.client_speaker[c]}")
+    return {"true": np.array(true), "recovered": np.array(rec), "label": np.array(label),
+            "speaker": np.array(speaker), "fold": np.full(len(label), fold)}
+
+
+def signal_probes(signals: list[dict], seed: int = 0) -> dict:
+    """Where the gender signal is kept or lost, before the attacker's classifier: a linear probe
+    cross-validated over the attacked clients themselves (each speaker in one fold only), on their
+    true statistics, on the statistics the inversion recovered, and on the true ones with the
+    speakers' genders shuffled (its chance level). Balanced accuracy."""
+    from fed_ser.experiments.calibration import probe
+
+    S = {k: np.concatenate([s[k] for s in signals]) for k in signals[0]}
+    speakers = np.unique(S["speaker"])
+    own = {sp: S["label"][S["speaker"] == sp][0] for sp in speakers}
+    flip = dict(zip(speakers.tolist(), np.random.default_rng(seed).permutation([own[sp] for sp in speakers])))
+    shuffled = np.array([flip[sp] for sp in S["speaker"].tolist()])
+    return {"probe_true": probe(S["true"], S["label"], S["speaker"]),
+            "probe_recovered": probe(S["recovered"], S["label"], S["speaker"]),
+            "probe_true_shuffled": probe(S["true"], shuffled, S["speaker"]),
+            "clients": int(len(S["label"])), "speakers": int(len(speakers))}
+
+
 def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
     """Private training, shadow training, attack training and evaluation for one fold."""
     t0 = time.perf_counter()
@@ -375,6 +413,8 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
                            priv_store, p_updates, p_labels, shadow_data=shadow_for_attack, recovered=recovered,
                            cnn=cnn, aggregates=views, client_gender=priv_data.client_gender)
     attacks.inversion, attacks.aggregate = inversion, aggregate
+    if recovered is not None and not control:
+        attacks.signal = client_signal(priv_data, p_updates, recovered, fold)
     if bool(cfg.attack.with_control) and not control:
         # the CNN's control is one permutation (it is costly to train); the cheap attacks average
         # attack.control_permutations of them, so that a few shadow speakers do not make it a coin toss
@@ -428,10 +468,12 @@ def run_experiment(cfg: DictConfig) -> dict:
     suffix = "-control" if cfg.attack.control else ""  # the control shares the FL runs, not the report
     atomic_write_text(out / f"config{suffix}.yaml", OmegaConf.to_yaml(cfg))
     t0 = time.perf_counter()
-    folds, evaluations = [], {}
+    folds, evaluations, signals = [], {}, []
     for fold in cfg.folds:
         result, attacks = run_fold(cfg, int(fold), out)
         folds.append(result)
+        if attacks.signal is not None:
+            signals.append(attacks.signal)
         for name, e in attacks.evaluations.items():
             evaluations.setdefault(name, []).append(e)
         atomic_write_json(out / f"results{suffix}.json", {"folds": folds})  # partial results survive a crash
@@ -446,6 +488,12 @@ def run_experiment(cfg: DictConfig) -> dict:
         "attacks": {name: summarize(evs, seed=int(cfg.attack.seed)) for name, evs in evaluations.items()},
         "asr_per_layer": {l: float(np.mean([f["asr_per_layer"][l] for f in folds])) for l in first["asr_per_layer"]},
     }
+    if signals:
+        summary["signal"] = signal_probes(signals, int(cfg.attack.seed))
+        sig = summary["signal"]
+        print(f"[attack] signal, probe cross-validated over the {sig['clients']} attacked clients (balanced accuracy): "
+              f"true statistics {sig['probe_true']:.3f}, recovered {sig['probe_recovered']:.3f}, "
+              f"shuffled genders {sig['probe_true_shuffled']:.3f}", flush=True)
     atomic_write_json(out / f"results{suffix}.json", summary)
     write_run_report(out, summary, suffix)
     print(f"[fed-ser] report: {out / f'report{suffix}.md'}  figures: {out / f'asr{suffix}.png'}, "

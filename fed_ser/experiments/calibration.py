@@ -13,7 +13,11 @@ voice model puts that cue where real voices do. This report sets the two side by
   speakers kept apart, within the real corpus, within the synthetic corpora, and with shuffled
   genders (chance);
 * the **transfer**: the probe fitted on the synthetic clients and applied to the real ones
-  (balanced accuracy and AUC): the ceiling of ``shadow.mode=synthetic`` for these statistics.
+  (balanced accuracy and AUC): the ceiling of ``shadow.mode=synthetic`` for these statistics;
+* the **prosody** (Emo-Base features only, before normalisation): per gender and emotion, how far
+  the speakers' mean F0 (``F0env_sma_amean``, semitones) and loudest frame (``pcm_intensity_sma_max``,
+  dB) move from their neutral speech: the measurements the ``emodb`` voice (``data.voice``,
+  :mod:`fed_ser.data.voice`) was set from.
 
     fed-ser-calibrate private=emodb data.roots.emodb=../shared/data/emodb
 
@@ -38,7 +42,8 @@ from attacks.inference.feature_space import emotion_means
 from fed_ser.data.corpora import EMOTIONS
 from fed_ser.data.federated import FederatedData
 from fed_ser.experiments.config import console, load_config
-from fed_ser.experiments.prepare import corpus_source, prepare
+from fed_ser.experiments.prepare import corpus_manifest, corpus_source, feature_factory, prepare
+from fed_ser.features.extract import extract_features
 from fed_ser.io import atomic_write_json, atomic_write_text
 from fed_ser.run.settings import ConfigError
 
@@ -146,7 +151,7 @@ def _markdown(real: str, synthetic: list[str], r: dict) -> str:
     rows = "\n".join(f"| {e} | {fmt(r['pattern_correlation'][e])} | {fmt(r['pattern_size']['real'][e])} | "
                      f"{fmt(r['pattern_size']['synthetic'][e])} |" for e in EMOTIONS)
     t = r["transfer_synthetic_to_real"]
-    return (f"# Synthetic realism: {', '.join(synthetic)} against {real}\n\n"
+    return (f"# Synthetic realism: {', '.join(synthetic)} (voice {r.get('voice', 'designed')}) against {real}\n\n"
             f"![gender patterns](calibration.png)\n\n"
             f"Gender pattern (women's minus men's mean z-normalised functionals, per emotion), real vs synthetic:\n\n"
             f"| emotion | correlation | mean size, real | mean size, synthetic |\n|---|---|---|---|\n{rows}\n\n"
@@ -157,6 +162,67 @@ def _markdown(real: str, synthetic: list[str], r: dict) -> str:
             f"synthetic {fmt(r['probe']['synthetic'])}, real with shuffled genders {fmt(r['probe']['real_shuffled'])}.\n\n"
             f"Transfer, probe fitted on the synthetic clients, applied to the real ones: balanced accuracy "
             f"{fmt(t['balanced_accuracy'])}, AUC {fmt(t['auc'])}.\n")
+
+
+PROSODY = {"f0_semitones": ("F0env_sma_amean", lambda v: 12 * np.log2(np.maximum(v, 1.0))),
+           "peak_db": ("pcm_intensity_sma_max", lambda v: 10 * np.log10(np.maximum(v, 1e-10)))}
+
+
+def prosody_changes(emotion: np.ndarray, speaker: np.ndarray, gender: np.ndarray, X_raw: np.ndarray,
+                    names: list[str]) -> dict:
+    """Per gender and emotion: the mean over speakers of (emotion mean - neutral mean) of each
+    :data:`PROSODY` measure, with its standard error over speakers; raw (un-normalised) Emo-Base rows."""
+    out: dict = {}
+    for measure, (feature, f) in PROSODY.items():
+        v = f(X_raw[:, names.index(feature)])
+        for g in ("F", "M"):
+            per = []
+            for s in np.unique(speaker[gender == g]):
+                r = speaker == s
+                if not (r & (emotion == "neutral")).any():
+                    continue
+                base = v[r & (emotion == "neutral")].mean()
+                per.append([v[r & (emotion == e)].mean() - base if (r & (emotion == e)).any() else np.nan
+                            for e in EMOTIONS])
+            per = np.array(per, dtype=np.float64).reshape(-1, len(EMOTIONS))
+            for i, e in enumerate(EMOTIONS):
+                col = per[:, i][np.isfinite(per[:, i])]
+                out.setdefault(measure, {}).setdefault(g, {})[e] = {
+                    "mean": float(col.mean()) if len(col) else None,
+                    "se": float(col.std() / np.sqrt(len(col))) if len(col) > 1 else None, "speakers": int(len(col))}
+    return out
+
+
+def _raw_prosody(cfg: DictConfig, sources: list) -> dict:
+    """:func:`prosody_changes` of these corpora together, from their cached raw Emo-Base features."""
+    from fed_ser.features.emobase import feature_names
+
+    emotion, speaker, gender, X = [], [], [], []
+    for src in sources:
+        manifest, _ = corpus_manifest(cfg, src)
+        raw, ok, _ = extract_features(manifest.path.tolist(), feature_factory(cfg.features), cfg.data.cache,
+                                      workers=int(cfg.data.workers) or None, desc=f"prosody:{src.label}")
+        manifest = manifest[ok]
+        emotion.append(manifest.emotion.to_numpy(str))
+        speaker.append((src.corpus + "/" + manifest.speaker.astype(str)).to_numpy(str))
+        gender.append(manifest.gender.to_numpy(str))
+        X.append(raw[ok])
+    return prosody_changes(np.concatenate(emotion), np.concatenate(speaker), np.concatenate(gender),
+                           np.concatenate(X), feature_names())
+
+
+def _prosody_markdown(real: str, p: dict) -> str:
+    if not p:
+        return ""
+    cell = lambda m: "n/a" if m["mean"] is None else f"{m['mean']:+.1f}" + (f" ± {m['se']:.1f}" if m["se"] else "")
+    lines = ["", "Prosody, change from the speakers' neutral speech (mean ± s.e. over speakers; raw Emo-Base):", "",
+             "| measure | gender | " + " | ".join(f"{e}: {real} | {e}: synthetic" for e in EMOTIONS[1:]) + " |",
+             "|---|---|" + "---|---|" * (len(EMOTIONS) - 1)]
+    for measure in PROSODY:
+        for g in ("F", "M"):
+            lines.append(f"| {measure} | {g} | " + " | ".join(
+                f"{cell(p['real'][measure][g][e])} | {cell(p['synthetic'][measure][g][e])}" for e in EMOTIONS[1:]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def calibrate(cfg: DictConfig) -> dict:
@@ -170,12 +236,17 @@ def calibrate(cfg: DictConfig) -> dict:
     synth = FederatedData.load(prepare(cfg, [corpus_source(cfg, c, synthetic=True) for c in names], 0,
                                        tag="calibration-" + "+".join(names)))
     result = compare(real, synth, int(cfg.seed))
+    if str(cfg.features.name) == "emobase":
+        result["prosody"] = {"real": _raw_prosody(cfg, [src]),
+                             "synthetic": _raw_prosody(cfg, [corpus_source(cfg, c, synthetic=True) for c in names])}
+    result["voice"] = str(cfg.data.voice)
     pr, ps = result.pop("_patterns")
     out = Path(cfg.calibration.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = [f"{c} (synthetic)" for c in names]
     atomic_write_json(out / "calibration.json", {"real": src.label, "synthetic": labels, **result})
-    atomic_write_text(out / "calibration.md", _markdown(src.label, labels, result))
+    atomic_write_text(out / "calibration.md", _markdown(src.label, labels, result)
+                      + _prosody_markdown(src.label, result.get("prosody")))
     _figure(out / "calibration.png", pr, ps, result["pattern_correlation"])
     return result
 

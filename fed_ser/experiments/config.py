@@ -40,6 +40,16 @@ def _source(corpus: str, *, _root_: DictConfig) -> str:
 if not OmegaConf.has_resolver("source"):
     OmegaConf.register_new_resolver("source", _source)
 
+
+def _voice_dir(voice: str) -> str:
+    """``${voice_dir:<voice>}`` in ``data.root``: nothing for the designed voice (its folders keep
+    their names), ``-voice_<name>`` for another, so corpora of two voices never share a folder."""
+    return "" if voice == "designed" else f"-voice_{voice}"
+
+
+if not OmegaConf.has_resolver("voice_dir"):
+    OmegaConf.register_new_resolver("voice_dir", _voice_dir)
+
 #: The ``conf/`` groups whose keys are run settings; ``recorder.dir`` is chosen by the entry point, not by the user.
 RUN_CONFIG_GROUPS = ("fl", "model", "recorder", "dp", "flower_dp", "adv")
 _NOT_IN_SCHEMA = {"recorder.dir"}

@@ -21,6 +21,7 @@ from fed_ser.data.corpora import LOADERS, load_corpus
 from fed_ser.data.federated import build_federated
 from fed_ser.data.synthetic import CORPORA as SYNTHETIC_CORPORA
 from fed_ser.data.synthetic import ensure_corpus
+from fed_ser.data.voice import VOICES
 from fed_ser.experiments.config import load_config
 from fed_ser.features.extract import extract_features
 from fed_ser.features.normalize import speaker_znorm
@@ -88,6 +89,8 @@ def corpus_source(cfg: DictConfig, corpus: str, synthetic: bool | None = None) -
                               "(point it at your recordings)")
         if not float(cfg.data.gender_style) >= 0:
             raise ConfigError(f"data.gender_style: must be >= 0, got {cfg.data.gender_style}")
+        if str(cfg.data.voice) not in VOICES:
+            raise ConfigError(f"data.voice: {str(cfg.data.voice)!r} is not one of {sorted(VOICES)}")
         return CorpusSource(corpus, Path(cfg.data.root) / corpus, True)
     root = Path(str(given)).expanduser()
     if not root.exists():
@@ -98,8 +101,11 @@ def corpus_source(cfg: DictConfig, corpus: str, synthetic: bool | None = None) -
 def _source_key(cfg: DictConfig, src: CorpusSource) -> dict:
     """What the prepared data of ``src`` depends on, beyond the fold and partition settings."""
     if src.synthetic:
-        return {"corpus": src.corpus, "synthetic": True, "scale": float(cfg.data.scale), "data_seed": int(cfg.data.seed),
-                "gender_style": float(cfg.data.gender_style)}
+        key = {"corpus": src.corpus, "synthetic": True, "scale": float(cfg.data.scale), "data_seed": int(cfg.data.seed),
+               "gender_style": float(cfg.data.gender_style)}
+        if str(cfg.data.voice) != "designed":  # the designed voice's keys are those from before there was a choice
+            key["voice"] = str(cfg.data.voice)
+        return key
     key = {"corpus": src.corpus, "root": str(src.root.resolve())}
     if src.corpus == "manifest":
         key["emotion_map"] = _emotion_map(cfg)
@@ -119,7 +125,7 @@ def corpus_manifest(cfg: DictConfig, src: CorpusSource):
     """
     if src.synthetic:
         ensure_corpus(src.root, src.corpus, scale=float(cfg.data.scale), seed=int(cfg.data.seed),
-                      gender_style=float(cfg.data.gender_style))
+                      gender_style=float(cfg.data.gender_style), voice=str(cfg.data.voice))
     options = {"emotion_map": _emotion_map(cfg)} if src.corpus == "manifest" else {}
     manifest, issues = load_corpus(src.corpus, src.root, **options)
     manifest["source"] = "synthetic" if src.synthetic else "real"

@@ -182,9 +182,29 @@ def write_run_report(out: Path, summary: dict, suffix: str = "") -> None:
     head = (f"# fed-ser attack report: private {summary['private_corpus']}, {summary['algorithm']}, "
             f"{summary['features']}\n\n{summary['threat_model']}.\n\nFolds: {folds}. Wall time "
             f"{summary['wall_seconds']:.0f} s.\n\n![ASR](asr{suffix}.png)\n\n![ROC](roc{suffix}.png)\n\n")
-    atomic_write_text(out / f"report{suffix}.md", head + _tables([summary]))
+    atomic_write_text(out / f"report{suffix}.md", head + _tables([summary]) + _signal_section(summary))
     _figure(out / f"asr{suffix}.png", [summary])
     _roc_figure(out / f"roc{suffix}.png", [summary])
+
+
+def _signal_section(summary: dict) -> str:
+    """Where the gender signal is kept or lost: the probes on the attacked clients' own statistics
+    beside the feature-space attack (its classifier trained on the attacker's data)."""
+    sig, fs = summary.get("signal"), summary["attacks"].get("feature-space")
+    if not sig or not fs:
+        return ""
+    ad = summary["attacks"].get("feature-space-adaptive") or {}
+    rows = [("linear probe on the clients' true emotion-conditional means", f"{sig['probe_true']:.3f}"),
+            ("the same probe on the statistics the inversion recovered", f"{sig['probe_recovered']:.3f}"),
+            ("the probe on true means, genders shuffled across speakers (chance)", f"{sig['probe_true_shuffled']:.3f}"),
+            ("feature-space attack, classifier trained on the attacker's data (ASR, AUC)",
+             f"{fs['asr']:.3f} [{fs['asr_ci'][0]:.3f}, {fs['asr_ci'][1]:.3f}], AUC {_num(fs.get('auc'))}")]
+    if ad:
+        rows.append(("the same, threshold from the attacked clients' score clusters (ASR)",
+                     f"{ad['asr']:.3f} [{ad['asr_ci'][0]:.3f}, {ad['asr_ci'][1]:.3f}]"))
+    return (f"\n## Where the signal is\n\nProbes cross-validated over the {sig['clients']} attacked clients "
+            f"({sig['speakers']} speakers, each in one fold only; balanced accuracy), beside the attack:\n\n"
+            "| stage | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows))
 
 
 def write_grid_report(grid_dir: Path, summaries: list[dict]) -> None:

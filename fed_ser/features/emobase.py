@@ -27,3 +27,11 @@ class EmoBase:
 def emobase_factory() -> EmoBase:
     """Picklable factory for worker processes."""
     return EmoBase()
+
+
+def feature_names() -> list[str]:
+    """The 988 functionals' names, in the order :class:`EmoBase` returns them."""
+    import opensmile
+
+    return list(opensmile.Smile(feature_set=opensmile.FeatureSet.emobase,
+                                feature_level=opensmile.FeatureLevel.Functionals).feature_names)
