@@ -18,7 +18,7 @@ it; this attack reads the update as what it is, a function of the client's batch
    size, k of them pooled (:func:`virtual_clients`). Drawing them from the speaker rather than
    re-sampling the attacker's few fixed shards matters on real speech: with 4 attacker speakers of
    EmoDB the shards gave the classifier 16 compositions to memorise and a pooled AUC of 0.79 on the
-   private clients; virtual clients give 0.96 (README, "Measured on real speech");
+   private clients; virtual clients give 0.97 (README, "Measured on real speech: EmoDB");
 4. optionally (:meth:`FeatureSpaceAttack.adapted`, the ``feature-space-adaptive`` evaluation) the
    decision threshold is set from the attacked population itself: the two clusters of the
    clients' scores (two-means on their logits). The curious server sees every client's update, so
