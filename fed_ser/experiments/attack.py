@@ -160,10 +160,15 @@ def _control_permutations(cfg: DictConfig) -> int:
     return n
 
 
+def client_speakers(data: FederatedData) -> np.ndarray:
+    """Each client's speaker as ``<corpus>/<speaker>`` (speaker ids repeat across corpora)."""
+    return np.char.add(np.char.add(data.client_corpus.astype(str), "/"), data.client_speaker.astype(str))
+
+
 def _shuffled_client_genders(data: FederatedData, seed: int) -> FederatedData:
     """The control for attacks trained on the attacker's data: its speakers' genders permuted (all
     clients of a speaker keep one label, as the feature-space attack draws clients from speakers)."""
-    speaker = np.char.add(np.char.add(data.client_corpus.astype(str), "/"), data.client_speaker.astype(str))
+    speaker = client_speakers(data)
     names = np.unique(speaker)
     own = {s: data.client_gender[speaker == s][0] for s in names}
     fake = dict(zip(names.tolist(), np.random.default_rng(seed + 99).permutation([own[s] for s in names])))
@@ -255,8 +260,7 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
         # virtual clients draw on every row of the attacker's own clients (its validation rows are its data too);
         # re-sampled shards keep their training rows, as fed-ser's first version did
         rows = shadow_data.client >= 0 if draws_from == "speakers" else shadow_data.split == TRAIN
-        speaker = np.char.add(np.char.add(shadow_data.client_corpus.astype(str), "/"),
-                              shadow_data.client_speaker.astype(str))[shadow_data.client[rows]]
+        speaker = client_speakers(shadow_data)[shadow_data.client[rows]]
         # the attacked clients' numbers of examples (sent in the clear with every reply)
         sizes = np.array([u.num_examples for u in p_updates] or [int(cfg.fl.batch_size)])
         try:
@@ -328,13 +332,14 @@ def client_signal(data: FederatedData, updates: list, recovered: list[Recovered]
     for u, r in zip(updates, recovered):
         by_client.setdefault(u.client, []).append(r)
     true, rec, label, speaker = [], [], [], []
+    keys = client_speakers(data)
     for c, rs in sorted(by_client.items()):
         X, y = data.client_rows(c, TRAIN)
         Xr, yr = pooled(rs)
         true.append(emotion_means(X, y))
         rec.append(emotion_means(Xr, yr) if len(Xr) else np.zeros_like(true[-1]))
         label.append(int(data.client_gender[c] == "F"))
-        speaker.append(f"{data.client_corpus[c]}/{data.client_speaker[c]}")
+        speaker.append(keys[c])
     return {"true": np.array(true), "recovered": np.array(rec), "label": np.array(label),
             "speaker": np.array(speaker), "fold": np.full(len(label), fold)}
 
