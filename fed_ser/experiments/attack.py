@@ -37,7 +37,7 @@ from tqdm import tqdm
 from attacks.inference.aggregate import RoundAggregate, differencing_scores, round_aggregates
 from attacks.inference.data import UpdateDataset, labelled_updates
 from attacks.inference.evaluate import Evaluation, average_evaluations, evaluate_attack, summarize
-from attacks.inference.feature_space import emotion_means, pooled, train_feature_space_attack
+from attacks.inference.feature_space import DRAWS_FROM, emotion_means, pooled, train_feature_space_attack
 from attacks.inference.inversion import Recovered, invert_fedsgd
 from attacks.inference.profile import pooled_scorer, train_profile_attack, update_profiles
 from attacks.inference.train import AttackConfig, predict, train_attack
@@ -257,21 +257,18 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
     fs = cfg.attack.feature_space
     if fs.enabled and shadow_data is not None and (recovered or any((aggregates or {}).values())):
         draws_from = str(fs.draws_from)
+        if draws_from not in DRAWS_FROM:
+            raise ConfigError(f"attack.feature_space.draws_from: {draws_from!r} is not one of {DRAWS_FROM}")
         # virtual clients draw on every row of the attacker's own clients (its validation rows are its data too);
         # re-sampled shards keep their training rows, as fed-ser's first version did
         rows = shadow_data.client >= 0 if draws_from == "speakers" else shadow_data.split == TRAIN
         speaker = client_speakers(shadow_data)[shadow_data.client[rows]]
         # the attacked clients' numbers of examples (sent in the clear with every reply)
         sizes = np.array([u.num_examples for u in p_updates] or [int(cfg.fl.batch_size)])
-        try:
-            attack = train_feature_space_attack(shadow_data.X[rows], shadow_data.y[rows], shadow_data.client[rows],
-                                                shadow_data.client_gender, batch_size=int(cfg.fl.batch_size),
-                                                pools=pools, draws=int(fs.draws), l2=float(fs.l2), seed=seed,
-                                                speaker=speaker, sizes=sizes, draws_from=draws_from)
-        except ValueError as exc:
-            if "draws_from" in str(exc):
-                raise ConfigError(str(exc)) from None
-            raise
+        attack = train_feature_space_attack(shadow_data.X[rows], shadow_data.y[rows], shadow_data.client[rows],
+                                            shadow_data.client_gender, batch_size=int(cfg.fl.batch_size),
+                                            pools=pools, draws=int(fs.draws), l2=float(fs.l2), seed=seed,
+                                            speaker=speaker, sizes=sizes, draws_from=draws_from)
         if recovered:
             scores = np.array([attack.p_female(r.inputs, r.labels) for r in recovered])
             ev[f"feature-space{suffix}"] = evaluate_attack(attack.scorer(recovered), scores, clients, p_labels,
