@@ -103,3 +103,22 @@ def test_a_mixture_of_two_samples_normals_fails_the_certificate(setting):
     mixed = _certify(frame, layers, (normals[0] + normals[1]) / np.linalg.norm(normals[0] + normals[1]))[0]
     assert max(certs) < 1e-3 < 0.05 < mixed
 
+
+
+def test_stacked_normals_are_the_null_vectors_of_each_masked_set_of_rows():
+    from attacks.inference.inversion import _normals_of
+
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((64, 6))
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    masks = rng.random((5, 64)) < 0.5
+    masks[3] = False
+    masks[3, :5] = True  # exactly r - 1 rows: the plane through them is still defined
+    masks[4] = False
+    masks[4, :4] = True  # fewer than r - 1 rows: no plane
+    qs = _normals_of(W, masks)
+    assert qs[4] is None
+    for m, q in zip(masks[:4], qs[:4]):
+        expected = np.linalg.svd(W[m])[2][-1]  # the right singular vector of the smallest singular value
+        assert abs(abs(q @ expected) - 1) < 1e-10 if m.sum() >= 6 else np.abs(W[m] @ q).max() < 1e-10
+        assert abs(np.linalg.norm(q) - 1) < 1e-12
