@@ -6,3 +6,10 @@ schedule, aggregation) -> ``run`` (settings, a client's update with its defences
 ``attacks`` / ``defenses`` (top-level packages) -> ``experiments`` (CLI, orchestration, reports);
 ``deployment`` runs a real federation.
 """
+
+import os as _os
+
+# Flower posts usage events to telemetry.flower.ai from every process it starts (ServerApp,
+# ClientApp, Ray actors, the CLI); fed-ser never talks to any address but 127.0.0.1. Set before
+# any fed-ser module imports flwr (it reads the variable at import); an explicit value wins.
+_os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

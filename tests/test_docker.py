@@ -4,6 +4,7 @@ config` where that command exists)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -81,3 +82,15 @@ def test_app_image_is_built_on_flowers_pinned_superexec_image():
 def test_docker_compose_config_accepts_the_file():
     res = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_no_flower_process_posts_telemetry_natively_or_in_compose(compose, native):
+    # Flower sends usage events to telemetry.flower.ai unless FLWR_TELEMETRY_ENABLED=0; nothing may leave 127.0.0.1
+    assert native.env["FLWR_TELEMETRY_ENABLED"] == "0"
+    ours = (ROOT / "docker" / "Dockerfile.superexec").read_text()
+    assert "ENV FLWR_TELEMETRY_ENABLED=0" in ours
+    for name, svc in compose["services"].items():
+        if svc["image"].startswith("fed-ser-superexec"):
+            continue  # the image's ENV (an explicit environment entry would need to repeat it)
+        assert (svc.get("environment") or {}).get("FLWR_TELEMETRY_ENABLED") == "0", name
+    assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0"

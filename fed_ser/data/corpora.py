@@ -17,8 +17,10 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas loads only where a corpus is read (not in every ClientApp process)
+    import pandas as pd
 
 EMOTIONS = ("neutral", "happy", "sad", "angry")
 COLUMNS = ["utt_id", "path", "corpus", "speaker", "gender", "emotion", "session"]
@@ -37,6 +39,8 @@ class LoadIssue:
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
+    import pandas as pd
+
     df = pd.DataFrame(rows, columns=COLUMNS)
     return df.sort_values("utt_id", kind="stable").reset_index(drop=True)
 

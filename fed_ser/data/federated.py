@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from fed_ser.data.corpora import EMOTIONS
 from fed_ser.data.partition import attacker_speakers, shard_speakers, speaker_folds, validation_mask
 from fed_ser.io import atomic_save_npz
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TRAIN, VAL, TEST = 0, 1, 2
 
