@@ -196,6 +196,14 @@ def _certify(frame: _Frame, layers: _Layers, q: np.ndarray) -> tuple[float, np.n
     return _certify_many(frame, layers, q[None])[0]
 
 
+def _null_vectors(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Singular values and unit null vector of each ``(r - 1) x r`` matrix of the stack ``A``: the
+    last column of the complete QR of ``A^T`` and the singular values of its triangle (as
+    ``np.linalg.svd`` gives them, ~1.6x cheaper at 500 x 19 x 20)."""
+    q, tri = np.linalg.qr(np.swapaxes(A, 1, 2), mode="complete")
+    return np.linalg.svd(tri[:, : A.shape[1], :], compute_uv=False), q[:, :, -1]
+
+
 def _ransac_normals(W: np.ndarray, tol: np.ndarray, rng: np.random.Generator, draws: int, found: list[np.ndarray],
                     seen, batch: int = 500):
     """Hyperplanes through ``r - 1`` random rows that many rows lie on (normals to certify).
@@ -216,8 +224,7 @@ def _ransac_normals(W: np.ndarray, tol: np.ndarray, rng: np.random.Generator, dr
         # r - 1 distinct rows per draw, with these weights: the smallest exponential keys (vectorised)
         keys = rng.exponential(size=(batch, len(rows))) / weight
         pick = rows[np.argpartition(keys, r - 2, axis=1)[:, : r - 1]]
-        _, s, vt = np.linalg.svd(W[pick])
-        q = vt[:, -1, :]
+        s, q = _null_vectors(W[pick])
         on = np.abs(W @ q.T) < tol[:, None]
         for b in np.flatnonzero((s[:, -1] > 1e-5) & (on.sum(0) >= min_count)):
             if seen(q[b], 1e-3):  # a plane already found (or rejected): no need to refine it again
