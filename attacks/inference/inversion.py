@@ -114,10 +114,6 @@ class _Frame:
         self.R2 = R2  # 256 x B: span of the whole batch's post-dropout activations
         self.W1V: np.ndarray | None = None  # the first layer's pre-activation as a function of a
 
-    def row(self, j: int) -> np.ndarray:
-        """Unit ``j``'s row of the gradient, ``[dL/dW1_j, dL/db1_j]``."""
-        return self.P[j] @ self.V.T
-
 
 def _norm_gap(norms: np.ndarray, decades: float = 2.0) -> float:
     """A threshold in the widest gap (if wider than ``decades``) of the log row norms, else 0."""
@@ -266,9 +262,6 @@ class _Rows:
 
     def near(self, q: np.ndarray, tol: float) -> bool:
         return self._n > 0 and float(np.abs(self.rows @ q).max()) > 1 - tol
-
-    def __len__(self) -> int:
-        return self._n
 
 
 def _search(frame: _Frame, layers: _Layers, known: list[_Sample], rng: np.random.Generator,
