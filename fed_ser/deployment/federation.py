@@ -40,12 +40,11 @@ from fed_ser.io import atomic_write_json
 
 PROJECT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"  # a local federation never listens on or talks to any other address
-#: What every Flower process of a local federation runs with (a value already in the environment wins):
+#: What every Flower process of a local federation runs with unless the environment says otherwise:
 #: no telemetry (Flower's processes would each post events to telemetry.flower.ai: nothing may leave
 #: 127.0.0.1), and the SuperExec looking for a new task every 0.1 s instead of every 1 s (it starts one
 #: ClientApp process per message, so its polling adds to every round).
-FLOWER_ENV = {k: os.environ.get(k, v) for k, v in {"FLWR_TELEMETRY_ENABLED": "0",
-                                                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}.items()}
+FLOWER_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 def _bin(name: str) -> str:
@@ -202,8 +201,8 @@ class LocalFederation:
         self.home.mkdir(exist_ok=True)
         self.certs = None if self.insecure else make_certificates(self.workdir / "certs")
         self.keys = None if self.insecure else make_node_keys(self.workdir / "keys", self.num_nodes)
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    **FLOWER_ENV, "PYTHONPATH": str(PROJECT),
+        self.env = {**FLOWER_DEFAULTS, **os.environ, "FLWR_HOME": str(self.home),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONPATH": str(PROJECT),
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # Flower spawns its own scripts
         write_connection(self.home, f"{HOST}:{self.port}", None if self.insecure else self.certs["ca"])
 
