@@ -45,19 +45,22 @@ def updates(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     return [{k: v + np.float32(i) for k, v in base.items()} for i in range(n)]
 
 
-def plain_write(path: Path, ups: list[dict[str, np.ndarray]], per_round: int) -> float:
-    """Seconds to write every update's bytes with one open file and an fsync per round (the reference)."""
+def _write_rounds(path: Path, rounds) -> float:
+    """Seconds to write each round's buffers with one open file and an fsync a round (the plain reference)."""
     t = time.perf_counter()
     with open(path, "ab") as fh:
-        for i, u in enumerate(ups):
-            for a in u.values():
-                fh.write(a.data)
-            if (i + 1) % per_round == 0:
-                fh.flush()
-                os.fsync(fh.fileno())
-        fh.flush()
-        os.fsync(fh.fileno())
+        for buffers in rounds:
+            for b in buffers:
+                fh.write(b)
+            fh.flush()
+            os.fsync(fh.fileno())
     return time.perf_counter() - t
+
+
+def plain_write(path: Path, ups: list[dict[str, np.ndarray]], per_round: int) -> float:
+    """Seconds to write every update's bytes, ``per_round`` updates a round (the reference for the store)."""
+    return _write_rounds(path, ([a.data for u in ups[i:i + per_round] for a in u.values()]
+                                for i in range(0, len(ups), per_round)))
 
 
 def store_write(path: Path, ups: list[dict[str, np.ndarray]], per_round: int, group: bool) -> float:
@@ -78,17 +81,8 @@ def plain_write_rounds(path: Path, total: int, rounds: int, chunk: int = 1 << 20
     those bytes must at least spend on this disk)."""
     buf = memoryview(np.random.default_rng(0).bytes(chunk))
     per_round = total // rounds
-    t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        for _ in range(rounds):
-            left = per_round
-            while left > 0:
-                left -= os.write(fd, buf[:min(chunk, left)])
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t
+    one_round = [buf] * (per_round // chunk) + [buf[:per_round % chunk]]
+    return _write_rounds(path, (one_round for _ in range(rounds)))
 
 
 def engine_ratio(overrides: list[str], repeats: int = 3) -> dict[str, float]:
