@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.inference.inversion import invert_fedsgd
+from attacks.inference.inversion import InversionJob, invert_all, invert_fedsgd, inversion_workers
 from fed_ser.core.model import build_model
 from fed_ser.core.training import local_update
 from fed_ser.data.federated import TRAIN, FederatedData
@@ -122,3 +122,22 @@ def test_stacked_normals_are_the_null_vectors_of_each_masked_set_of_rows():
         expected = np.linalg.svd(W[m])[2][-1]  # the right singular vector of the smallest singular value
         assert abs(abs(q @ expected) - 1) < 1e-10 if m.sum() >= 6 else np.abs(W[m] @ q).max() < 1e-10
         assert abs(np.linalg.norm(q) - 1) < 1e-12
+
+
+def test_updates_inverted_on_two_processes_are_recovered_as_one_by_one_and_alone(setting):
+    """Each update draws from its own seed: the workers, the order and the other jobs change nothing."""
+    jobs = []
+    for k, b in enumerate((14, 7, 14, 3, 14, 7, 14, 3)):  # b = 14 needs RANSAC draws: the seeds matter
+        grad, params, _X, _ = _batch(setting, b, seed=20 + k)
+        jobs.append(InversionJob(grad, params, b, (0, k, 1)))
+    serial = list(invert_all(jobs, 0.2, ransac_draws=4000))
+    parallel = list(invert_all(iter(jobs), 0.2, ransac_draws=4000, workers=2))
+    alone = next(invert_all([jobs[4]], 0.2, ransac_draws=4000))
+    assert sum(len(r.inputs) for r in serial) >= 0.9 * sum(j.batch_size for j in jobs)
+    assert [r.draws for r in serial] == [r.draws for r in parallel] and any(r.draws for r in serial)
+    for a, b in zip(serial, parallel):
+        assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.labels, b.labels)
+    assert np.array_equal(alone.inputs, serial[4].inputs) and alone.draws == serial[4].draws
+    assert inversion_workers(0, 3) == 1 and inversion_workers(2, 100) == 2
+    with pytest.raises(ValueError, match="workers"):
+        inversion_workers(-1, 10)

@@ -38,7 +38,7 @@ from attacks.inference.aggregate import RoundAggregate, differencing_scores, rou
 from attacks.inference.data import UpdateDataset, labelled_updates
 from attacks.inference.evaluate import Evaluation, average_evaluations, evaluate_attack, summarize
 from attacks.inference.feature_space import DRAWS_FROM, emotion_means, pooled, train_feature_space_attack
-from attacks.inference.inversion import Recovered, invert_fedsgd
+from attacks.inference.inversion import InversionJob, Recovered, inversion_workers, invert_all
 from attacks.inference.profile import pooled_scorer, train_profile_attack, update_profiles
 from attacks.inference.train import AttackConfig, predict, train_attack
 from fed_ser.data.federated import TRAIN, FederatedData
@@ -192,24 +192,36 @@ class FoldAttacks:
 SERVER_SUMS = "server-sum-differencing"
 
 
+def _workers(cfg: DictConfig, jobs: int) -> int:
+    try:
+        return inversion_workers(int(cfg.attack.feature_space.workers), jobs)
+    except ValueError as e:
+        raise ConfigError(f"attack.feature_space.workers: {e}") from None
+
+
 def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: int) -> list[Recovered]:
     """The feature-space attack's first step on every update: the batch behind it (see
     :mod:`attacks.inference.inversion`), at the global model of its round. FedAvg updates are inverted as
-    pseudo-gradients (one local epoch: one error per sample); what survives is reported."""
-    rng = np.random.default_rng(seed)
-    globals_ = {}
-    out = []
-    for u in tqdm(updates, desc="inverting updates", unit="update", mininterval=5):
-        if u.round not in globals_:
-            rec = store.global_record(u.round)
-            if rec is None:
-                raise ValueError(f"{store.path}: round {u.round} has no recorded global model (recorded before "
-                                 "fed-ser stored it for FedSGD); run the FL again to use the feature-space attack")
-            globals_[u.round] = store.read(rec)
-        batch = min(int(cfg.fl.batch_size), u.num_examples) if u.kind == "gradient" else u.num_examples
-        out.append(invert_fedsgd(store.attack_input(u), globals_[u.round], batch, float(cfg.model.dropout), rng=rng,
-                                 ransac_draws=int(cfg.attack.feature_space.ransac_draws)))
-    return out
+    pseudo-gradients (one local epoch: one error per sample); what survives is reported. Each update's
+    RANSAC draws come from ``(seed, round, client)``: the same batch is recovered whatever else is
+    inverted, on however many processes (``attack.feature_space.workers``)."""
+    globals_: dict[int, dict] = {}
+
+    def jobs():
+        for u in updates:
+            if u.round not in globals_:
+                rec = store.global_record(u.round)
+                if rec is None:
+                    raise ValueError(f"{store.path}: round {u.round} has no recorded global model (recorded before "
+                                     "fed-ser stored it for FedSGD); run the FL again to use the feature-space attack")
+                globals_.clear()  # one global model held at a time (updates are in round order; any other only re-reads)
+                globals_[u.round] = store.read(rec)
+            batch = min(int(cfg.fl.batch_size), u.num_examples) if u.kind == "gradient" else u.num_examples
+            yield InversionJob(store.attack_input(u), globals_[u.round], batch, (seed, u.round, u.client))
+
+    out = invert_all(jobs(), float(cfg.model.dropout), ransac_draws=int(cfg.attack.feature_space.ransac_draws),
+                     workers=_workers(cfg, len(updates)))
+    return list(tqdm(out, total=len(updates), desc="inverting updates", unit="update", mininterval=5))
 
 
 def _recovery_report(recovered: list[Recovered], updates: list, data: FederatedData) -> dict:
@@ -297,12 +309,12 @@ def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, 
     global model; reported with what was recovered and each round's true share of female clients.
     ``members`` and ``server_view``: see :func:`attacks.inference.aggregate.round_aggregates` (SecAgg+)."""
     t0 = time.perf_counter()
-    rng = np.random.default_rng(seed + 7)
     aggs = round_aggregates(store, int(cfg.fl.batch_size), members, server_view)
     fs = cfg.attack.feature_space
     draws = int(fs.ransac_draws if fs.get("aggregate_ransac_draws") is None else fs.aggregate_ransac_draws)
-    out = [(a, invert_fedsgd(a.update, a.params, a.batch_size, float(cfg.model.dropout), rng=rng, ransac_draws=draws))
-           for a in tqdm(aggs, desc="inverting round aggregates", unit="round", mininterval=5)]
+    inverted = invert_all((InversionJob(a.update, a.params, a.batch_size, (seed + 7, a.round)) for a in aggs),
+                          float(cfg.model.dropout), ransac_draws=draws, workers=_workers(cfg, len(aggs)))
+    out = list(zip(aggs, tqdm(inverted, total=len(aggs), desc="inverting round aggregates", unit="round", mininterval=5)))
     female = {p: data.client_gender[p] == "F" for a in aggs for p in a.clients}
     found = sum(len(r.inputs) for _, r in out)
     near = {1e-3: 0, 1e-2: 0}  # recovered inputs within this (relative, max-abs) of a true input of the round
