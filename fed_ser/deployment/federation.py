@@ -403,7 +403,8 @@ def deploy(cfg) -> dict:
                                 "final": res_sim["final"]}
         report["deployment_vs_simulation"] = report["deployment"]["seconds_per_round"] / report["simulation"]["seconds_per_round"]
     atomic_write_json(out / "deploy.json", report)
-    line = f"[deploy] {report['deployment']['seconds_per_round']:.2f} s/round over HTTPS" + (" with SecAgg+" if s.secagg else "")
+    transport = "an unencrypted connection (deploy.insecure=true: no TLS, no node authentication)" if d.insecure else "HTTPS"
+    line = f"[deploy] {report['deployment']['seconds_per_round']:.2f} s/round over {transport}" + (" with SecAgg+" if s.secagg else "")
     if privacy:
         line += f", {privacy['mode']}: epsilon {privacy['spent_epsilon_max']:.2f} at delta {privacy['delta']}"
     if "simulation" in report:
