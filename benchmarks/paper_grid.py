@@ -16,7 +16,8 @@ on fold 1 of the paper-size data and scaled by what the full stage does:
   (all shadow updates) x epochs x that cost per update-epoch, with 50 epochs (the bound) and with
   the 12 epochs of the README's synthetic grid (``--typical-epochs``);
 * invert: the feature-space attack's inversion of every private update (FedSGD gradients, and FedAvg
-  pseudo-gradients as one local epoch), at the measured seconds per update of ``--inversions`` of them.
+  pseudo-gradients as one local epoch), at the measured seconds per update of ``--inversions`` of them
+  drawn evenly from a 200-round private run on the vectorised engine (later rounds cost more).
 
 Prints the stage x cell table, the total against the 2-hour target, and the stage that stands in
 the way. ``--timed-fold CORPUS ALGORITHM`` then runs that cell's fold 0 at paper size through
@@ -29,13 +30,16 @@ by stage, at the typical epochs and at the epochs its attack trained before earl
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from _common import ROOT, parser, report
+from omegaconf import OmegaConf
 
 from attacks.inference.data import labelled_updates
 from attacks.inference.train import train_attack
@@ -58,7 +62,7 @@ def _timed(fn, *args, **kw):
 
 
 def measure_cell(overrides: list[str], private: str, algorithm: str, rounds: int, attack_updates: int, inversions: int,
-                 tmp: Path) -> dict:
+                 tmp: Path, serial_reference: bool = False) -> dict:
     """Seconds of each stage of one fold of the cell (private, algorithm), from short runs on fold 1
     (fold 0's data sets were prepared with the corpora, so fold 1 shows a fold's own preparation)."""
     cfg = load_config(["size=paper", f"private={private}", f"fl={algorithm}", f"fl.rounds={rounds}",
@@ -85,10 +89,23 @@ def measure_cell(overrides: list[str], private: str, algorithm: str, rounds: int
     out["attack_update_epoch_s"] = t_attack / n
     out["invert_update_s"] = 0.0
     if cfg.attack.feature_space.enabled:  # fed-ser-experiment inverts every private update, FedAvg's too
-        pstore = UpdateStore(d / "private" / "updates")
-        pu = pstore.updates()[:inversions]
-        (_, t_inv) = _timed(recover_batches, cfg, pstore, pu, 0)
+        # an update's inversion costs more as the model trains (round 1's batches are found in ~0.1 s,
+        # the last rounds' take ~1 s of RANSAC): the private run's updates over all 200 rounds, from the
+        # vectorised engine (the same updates for one seed, in seconds), sampled evenly
+        full = load_config(["size=paper", f"private={private}", f"fl={algorithm}", f"fl.eval_every={ROUNDS}", *overrides],
+                           "experiment")
+        run_vectorized_fl(full, priv_path, str(d / "inversion"), str(d / "inversion" / "updates"))
+        pstore = UpdateStore(d / "inversion" / "updates")
+        every = pstore.updates()
+        pu = [every[i] for i in np.linspace(0, len(every) - 1, min(inversions, len(every))).round().astype(int)]
+        (rec, t_inv) = _timed(recover_batches, full, pstore, pu, 0)
         out["invert_update_s"] = t_inv / len(pu)
+        if serial_reference:  # the same updates on one process: what the workers save
+            one = OmegaConf.merge(full, {"attack": {"feature_space": {"workers": 1}}})
+            (rec1, t1) = _timed(recover_batches, one, pstore, pu, 0)
+            out["invert_serial_update_s"] = t1 / len(pu)
+            out["invert_same"] = all(np.array_equal(a.inputs, b.inputs) for a, b in zip(rec, rec1))
+        shutil.rmtree(d / "inversion")  # ~1.8 GB a cell
     return out
 
 
@@ -111,7 +128,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20,
                    help="rounds measured per federation (20 = fl.eval_every: one client evaluation, as in every 20 of the 200)")
     p.add_argument("--attack-updates", type=int, default=300)
-    p.add_argument("--inversions", type=int, default=20, help="private updates inverted per cell to time the inversion")
+    p.add_argument("--inversions", type=int, default=40, help="private updates inverted per cell to time the inversion")
     p.add_argument("--typical-epochs", type=float, default=12.0,
                    help="attack epochs for the second estimate (12: the README's synthetic grid; 50 is the bound)")
     p.add_argument("--corpora", nargs="+", default=list(PAPER_CORPORA))
@@ -128,7 +145,8 @@ def main() -> None:
             for algorithm in ("fedsgd", "fedavg"):
                 print(f"[paper-grid] measuring {private} {algorithm}", flush=True)
                 cells[f"{private}/{algorithm}"] = measure_cell(args.overrides, private, algorithm, args.rounds, args.attack_updates,
-                                                             args.inversions, Path(tmp))
+                                                             args.inversions, Path(tmp),
+                                                             serial_reference=not cells and algorithm == "fedsgd")
     stages = ("prepare", "private", "shadow", "attack", "invert")
     est = {epochs: {c: stage_seconds(m, epochs) for c, m in cells.items()} for epochs in (MAX_EPOCHS, args.typical_epochs)}
     totals = {e: t_corpora + FOLDS * sum(sum(s.values()) for s in by_cell.values()) for e, by_cell in est.items()}
@@ -139,6 +157,11 @@ def main() -> None:
         rows.append((c, " ".join(f"{st} {s[st]:.0f}s" for st in stages)
                      + f"  ({m['private_clients']} private / {m['shadow_clients']} shadow clients; "
                        f"{m['private_round_s'] * 1000:.0f} ms a Flower round, {m['attack_update_epoch_s'] * 1000:.1f} ms an update-epoch)"))
+    for c, m in cells.items():
+        if "invert_serial_update_s" in m:
+            rows.append((f"inversion, {c}", f"{m['invert_serial_update_s']:.2f} s an update on one process, "
+                         f"{m['invert_update_s']:.2f} s on the workers ({m['invert_serial_update_s'] / m['invert_update_s']:.2f}x; "
+                         f"same batches recovered: {m['invert_same']})"))
     for e in (args.typical_epochs, MAX_EPOCHS):
         worst = max(by_stage[e], key=by_stage[e].get)
         rows.append((f"grid, attack {e:g} epochs", f"{totals[e] / 3600:.2f} h  (target <= 2 h); largest stage: {worst} "

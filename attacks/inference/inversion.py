@@ -435,14 +435,16 @@ def invert_all(jobs: Iterable[InversionJob], dropout: float, *, ransac_draws: in
     Each update is inverted alone (one BLAS thread: its matrices are small), so a 2-core machine
     inverts two at once. Every job draws from its own seed, so what is recovered from an update does
     not depend on the other jobs, their order or ``workers``. At most ``2 * workers`` jobs are held
-    at once (a paper-size run has ~1,600 updates of ~1 MB each). Workers start from a fork server:
-    a clean process, not a fork of a caller that holds torch's threads.
+    at once (a paper-size run has ~1,600 updates of ~1 MB each). Workers are forked where the OS can
+    (they run numpy only, never the caller's torch or Ray threads, and need no ``__main__`` guard in
+    the caller's script, as spawned ones would); elsewhere they are spawned.
     """
     if workers <= 1:
         for job in jobs:
             yield _invert_job(job, dropout, ransac_draws)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
         pending: deque = deque()
         for job in jobs:
             pending.append(pool.submit(_invert_job, job, dropout, ransac_draws))
