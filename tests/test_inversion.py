@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.inference.inversion import InversionJob, invert_all, invert_fedsgd, inversion_workers
+from attacks.inference.inversion import InversionJob, inversion_workers, invert_all, invert_fedsgd
 from fed_ser.core.model import build_model
 from fed_ser.core.training import local_update
 from fed_ser.data.federated import TRAIN, FederatedData
