@@ -109,11 +109,15 @@ def measure_cell(overrides: list[str], private: str, algorithm: str, rounds: int
     return out
 
 
+#: The stages as a fold of ``fed-ser-experiment`` reports them in its results.json: its data sets and
+#: its private and shadow federations as one figure (``seconds.fl``), the inversion, and the rest.
+FOLD_STAGES = {"prepare + private + shadow": ("prepare", "private", "shadow"), "invert": ("invert",), "attack": ("attack",)}
+
+
 def fold_stages(result: dict) -> dict[str, float]:
-    """What one fold of ``fed-ser-experiment`` spent, stage by stage, from its results.json (the fold's
-    data sets and its private and shadow federations together: the fold reports them as one figure)."""
+    """What one fold of ``fed-ser-experiment`` spent, by :data:`FOLD_STAGES`, from its results.json."""
     sec, inv = result["seconds"], (result.get("inversion") or {}).get("seconds", 0.0)
-    return {"prepare + private + shadow": sec["fl"], "invert": inv, "attack": sec["total"] - sec["fl"] - inv}
+    return dict(zip(FOLD_STAGES, (sec["fl"], inv, sec["total"] - sec["fl"] - inv)))
 
 
 def stage_seconds(m: dict, epochs: float) -> dict[str, float]:
@@ -182,7 +186,7 @@ def main() -> None:
         # per-stage costs; the one at the typical epochs checks the grid's figure as printed above
         epochs = len(fold["attack_history"])
         est = stage_seconds(m, epochs)
-        est_stages = {"prepare + private + shadow": est["prepare"] + est["private"] + est["shadow"], "invert": est["invert"], "attack": est["attack"]}
+        est_stages = {name: sum(est[st] for st in parts) for name, parts in FOLD_STAGES.items()}
         got = fold_stages(fold)
         at_epochs = sum(est.values())
         numbers["timed_fold"] = {"cell": f"{corpus}/{algorithm}", "estimate_s": predicted, "measured_s": measured,

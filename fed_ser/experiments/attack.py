@@ -205,19 +205,17 @@ def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: in
     pseudo-gradients (one local epoch: one error per sample); what survives is reported. Each update's
     RANSAC draws come from ``(seed, round, client)``: the same batch is recovered whatever else is
     inverted, on however many processes (``attack.feature_space.workers``)."""
-    globals_: dict[int, dict] = {}
-
     def jobs():
+        at, params = None, None  # one global model held at a time (updates are in round order; any other only re-reads)
         for u in updates:
-            if u.round not in globals_:
+            if u.round != at:
                 rec = store.global_record(u.round)
                 if rec is None:
                     raise ValueError(f"{store.path}: round {u.round} has no recorded global model (recorded before "
                                      "fed-ser stored it for FedSGD); run the FL again to use the feature-space attack")
-                globals_.clear()  # one global model held at a time (updates are in round order; any other only re-reads)
-                globals_[u.round] = store.read(rec)
+                at, params = u.round, store.read(rec)
             batch = min(int(cfg.fl.batch_size), u.num_examples) if u.kind == "gradient" else u.num_examples
-            yield InversionJob(store.attack_input(u), globals_[u.round], batch, (seed, u.round, u.client))
+            yield InversionJob(store.attack_input(u), params, batch, (seed, u.round, u.client))
 
     out = invert_all(jobs(), float(cfg.model.dropout), ransac_draws=int(cfg.attack.feature_space.ransac_draws),
                      workers=_workers(cfg, len(updates)))
