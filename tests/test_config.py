@@ -121,3 +121,12 @@ def test_synthetic_gender_style_default_matches_the_generator_and_bad_values_nam
     with pytest.raises(ConfigError, match="data.gender_style"):
         corpus_source(cfg, "iemocap")
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_bad_inversion_worker_count_stops_the_experiment_before_its_folder_exists(tmp_path):
+    from fed_ser.experiments.attack import run_experiment
+
+    cfg = load_config([f"out_dir={tmp_path / 'cell'}", "attack.feature_space.workers=-1"], "experiment")
+    with pytest.raises(ConfigError, match=r"^attack\.feature_space\.workers: .*>= 0"):
+        run_experiment(cfg)
+    assert not (tmp_path / "cell").exists()

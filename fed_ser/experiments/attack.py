@@ -82,12 +82,13 @@ class ThreatModel:
 
 
 def check_threat_model(cfg: DictConfig) -> CorpusSource:
-    """Stop on a wrong ``shadow.*`` value or private root before anything is prepared or written;
+    """Stop on a wrong ``shadow.*`` or inversion value or private root before anything is prepared or written;
     return where the private corpus comes from."""
     if str(cfg.shadow.mode) not in SHADOW_MODES:
         raise ConfigError(f"shadow.mode: {str(cfg.shadow.mode)!r} is not one of {SHADOW_MODES}")
     if not 0.0 < float(cfg.shadow.share) <= 1.0:
         raise ConfigError(f"shadow.share: must be in (0, 1], got {float(cfg.shadow.share)}")
+    _workers(cfg, 0)  # a wrong attack.feature_space.workers stops here, not after the federations
     return corpus_source(cfg, str(cfg.private))
 
 
