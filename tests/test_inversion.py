@@ -21,6 +21,7 @@ def setting(corpora, feature_cache, tmp_path_factory):
                        f"data.prepared_dir={tmp_path_factory.mktemp('prepared')}", "shards.msp_improv=1"])
     data = FederatedData.load(prepare(cfg, ["msp_improv"], fold=0))
     torch.set_num_threads(1)  # the same model whatever ran before (thread counts change float sums)
+    torch.manual_seed(0)  # and the same dropout masks in its training: one model, every run
     model = build_model(data.X.shape[1], 0.2, seed=0)
     X, y = (torch.as_tensor(a) for a in (data.X[data.split == TRAIN], data.y[data.split == TRAIN]))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -141,3 +142,43 @@ def test_updates_inverted_on_two_processes_are_recovered_as_one_by_one_and_alone
     assert inversion_workers(0, 3) == 1 and inversion_workers(2, 100) == 2
     with pytest.raises(ValueError, match="workers"):
         inversion_workers(-1, 10)
+
+
+def test_what_the_passes_leave_is_found_in_the_undeflated_gradient_and_a_last_sample_without_draws(setting):
+    """The rescue search: projected away from the found samples, the gradient's rows are the missing
+    samples' terms alone; with one sample missing its normal is known and no draw is spent."""
+    from attacks.inference.inversion import _Frame, _Layers, _rescue, _Sample, _thin_svd
+
+    grad, params, X, _ = _batch(setting, 7, seed=7)
+    G1 = np.concatenate([grad["dense1.weight"], grad["dense1.bias"][:, None]], 1).astype(np.float64)
+    U, S, Vt = _thin_svd(G1)
+    R2 = _thin_svd(grad["dense2.weight"].astype(np.float64))[2][:7].T
+    whole, layers = _Frame(U[:, :7], S[:7], Vt[:7].T, float(S[7]), R2), _Layers(params, 0.2)
+    truth = [np.append(x, 1.0) for x in X.astype(np.float64)]
+    known = [_Sample(0.0, x, np.ones(256, dtype=bool), np.zeros(256)) for x in truth]
+    for left in (1, 3):
+        found, draws = _rescue(whole, layers, known[:7 - left], np.random.default_rng(0), 4000, 1000)
+        err, distinct = _matches(np.array([s.x[:-1] for s in found]).reshape(len(found), -1), X[7 - left:])
+        assert len(found) == left and distinct == left and err < 1e-3, (left, len(found), err)
+        assert (draws == 0) == (left == 1)
+
+
+def test_a_stalled_pass_stops_drawing_and_the_batch_is_still_recovered(setting):
+    """``stall``: a pass that has found samples stops drawing once the draws stop finding any (and
+    deflates), where without it a pass draws its whole budget unless it finds every sample."""
+    from attacks.inference.inversion import _Frame, _Layers, _search, _thin_svd
+
+    grad, params, X, _ = _batch(setting, 20, seed=20)  # a first pass that finds 11 of 20
+    G1 = np.concatenate([grad["dense1.weight"], grad["dense1.bias"][:, None]], 1).astype(np.float64)
+    U, S, Vt = _thin_svd(G1)
+    R2 = _thin_svd(grad["dense2.weight"].astype(np.float64))[2][:20].T
+    layers = _Layers(params, 0.2)
+    full, spent = _search(_Frame(U[:, :20], S[:20], Vt[:20].T, float(S[20]), R2), layers, [], np.random.default_rng(0), 20_000)
+    assert len(full) == 20 or spent == 20_000
+    some, spent = _search(_Frame(U[:, :20], S[:20], Vt[:20].T, float(S[20]), R2), layers, [], np.random.default_rng(0),
+                          20_000, stall=500)
+    assert some and spent < 20_000
+    rec = invert_fedsgd(grad, params, 20, dropout=0.2, rng=np.random.default_rng(0), stall=500)
+    err, distinct = _matches(rec.inputs, X)
+    assert len(rec.inputs) >= 18 and distinct == len(rec.inputs) and err < 1e-3, (len(rec.inputs), err)
+    assert rec.draws < invert_fedsgd(grad, params, 20, dropout=0.2, rng=np.random.default_rng(0)).draws

@@ -88,7 +88,8 @@ def check_threat_model(cfg: DictConfig) -> CorpusSource:
         raise ConfigError(f"shadow.mode: {str(cfg.shadow.mode)!r} is not one of {SHADOW_MODES}")
     if not 0.0 < float(cfg.shadow.share) <= 1.0:
         raise ConfigError(f"shadow.share: must be in (0, 1], got {float(cfg.shadow.share)}")
-    _workers(cfg, 0)  # a wrong attack.feature_space.workers stops here, not after the federations
+    _workers(cfg, 0)  # a wrong attack.feature_space.workers or ransac_stall stops here, not after the federations
+    _stall(cfg)
     return corpus_source(cfg, str(cfg.private))
 
 
@@ -193,6 +194,13 @@ class FoldAttacks:
 SERVER_SUMS = "server-sum-differencing"
 
 
+def _stall(cfg: DictConfig) -> int:
+    stall = int(cfg.attack.feature_space.ransac_stall)
+    if stall < 0:
+        raise ConfigError(f"attack.feature_space.ransac_stall: must be >= 0 (0: every pass draws its whole budget), got {stall}")
+    return stall
+
+
 def _workers(cfg: DictConfig, jobs: int) -> int:
     try:
         return inversion_workers(int(cfg.attack.feature_space.workers), jobs)
@@ -219,7 +227,7 @@ def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: in
             yield InversionJob(store.attack_input(u), params, batch, (seed, u.round, u.client))
 
     out = invert_all(jobs(), float(cfg.model.dropout), ransac_draws=int(cfg.attack.feature_space.ransac_draws),
-                     workers=_workers(cfg, len(updates)))
+                     stall=_stall(cfg), workers=_workers(cfg, len(updates)))
     return list(tqdm(out, total=len(updates), desc="inverting updates", unit="update", mininterval=5))
 
 
@@ -312,7 +320,7 @@ def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, 
     fs = cfg.attack.feature_space
     draws = int(fs.ransac_draws if fs.get("aggregate_ransac_draws") is None else fs.aggregate_ransac_draws)
     inverted = invert_all((InversionJob(a.update, a.params, a.batch_size, (seed + 7, a.round)) for a in aggs),
-                          float(cfg.model.dropout), ransac_draws=draws, workers=_workers(cfg, len(aggs)))
+                          float(cfg.model.dropout), ransac_draws=draws, stall=_stall(cfg), workers=_workers(cfg, len(aggs)))
     out = list(zip(aggs, tqdm(inverted, total=len(aggs), desc="inverting round aggregates", unit="round", mininterval=5)))
     female = {p: data.client_gender[p] == "F" for a in aggs for p in a.clients}
     found = sum(len(r.inputs) for _, r in out)
