@@ -123,10 +123,11 @@ def test_synthetic_gender_style_default_matches_the_generator_and_bad_values_nam
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_a_bad_inversion_worker_count_stops_the_experiment_before_its_folder_exists(tmp_path):
+@pytest.mark.parametrize("key", ["workers", "ransac_stall"])
+def test_a_bad_inversion_setting_stops_the_experiment_before_its_folder_exists(tmp_path, key):
     from fed_ser.experiments.attack import run_experiment
 
-    cfg = load_config([f"out_dir={tmp_path / 'cell'}", "attack.feature_space.workers=-1"], "experiment")
-    with pytest.raises(ConfigError, match=r"^attack\.feature_space\.workers: .*>= 0"):
+    cfg = load_config([f"out_dir={tmp_path / 'cell'}", f"attack.feature_space.{key}=-1"], "experiment")
+    with pytest.raises(ConfigError, match=rf"^attack\.feature_space\.{key}: .*>= 0"):
         run_experiment(cfg)
     assert not (tmp_path / "cell").exists()
