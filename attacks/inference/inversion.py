@@ -273,6 +273,12 @@ class _Rows:
         return np.abs(Q @ self.rows.T).max(1) > 1 - tol
 
 
+def _is_new(cert: float, x: np.ndarray, others: list[_Sample]) -> bool:
+    """Whether ``[x; 1]`` with this certificate is an exact sample none of ``others`` already holds."""
+    scale = np.abs(x).max()
+    return cert < CERTIFICATE and not any(np.abs(x - o.x).max() <= 1e-4 * scale for o in others)
+
+
 def _search(frame: _Frame, layers: _Layers, known: list[_Sample], rng: np.random.Generator,
             ransac_draws: int, stall: int = 0) -> tuple[list[_Sample], int]:
     """Certified samples of the (residual) gradient in ``frame``, and the RANSAC draws spent. With
@@ -290,8 +296,7 @@ def _search(frame: _Frame, layers: _Layers, known: list[_Sample], rng: np.random
         if q is None or seen(q):
             return
         cert, x, kept = certified or _certify(frame, layers, q)
-        scale = np.abs(x).max()
-        if cert < CERTIFICATE and not any(np.abs(x - o.x).max() <= 1e-4 * scale for o in known + found):
+        if _is_new(cert, x, known + found):
             found.append(_Sample(cert, x, kept, frame.P @ q))
             normals.append(q)
 
@@ -372,9 +377,9 @@ def _rescue(whole: _Frame, layers: _Layers, samples: list[_Sample], rng: np.rand
             certified, spent = [(C[:, 0], _certify(whole, layers, C[:, 0]))], 0
         else:
             Y = whole.P @ C
-            norms = np.linalg.norm(Y, axis=1)
+            norms, rows = np.linalg.norm(Y, axis=1), np.linalg.norm(whole.P, axis=1)
             # a row's projection carries the rounding of the whole row, and of the found coordinates
-            err = whole.tol * np.linalg.norm(whole.P, axis=1) / 10 + 1e-6 * np.linalg.norm(whole.P, axis=1)
+            err = whole.tol * rows / 10 + 1e-6 * rows
             tol = np.maximum(ON_PLANE, 10 * err / np.maximum(norms, 1e-300))
             live = (norms > 1e-6 * norms.max()) & (tol < 1e-3)
             Wy = np.zeros_like(Y)
@@ -383,8 +388,7 @@ def _rescue(whole: _Frame, layers: _Layers, samples: list[_Sample], rng: np.rand
         draws += spent
         before = len(found)
         for q, (cert, x, kept) in certified:
-            scale = np.abs(x).max()
-            if cert < CERTIFICATE and not any(np.abs(x - o.x).max() <= 1e-4 * scale for o in samples + found):
+            if _is_new(cert, x, samples + found):
                 found.append(_Sample(cert, x, kept, whole.P @ q))
         if len(found) == before:
             break
