@@ -19,6 +19,9 @@ on fold 1 of the paper-size data and scaled by what the full stage does:
   pseudo-gradients as one local epoch), at the measured seconds per update of ``--inversions`` of them
   drawn evenly from a 200-round private run on the vectorised engine (later rounds cost more).
 
+The shadow federation and the attack run once per cell, not once per fold: the folds share them
+(``shadow.per_fold=false``, the default; ``shadow.per_fold=true`` estimates one of each per fold).
+
 Prints the stage x cell table, the total against the 2-hour target, and the stage that stands in
 the way. ``--timed-fold CORPUS ALGORITHM`` then runs that cell's fold 0 at paper size through
 ``fed-ser-experiment`` and prints the estimate beside the measured time (target: within 25%), stage
@@ -46,7 +49,7 @@ from attacks.inference.train import train_attack
 from fed_ser.core.schedule import clients_per_round
 from fed_ser.data.federated import FederatedData
 from fed_ser.data.synthetic import PAPER_CORPORA
-from fed_ser.experiments.attack import attack_config, recover_batches, threat_model
+from fed_ser.experiments.attack import attack_config, recover_batches, shadow_fold, threat_model
 from fed_ser.experiments.cli import run_fl, run_vectorized_fl
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import corpus_source, prepare
@@ -152,10 +155,15 @@ def main() -> None:
                                                              args.inversions, Path(tmp),
                                                              serial_reference=not cells and algorithm == "fedsgd")
     stages = ("prepare", "private", "shadow", "attack", "invert")
+    # how many times a cell runs each stage: the folds share one shadow federation and attack (shadow_fold)
+    shared = shadow_fold(base, 1) == 0
+    runs = {st: 1 if shared and st in ("shadow", "attack") else FOLDS for st in stages}
     est = {epochs: {c: stage_seconds(m, epochs) for c, m in cells.items()} for epochs in (MAX_EPOCHS, args.typical_epochs)}
-    totals = {e: t_corpora + FOLDS * sum(sum(s.values()) for s in by_cell.values()) for e, by_cell in est.items()}
-    by_stage = {e: {st: FOLDS * sum(s[st] for s in by_cell.values()) for st in stages} for e, by_cell in est.items()}
-    rows = [("one-time synthesis + extraction", f"{t_corpora / 60:.1f} min (cached after the first run)")]
+    by_stage = {e: {st: runs[st] * sum(s[st] for s in by_cell.values()) for st in stages} for e, by_cell in est.items()}
+    totals = {e: t_corpora + sum(v.values()) for e, v in by_stage.items()}
+    rows = [("one-time synthesis + extraction", f"{t_corpora / 60:.1f} min (cached after the first run)"),
+            ("runs per cell", ", ".join(f"{st} x{n}" for st, n in runs.items()) + " (shadow.per_fold="
+             f"{str(bool(base.shadow.per_fold)).lower()})")]
     for c, s in est[args.typical_epochs].items():
         m = cells[c]
         rows.append((c, " ".join(f"{st} {s[st]:.0f}s" for st in stages)
@@ -170,7 +178,7 @@ def main() -> None:
         worst = max(by_stage[e], key=by_stage[e].get)
         rows.append((f"grid, attack {e:g} epochs", f"{totals[e] / 3600:.2f} h  (target <= 2 h); largest stage: {worst} "
                                                    f"{by_stage[e][worst] / 3600:.2f} h"))
-    numbers = {"cells": cells, "corpora_s": t_corpora, "estimate_s": {str(e): t for e, t in totals.items()},
+    numbers = {"cells": cells, "corpora_s": t_corpora, "runs_per_cell": runs, "estimate_s": {str(e): t for e, t in totals.items()},
                "by_stage_s": {str(e): v for e, v in by_stage.items()}, "measure_s": time.perf_counter() - t0}
     if args.timed_fold:
         corpus, algorithm = args.timed_fold

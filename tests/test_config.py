@@ -131,3 +131,12 @@ def test_a_bad_inversion_setting_stops_the_experiment_before_its_folder_exists(t
     with pytest.raises(ConfigError, match=rf"^attack\.feature_space\.{key}: .*>= 0"):
         run_experiment(cfg)
     assert not (tmp_path / "cell").exists()
+
+
+def test_a_non_boolean_shadow_per_fold_stops_the_experiment_before_its_folder_exists(tmp_path):
+    from fed_ser.experiments.attack import run_experiment
+
+    cfg = load_config([f"out_dir={tmp_path / 'cell'}", "shadow.per_fold=sometimes"], "experiment")
+    with pytest.raises(ConfigError, match=r"^shadow\.per_fold: must be true or false, got 'sometimes'"):
+        run_experiment(cfg)
+    assert not (tmp_path / "cell").exists()

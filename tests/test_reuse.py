@@ -64,3 +64,38 @@ def test_changing_any_setting_that_defines_a_run_never_reuses_the_old_run(cell):
         assert runs, f"{setting}: the finished runs were reused"
         assert not set(runs) & set(first), f"{setting}: a run of other settings was written over"
     assert cell("fl.round_timeout=5") == []  # operational settings do not define a run
+
+
+def test_folds_share_one_shadow_federation_and_attack_unless_per_fold(corpora, feature_cache, tmp_path, monkeypatch):
+    """The folds split the private corpus's speakers; the attacker's corpora do not depend on them. By
+    default fold 1 evaluates the shadow federation and the CNN of fold 0 (trained once); with
+    shadow.per_fold=true it trains its own. Fold 0's results are the same either way."""
+    import fed_ser.experiments.attack as experiment
+
+    trained = []
+    real = experiment.train_attack
+    monkeypatch.setattr(experiment, "train_attack", lambda store, *a, **k: trained.append(store.path) or real(store, *a, **k))
+    base = [f"data.root={corpora}", "data.scale=0.05", "data.seed=3", f"data.cache={feature_cache}",
+            f"data.prepared_dir={tmp_path / 'prepared'}", "shards.iemocap=2", "shards.msp_improv=2", "fl.rounds=4",
+            "private_engine=vectorised", "attack.max_epochs=1", "attack.feature_space.enabled=false",
+            "attack.with_control=false", "folds=[0,1]"]
+    res = {}
+    for per_fold in ("false", "true"):
+        out = tmp_path / f"per-fold-{per_fold}"
+        n = len(trained)
+        experiment.main(base + [f"shadow.per_fold={per_fold}", f"out_dir={out}"])
+        res[per_fold] = json.loads((out / "results.json").read_text())
+        shadow_runs = sorted(p.relative_to(out).parts[0] for p in out.glob("fold*/shadow-*"))
+        folds = res[per_fold]["folds"]
+        if per_fold == "false":
+            assert len(trained) - n == 1 and shadow_runs == ["fold0"]
+            assert [f["shadow_fold"] for f in folds] == [0, 0]
+            assert folds[0]["attack_history"] == folds[1]["attack_history"]
+            assert "serve every fold" in (out / "report.md").read_text()
+        else:
+            assert len(trained) - n == 2 and shadow_runs == ["fold0", "fold1"]
+            assert [f["shadow_fold"] for f in folds] == [0, 1]
+        assert folds[0]["private_updates"] and folds[1]["private_updates"]
+    same, own = res["false"]["folds"], res["true"]["folds"]
+    assert same[0]["attacks"] == own[0]["attacks"] and same[0]["attack_history"] == own[0]["attack_history"]
+    assert same[1]["attacks"] != own[1]["attacks"]  # fold 1 attacked with another shadow federation's CNN

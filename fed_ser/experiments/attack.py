@@ -11,6 +11,13 @@ and evaluation on the private updates. Where the attacker's data come from is ``
   seeded, gender-balanced split of each fold's training speakers, ``shadow.speaker_share``);
 * ``synthetic``: the synthetic corpora only, whatever ``data.roots`` says.
 
+The folds are the private corpus's speaker-independent SER splits; the attacker's corpora do not
+depend on them. So under ``corpora`` and ``synthetic`` one shadow federation (on the attacker's
+corpora's fold 0) and one attack CNN serve every fold (``shadow.per_fold=false``, the default); the
+attack is then trained once per cell and evaluated on each fold's private updates.
+``shadow.per_fold=true`` trains each fold's own, on the attacker's corpora's same fold.
+``speakers`` always does: its attacker holds a share of each fold's own training speakers.
+
 Every attack is scored with its ASR and 95% interval (bootstrap over attacked clients), ROC AUC
 and TPR at 10% / 1% FPR, per fold and pooled over the folds' clients.
 ``attack.with_control=true`` also trains every attack on shuffled shadow genders (it must fall to
@@ -88,9 +95,18 @@ def check_threat_model(cfg: DictConfig) -> CorpusSource:
         raise ConfigError(f"shadow.mode: {str(cfg.shadow.mode)!r} is not one of {SHADOW_MODES}")
     if not 0.0 < float(cfg.shadow.share) <= 1.0:
         raise ConfigError(f"shadow.share: must be in (0, 1], got {float(cfg.shadow.share)}")
+    if not isinstance(cfg.shadow.get("per_fold"), bool):
+        raise ConfigError(f"shadow.per_fold: must be true or false, got {cfg.shadow.get('per_fold')!r}")
     _workers(cfg, 0)  # a wrong attack.feature_space.workers or ransac_stall stops here, not after the federations
     _stall(cfg)
     return corpus_source(cfg, str(cfg.private))
+
+
+def shadow_fold(cfg: DictConfig, fold: int) -> int:
+    """The fold of the attacker's data that private fold ``fold`` is attacked with: the fold itself under
+    ``shadow.per_fold=true`` or ``shadow.mode=speakers`` (whose attacker holds that fold's own training
+    speakers), else fold 0, so that every fold shares one shadow federation and one attack."""
+    return fold if bool(cfg.shadow.per_fold) or str(cfg.shadow.mode) == "speakers" else 0
 
 
 def threat_model(cfg: DictConfig, fold: int) -> ThreatModel:
@@ -110,7 +126,7 @@ def threat_model(cfg: DictConfig, fold: int) -> ThreatModel:
     else:  # synthetic: the attacker has only the synthetic corpora (never the private corpus' own data)
         shadow_src = [corpus_source(cfg, c, synthetic=True) for c in PAPER_CORPORA if not (src.synthetic and c == private)]
     priv = prepare(cfg, [src], fold)
-    shadow = prepare(cfg, shadow_src, fold, train_share=share,
+    shadow = prepare(cfg, shadow_src, shadow_fold(cfg, fold), train_share=share,
                      tag="shadow-" + "+".join(s.corpus + ("-synthetic" if s.synthetic else "") for s in shadow_src))
     return ThreatModel(mode, src.label, tuple(s.label for s in shadow_src), priv, shadow)
 
@@ -250,26 +266,39 @@ def _run_attacks(cfg: DictConfig, fold: int, shadow_store: UpdateStore, s_update
                  priv_store: UpdateStore, p_updates: list, p_labels: np.ndarray, suffix: str = "",
                  shadow_data: FederatedData | None = None, recovered: list[Recovered] | None = None,
                  cnn: bool = True, aggregates: dict[str, list[tuple[RoundAggregate, Recovered]]] | None = None,
-                 client_gender: np.ndarray | None = None) -> FoldAttacks:
-    """Train every enabled attack on the shadow updates and evaluate it on the private ones."""
+                 client_gender: np.ndarray | None = None, trained: dict | None = None) -> FoldAttacks:
+    """Train every enabled attack on the shadow updates and evaluate it on the private ones.
+
+    ``trained`` holds the attacks already trained in this cell, by shadow store and labels: a fold whose
+    shadow federation is another fold's (:func:`shadow_fold`) evaluates that fold's CNN and profile
+    attack instead of training them again."""
+    trained = {} if trained is None else trained
+    key = (str(shadow_store.path), hashlib.sha256(s_labels.tobytes()).hexdigest()) if shadow_store is not None else None
     acfg = attack_config(cfg)
     trials, seed, pools = int(cfg.attack.trials), int(cfg.attack.seed), [int(k) for k in cfg.attack.pool_rounds]
     clients = np.array([u.client for u in p_updates]) + fold * FOLD_KEY
     ev, layers, weights, history = {}, {}, {}, []
     if cnn:
-        print(f"[attack] fold {fold}: CNN on {len(s_updates)} shadow updates, layers {acfg.layers}{suffix}", flush=True)
-        trained = train_attack(shadow_store, s_updates, s_labels, acfg)
-        fused, per_layer = predict(trained.model, UpdateDataset(priv_store, p_updates, p_labels, acfg.layers, trained.stats))
+        if ("cnn", *key) in trained:
+            print(f"[attack] fold {fold}: the CNN trained on these {len(s_updates)} shadow updates{suffix}", flush=True)
+        else:
+            print(f"[attack] fold {fold}: CNN on {len(s_updates)} shadow updates, layers {acfg.layers}{suffix}", flush=True)
+            trained["cnn", *key] = train_attack(shadow_store, s_updates, s_labels, acfg)
+        cnn_attack = trained["cnn", *key]
+        fused, per_layer = predict(cnn_attack.model, UpdateDataset(priv_store, p_updates, p_labels, acfg.layers, cnn_attack.stats))
         ev[f"cnn{suffix}"] = evaluate_attack(lambda idx: float(fused[idx].mean()), fused, clients, p_labels,
                                              trials=trials, pool_rounds=pools, seed=seed)
         layers = {l: float(np.mean(list(evaluate_attack(lambda idx, p=p: float(p[idx].mean()), p, clients, p_labels,
                                                         trials=trials, seed=seed).success["1"].values())))
                   for l, p in per_layer.items()}
-        weights, history = dict(zip(acfg.layers, trained.model.fusion_weights.tolist())), trained.history
+        weights, history = dict(zip(acfg.layers, cnn_attack.model.fusion_weights.tolist())), cnn_attack.history
     pc = cfg.attack.profile
     if pc.enabled and s_updates and p_updates:
         layer = str(pc.layer)
-        attack = train_profile_attack(update_profiles(shadow_store, s_updates, layer), s_labels, layer, float(pc.l2))
+        if ("profile", *key) not in trained:
+            trained["profile", *key] = train_profile_attack(update_profiles(shadow_store, s_updates, layer), s_labels, layer,
+                                                            float(pc.l2))
+        attack = trained["profile", *key]
         profiles = update_profiles(priv_store, p_updates, layer)
         ev[f"profile{suffix}"] = evaluate_attack(pooled_scorer(attack, profiles), attack.p_female(profiles), clients,
                                                  p_labels, trials=trials, pool_rounds=pools, seed=seed)
@@ -378,8 +407,9 @@ def signal_probes(signals: list[dict], seed: int = 0) -> dict:
             "clients": int(len(S["label"])), "speakers": int(len(speakers))}
 
 
-def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
-    """Private training, shadow training, attack training and evaluation for one fold."""
+def run_fold(cfg: DictConfig, fold: int, out: Path, trained: dict | None = None) -> tuple[dict, FoldAttacks]:
+    """Private training, shadow training, attack training and evaluation for one fold; ``trained``: the
+    attacks the cell's earlier folds trained (see :func:`_run_attacks`)."""
     t0 = time.perf_counter()
     tm = threat_model(cfg, fold)
     secagg = bool(cfg.fl.secagg)
@@ -394,7 +424,8 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
             # Flower's DP runs inside Flower only: the attacker's in-process shadow federations train without it
             # (the feature-space attack needs no shadow federation; the CNN and profile attacks are then the weaker)
             shadow_cfg = OmegaConf.merge(cfg, {"flower_dp": {"mode": "none"}})
-        shadow_fl = train_recorded(shadow_cfg, tm.shadow_data, out / f"fold{fold}", "shadow", str(cfg.shadow.engine))
+        shadow_fl = train_recorded(shadow_cfg, tm.shadow_data, out / f"fold{shadow_fold(cfg, fold)}", "shadow",
+                                   str(cfg.shadow.engine))
     t_fl = time.perf_counter() - t0
 
     shadow_store, s_updates, s_labels = None, [], np.zeros(0, dtype=np.int64)
@@ -432,7 +463,7 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
     attacks = _run_attacks(cfg, fold, shadow_store, s_updates,
                            _shuffled_genders(s_updates, s_labels, seed) if control else s_labels,
                            priv_store, p_updates, p_labels, shadow_data=shadow_for_attack, recovered=recovered,
-                           cnn=cnn, aggregates=views, client_gender=priv_data.client_gender)
+                           cnn=cnn, aggregates=views, client_gender=priv_data.client_gender, trained=trained)
     attacks.inversion, attacks.aggregate = inversion, aggregate
     if recovered is not None and not control:
         attacks.signal = client_signal(priv_data, p_updates, recovered, fold)
@@ -442,12 +473,13 @@ def run_fold(cfg: DictConfig, fold: int, out: Path) -> tuple[dict, FoldAttacks]:
         runs = [_run_attacks(cfg, fold, shadow_store, s_updates, _shuffled_genders(s_updates, s_labels, seed + i),
                              priv_store, p_updates, p_labels, suffix="-control",
                              shadow_data=_shuffled_client_genders(shadow_data, seed + i), recovered=recovered, cnn=cnn and i == 0,
-                             aggregates=views, client_gender=priv_data.client_gender)
+                             aggregates=views, client_gender=priv_data.client_gender, trained=trained)
                 for i in range(_control_permutations(cfg))]
         for name in runs[0].evaluations:
             attacks.evaluations[name] = average_evaluations([r.evaluations[name] for r in runs if name in r.evaluations])
     result = {
         "fold": fold, "private": tm.private, "shadow": list(tm.shadow), "shadow_mode": tm.mode,
+        "shadow_fold": shadow_fold(cfg, fold),
         "threat_model": tm.describe(), "algorithm": cfg.fl.algorithm, "features": cfg.features.name, "control": control,
         "ser": {"test_acc": priv_fl["selected"]["test_acc"], "test_uar": priv_fl["selected"]["test_uar"],
                 "final_test_uar": priv_fl["final"]["test_uar"]},
@@ -489,9 +521,9 @@ def run_experiment(cfg: DictConfig) -> dict:
     suffix = "-control" if cfg.attack.control else ""  # the control shares the FL runs, not the report
     atomic_write_text(out / f"config{suffix}.yaml", OmegaConf.to_yaml(cfg))
     t0 = time.perf_counter()
-    folds, evaluations, signals = [], {}, []
+    folds, evaluations, signals, trained = [], {}, [], {}
     for fold in cfg.folds:
-        result, attacks = run_fold(cfg, int(fold), out)
+        result, attacks = run_fold(cfg, int(fold), out, trained)
         folds.append(result)
         if attacks.signal is not None:
             signals.append(attacks.signal)

@@ -179,8 +179,15 @@ def write_run_report(out: Path, summary: dict, suffix: str = "") -> None:
     """``results<suffix>.csv``, ``report<suffix>.md``, ``asr<suffix>.png`` and ``roc<suffix>.png`` for one cell."""
     atomic_write_text(out / f"results{suffix}.csv", _csv(_fold_rows(summary)))
     folds = ", ".join(str(f["fold"]) for f in summary["folds"])
+    shadow_folds = sorted({f.get("shadow_fold", f["fold"]) for f in summary["folds"]})
+    if summary["shadow_mode"] == "speakers" or len(summary["folds"]) == 1:
+        shared = ""
+    elif len(shadow_folds) < len(summary["folds"]):
+        shared = f" One shadow federation and attack (the attacker's fold {shadow_folds[0]}) serve every fold."
+    else:
+        shared = " Each fold trains its own shadow federation and attack (`shadow.per_fold=true`)."
     head = (f"# fed-ser attack report: private {summary['private_corpus']}, {summary['algorithm']}, "
-            f"{summary['features']}\n\n{summary['threat_model']}.\n\nFolds: {folds}. Wall time "
+            f"{summary['features']}\n\n{summary['threat_model']}.\n\nFolds: {folds}.{shared} Wall time "
             f"{summary['wall_seconds']:.0f} s.\n\n![ASR](asr{suffix}.png)\n\n![ROC](roc{suffix}.png)\n\n")
     atomic_write_text(out / f"report{suffix}.md", head + _tables([summary]) + _signal_section(summary))
     _figure(out / f"asr{suffix}.png", [summary])
