@@ -22,7 +22,7 @@ from fed_ser.core.model import build_model
 from fed_ser.core.schedule import clients_per_round
 from fed_ser.data.federated import FederatedData
 from fed_ser.engines.inprocess import run_inprocess
-from fed_ser.experiments.cli import run_fl, run_settings
+from fed_ser.experiments.cli import run_fl, run_settings, seconds_per_round
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         t = time.perf_counter()
         res = run_fl(cfg, path, f"{tmp}/flower")
         flower_total = time.perf_counter() - t
-        flower_rounds = res["wall_seconds"]
+        flower_rounds = seconds_per_round(res) * int(cfg.fl.rounds)  # the rounds: not the nodes' discovery
         s = run_settings(cfg, path, "")
         t = time.perf_counter()
         ref = run_inprocess(data, s)

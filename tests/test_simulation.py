@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fed_ser.data.federated import FederatedData
-from fed_ser.experiments.cli import load_config, run_fl, run_vectorized_fl
+from fed_ser.experiments.cli import load_config, run_fl, run_vectorized_fl, seconds_per_round
 from fed_ser.experiments.prepare import prepare
 from fed_ser.recording.store import UpdateStore, max_difference
 
@@ -30,6 +30,8 @@ def test_short_fedsgd_simulation_records_every_update_and_resumes(cfg_and_data, 
     assert [r["round"] for r in res["rounds"]] == [1, 2, 3]
     assert all(r["sampled"] == 4 == r["replies"] for r in res["rounds"])  # 25% of 16
     assert res["final"]["round"] == 3 and 0.0 <= res["final"]["test_uar"] <= 1.0
+    assert 0 < res["discover_seconds"] < res["wall_seconds"]  # the nodes' start is timed apart from the rounds
+    assert seconds_per_round(res) == pytest.approx((res["wall_seconds"] - res["discover_seconds"]) / 3)
     store = UpdateStore(out / "updates")
     assert len(store) == 12
     partitions = {r.client for r in store.updates()}
@@ -42,6 +44,7 @@ def test_short_fedsgd_simulation_records_every_update_and_resumes(cfg_and_data, 
     cfg.fl.rounds = 5
     res2 = run_fl(cfg, prepared, str(out), str(out / "updates"))
     assert [r["round"] for r in res2["rounds"]] == [1, 2, 3, 4, 5]
+    assert res2["rounds_run"] == 2  # its seconds a round are over the two rounds it ran
     assert "test_uar" in res2["rounds"][1] and res2["rounds"][1]["test_uar"] == res["rounds"][1]["test_uar"]
     store = UpdateStore(out / "updates")
     assert len(store) == 20

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fed_ser.experiments.cli import run_settings
+from fed_ser.experiments.cli import run_settings, seconds_per_round
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import prepare
 from fed_ser.io import atomic_write_json
@@ -388,7 +388,8 @@ def deploy(cfg) -> dict:
         print(res.stdout[-2000:], flush=True)
     dep = json.loads((out / "deployment" / "results.json").read_text())
     privacy = dep.get("privacy") or {}
-    report["deployment"] = {"wall_seconds": dep["wall_seconds"], "seconds_per_round": dep["wall_seconds"] / s.rounds,
+    report["deployment"] = {"wall_seconds": dep["wall_seconds"], "discover_seconds": dep.get("discover_seconds"),
+                            "seconds_per_round": seconds_per_round(dep),
                             "final": dep["final"], "short_rounds": dep.get("short_rounds"),
                             "recorded_updates": dep.get("recorder", {}).get("updates"), "secagg": s.secagg,
                             "privacy": {k: privacy.get(k) for k in ("mode", "spent_epsilon_max", "delta", "epsilon_server",
@@ -399,12 +400,14 @@ def deploy(cfg) -> dict:
         sim = replace(s, out_dir=str(out / "simulation"), recorder_dir=str(out / "simulation" / "updates"))
         simulate(sim, nodes, cpus_per_client=float(cfg.simulation.cpus_per_client))
         res_sim = json.loads((out / "simulation" / "results.json").read_text())
-        report["simulation"] = {"wall_seconds": res_sim["wall_seconds"], "seconds_per_round": res_sim["wall_seconds"] / s.rounds,
+        report["simulation"] = {"wall_seconds": res_sim["wall_seconds"], "discover_seconds": res_sim.get("discover_seconds"),
+                                "seconds_per_round": seconds_per_round(res_sim),
                                 "final": res_sim["final"]}
         report["deployment_vs_simulation"] = report["deployment"]["seconds_per_round"] / report["simulation"]["seconds_per_round"]
     atomic_write_json(out / "deploy.json", report)
     transport = "an unencrypted connection (deploy.insecure=true: no TLS, no node authentication)" if d.insecure else "HTTPS"
-    line = f"[deploy] {report['deployment']['seconds_per_round']:.2f} s/round over {transport}" + (" with SecAgg+" if s.secagg else "")
+    line = (f"[deploy] {report['deployment']['seconds_per_round']:.2f} s/round over {transport} "
+            f"(after {report['deployment']['discover_seconds'] or 0:.1f} s for the nodes' first replies)") + (" with SecAgg+" if s.secagg else "")
     if privacy:
         line += f", {privacy['mode']}: epsilon {privacy['spent_epsilon_max']:.2f} at delta {privacy['delta']}"
     if "simulation" in report:

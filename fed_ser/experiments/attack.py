@@ -50,7 +50,7 @@ from attacks.inference.profile import pooled_scorer, train_profile_attack, updat
 from attacks.inference.train import AttackConfig, predict, train_attack
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.data.synthetic import PAPER_CORPORA
-from fed_ser.experiments.cli import console, expand_overrides, load_config, run_fl, run_settings, run_vectorized_fl
+from fed_ser.experiments.cli import console, expand_overrides, load_config, run_fl, run_settings, run_vectorized_fl, seconds_per_round
 from fed_ser.experiments.prepare import CorpusSource, corpus_source, prepare
 from fed_ser.experiments.report import write_defense_report, write_grid_report, write_run_report
 from fed_ser.io import atomic_write_json, atomic_write_text
@@ -495,7 +495,7 @@ def run_fold(cfg: DictConfig, fold: int, out: Path, trained: dict | None = None)
                     "flower_dp_mode": str(cfg.flower_dp.mode), "flower_dp_noise": float(cfg.flower_dp.noise_multiplier),
                     "flower_dp_clip": float(cfg.flower_dp.clip), "flower_dp_epsilon": float(cfg.flower_dp.epsilon),
                     "privacy": {k: v for k, v in (priv_fl.get("privacy") or {}).items() if k != "clients"}},
-        "seconds_per_round": priv_fl["wall_seconds"] / max(len(priv_fl["rounds"]), 1) if "wall_seconds" in priv_fl else None,
+        "seconds_per_round": seconds_per_round(priv_fl),
         "inversion": attacks.inversion,
         "aggregate": attacks.aggregate,
         "attack_history": attacks.history,

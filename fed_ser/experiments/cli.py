@@ -51,6 +51,17 @@ def run_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = ""
     return json.loads(results_path.read_text())
 
 
+def seconds_per_round(results: dict) -> float | None:
+    """A run's seconds a round from its results.json: the rounds' own time, without the nodes' discovery
+    (Ray's actors or the SuperNodes starting, and each client's first message: once a run, ~5 s for 80
+    simulated clients), so that a 20-round measurement scales to 200 rounds; over the rounds this
+    process ran (a resumed run's earlier rounds are in its history, not in its wall time)."""
+    if "wall_seconds" not in results:
+        return None
+    rounds = results.get("rounds_run") or len(results.get("rounds") or ()) or int((results.get("final") or {}).get("round") or 0)
+    return (results["wall_seconds"] - results.get("discover_seconds", 0.0)) / max(rounds, 1)
+
+
 def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = "") -> dict:
     """The same FL run on the vectorised in-process engine (the attacker's shadow training).
 

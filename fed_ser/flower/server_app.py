@@ -109,6 +109,7 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
     try:
         remaining = s.rounds - start_round
         client_nodes = discover_clients(grid, n_clients, Path(s.prepared).name) if remaining > 0 else {}
+        t_discover = time.perf_counter() - t0  # the nodes' start and first message: once a run, not a round's cost
         if s.secagg:  # the server's recorder gets what SecAgg+ gives it: global models and unmasked sums
             strategy = ScheduledSecAgg(s, n_clients, client_nodes, {k: v.numpy() for k, v in model.state_dict().items()},
                                        on_round=lambda rnd, params: evaluate_fn(rnd - start_round, numpy_to_arrays(params)),
@@ -162,7 +163,7 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
     best = max(half, key=lambda r: r["val_uar"]) if half else last
     results = {
         "settings": s.to_run_config(), "num_clients": n_clients,
-        "wall_seconds": time.perf_counter() - t0, "rounds": history,
+        "wall_seconds": time.perf_counter() - t0, "discover_seconds": t_discover, "rounds_run": remaining, "rounds": history,
         "final": {"test_acc": last.get("test_acc"), "test_uar": last.get("test_uar"), "round": last.get("round")},
         "selected": {"round": best.get("round"), "val_uar": best.get("val_uar"), "test_acc": best.get("test_acc"), "test_uar": best.get("test_uar")},
         "short_rounds": [r["round"] for r in history if r["replies"] < r["sampled"]],
