@@ -123,7 +123,7 @@ def test_synthetic_gender_style_default_matches_the_generator_and_bad_values_nam
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
-@pytest.mark.parametrize("key", ["workers", "ransac_stall"])
+@pytest.mark.parametrize("key", ["workers", "ransac_stall", "ransac_give_up"])
 def test_a_bad_inversion_setting_stops_the_experiment_before_its_folder_exists(tmp_path, key):
     from fed_ser.experiments.attack import run_experiment
 

@@ -105,6 +105,54 @@ def test_a_mixture_of_two_samples_normals_fails_the_certificate(setting):
     assert max(certs) < 1e-3 < 0.05 < mixed
 
 
+def test_the_certificate_screen_rules_out_only_masks_the_exact_certificate_rejects(setting):
+    """The Gram-matrix screen in front of the exact certificate: every mask it rules out certifies
+    above the threshold (by its 10x margin), the true samples' masks pass, and it rules out most
+    masks that are no sample's (else it would save nothing)."""
+    from attacks.inference.inversion import CERTIFICATE, _certify_exact, _Frame, _Layers, _may_certify, _thin_svd
+
+    grad, params, X, _ = _batch(setting, 20, seed=20)
+    G1 = np.concatenate([grad["dense1.weight"], grad["dense1.bias"][:, None]], 1).astype(np.float64)
+    U, S, Vt = _thin_svd(G1)
+    R2 = _thin_svd(grad["dense2.weight"].astype(np.float64))[2][:20].T
+    frame, layers = _Frame(U[:, :20], S[:20], Vt[:20].T, float(S[20]), R2), _Layers(params, 0.2)
+    frame.W1V = layers.W1 @ frame.V
+    A = np.concatenate([X, np.ones((20, 1))], 1) @ frame.V
+    normals = np.array([np.linalg.svd(np.delete(A, i, 0))[2][-1] for i in range(20)])
+    rng = np.random.default_rng(0)
+    mixed = normals[rng.integers(0, 20, 300)] + normals[rng.integers(0, 20, 300)] * rng.uniform(0.1, 1, (300, 1))
+    masks = [frame.live & (np.abs(Q @ frame.W.T) >= frame.tol) for Q in (normals, mixed)]
+    masks.append(frame.live & (rng.random((300, len(frame.W))) < 0.5))  # random sets of units
+    kept = np.concatenate(masks)
+    hope = _may_certify(frame, kept)
+    exact = np.array([c for c, _, _ in _certify_exact(frame, kept)])
+    assert hope[:20].all() and (exact[:20] < CERTIFICATE).all()
+    assert (exact[~hope] > 9 * CERTIFICATE).all(), exact[~hope].min()
+    assert (~hope[20:]).mean() > 0.9, (~hope[20:]).mean()
+
+
+def test_a_fruitless_pass_over_a_residual_gives_up_and_a_first_pass_does_not(setting):
+    """``give_up``: a pass with samples already known that finds nothing stops after that many draws
+    (the undeflated search takes over); a first pass, with nothing known, draws its budget."""
+    from attacks.inference.inversion import _Frame, _Layers, _Sample, _search, _thin_svd
+
+    _, params, _, _ = _batch(setting, 8)
+    rng = np.random.default_rng(1)
+    G1 = rng.standard_normal((256, 6)) @ rng.standard_normal((6, params["dense1.weight"].shape[1] + 1))  # no sample's planes
+    U, S, Vt = _thin_svd(G1)
+    R2 = np.linalg.qr(rng.standard_normal((256, 6)))[0]
+    layers = _Layers(params, 0.2)
+    known = [_Sample(1e-8, np.ones(G1.shape[1]), np.ones(256, dtype=bool), np.ones(256))]
+
+    def search(known, give_up):
+        return _search(_Frame(U[:, :6], S[:6], Vt[:6].T, 1e-12, R2), layers, known, np.random.default_rng(0), 6000,
+                       stall=500, give_up=give_up)
+
+    assert search(known, 1000) == ([], 1000)
+    assert search(known, 0) == ([], 6000)
+    assert search([], 1000) == ([], 6000)
+
+
 
 def test_stacked_normals_are_the_null_vectors_of_each_masked_set_of_rows():
     from attacks.inference.inversion import _normals_of

@@ -97,8 +97,9 @@ def check_threat_model(cfg: DictConfig) -> CorpusSource:
         raise ConfigError(f"shadow.share: must be in (0, 1], got {float(cfg.shadow.share)}")
     if not isinstance(cfg.shadow.get("per_fold"), bool):
         raise ConfigError(f"shadow.per_fold: must be true or false, got {cfg.shadow.get('per_fold')!r}")
-    _workers(cfg, 0)  # a wrong attack.feature_space.workers or ransac_stall stops here, not after the federations
+    _workers(cfg, 0)  # a wrong attack.feature_space.workers, ransac_stall or ransac_give_up stops here, not after the federations
     _stall(cfg)
+    _give_up(cfg)
     return corpus_source(cfg, str(cfg.private))
 
 
@@ -217,6 +218,14 @@ def _stall(cfg: DictConfig) -> int:
     return stall
 
 
+def _give_up(cfg: DictConfig) -> int:
+    give_up = int(cfg.attack.feature_space.ransac_give_up)
+    if give_up < 0:
+        raise ConfigError(f"attack.feature_space.ransac_give_up: must be >= 0 (0: a fruitless pass draws its whole budget), "
+                          f"got {give_up}")
+    return give_up
+
+
 def _workers(cfg: DictConfig, jobs: int) -> int:
     try:
         return inversion_workers(int(cfg.attack.feature_space.workers), jobs)
@@ -243,7 +252,7 @@ def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: in
             yield InversionJob(store.attack_input(u), params, batch, (seed, u.round, u.client))
 
     out = invert_all(jobs(), float(cfg.model.dropout), ransac_draws=int(cfg.attack.feature_space.ransac_draws),
-                     stall=_stall(cfg), workers=_workers(cfg, len(updates)))
+                     stall=_stall(cfg), give_up=_give_up(cfg), workers=_workers(cfg, len(updates)))
     return list(tqdm(out, total=len(updates), desc="inverting updates", unit="update", mininterval=5))
 
 
@@ -349,7 +358,8 @@ def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, 
     fs = cfg.attack.feature_space
     draws = int(fs.ransac_draws if fs.get("aggregate_ransac_draws") is None else fs.aggregate_ransac_draws)
     inverted = invert_all((InversionJob(a.update, a.params, a.batch_size, (seed + 7, a.round)) for a in aggs),
-                          float(cfg.model.dropout), ransac_draws=draws, stall=_stall(cfg), workers=_workers(cfg, len(aggs)))
+                          float(cfg.model.dropout), ransac_draws=draws, stall=_stall(cfg), give_up=_give_up(cfg),
+                          workers=_workers(cfg, len(aggs)))
     out = list(zip(aggs, tqdm(inverted, total=len(aggs), desc="inverting round aggregates", unit="round", mininterval=5)))
     female = {p: data.client_gender[p] == "F" for a in aggs for p in a.clients}
     found = sum(len(r.inputs) for _, r in out)
