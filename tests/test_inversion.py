@@ -131,6 +131,29 @@ def test_the_certificate_screen_rules_out_only_masks_the_exact_certificate_rejec
     assert (~hope[20:]).mean() > 0.9, (~hope[20:]).mean()
 
 
+def test_only_planes_that_may_certify_get_their_exact_normals(setting):
+    """The candidate planes' normals: the true samples' planes get the exact normal (as
+    :func:`_normals_of` computes it), and a plane left without one certifies above the threshold."""
+    from attacks.inference.inversion import CERTIFICATE, _certify_exact, _Frame, _Layers, _normals_of, _normals_worth_certifying, _thin_svd
+
+    grad, params, X, _ = _batch(setting, 20, seed=20)
+    G1 = np.concatenate([grad["dense1.weight"], grad["dense1.bias"][:, None]], 1).astype(np.float64)
+    U, S, Vt = _thin_svd(G1)
+    R2 = _thin_svd(grad["dense2.weight"].astype(np.float64))[2][:20].T
+    frame, layers = _Frame(U[:, :20], S[:20], Vt[:20].T, float(S[20]), R2), _Layers(params, 0.2)
+    A = np.concatenate([X, np.ones((20, 1))], 1) @ frame.V
+    normals = np.array([np.linalg.svd(np.delete(A, i, 0))[2][-1] for i in range(20)])
+    on = (np.abs(normals @ frame.W.T) < frame.tol) & frame.live  # the rows on each sample's plane
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([on, frame.live & (rng.random((200, len(frame.W))) < 0.5)])
+    worth, exact = _normals_worth_certifying(frame, layers, frame.W, rows), _normals_of(frame.W, rows)
+    assert all(q is not None and min(np.abs(q - e).max(), np.abs(q + e).max()) < 1e-12 for q, e in zip(worth[:20], exact))
+    left = [k for k, q in enumerate(worth) if q is None]
+    assert len(left) > 180, len(left)  # the random planes: screened out
+    Q = np.array([exact[k] for k in left])
+    assert all(c > 9 * CERTIFICATE for c, _, _ in _certify_exact(frame, frame.live & (np.abs(Q @ frame.W.T) >= frame.tol)))
+
+
 def test_a_fruitless_pass_over_a_residual_gives_up_and_a_first_pass_does_not(setting):
     """``give_up``: a pass with samples already known that finds nothing stops after that many draws
     (the undeflated search takes over); a first pass, with nothing known, draws its budget."""
