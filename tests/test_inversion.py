@@ -116,7 +116,7 @@ def test_the_certificate_screen_rules_out_only_masks_the_exact_certificate_rejec
     U, S, Vt = _thin_svd(G1)
     R2 = _thin_svd(grad["dense2.weight"].astype(np.float64))[2][:20].T
     frame, layers = _Frame(U[:, :20], S[:20], Vt[:20].T, float(S[20]), R2), _Layers(params, 0.2)
-    frame.W1V = layers.W1 @ frame.V
+    frame.pre_activation(layers)
     A = np.concatenate([X, np.ones((20, 1))], 1) @ frame.V
     normals = np.array([np.linalg.svd(np.delete(A, i, 0))[2][-1] for i in range(20)])
     rng = np.random.default_rng(0)
