@@ -105,20 +105,28 @@ def test_a_mixture_of_two_samples_normals_fails_the_certificate(setting):
     assert max(certs) < 1e-3 < 0.05 < mixed
 
 
-def test_the_certificate_screen_rules_out_only_masks_the_exact_certificate_rejects(setting):
-    """The Gram-matrix screen in front of the exact certificate: every mask it rules out certifies
-    above the threshold (by its 10x margin), the true samples' masks pass, and it rules out most
-    masks that are no sample's (else it would save nothing)."""
-    from attacks.inference.inversion import CERTIFICATE, _certify_exact, _Frame, _Layers, _may_certify, _thin_svd
+def _frame_of_20(setting):
+    """The whole frame of a 20-sample batch's update, its layers, and the true samples' normals."""
+    from attacks.inference.inversion import _Frame, _Layers, _thin_svd
 
     grad, params, X, _ = _batch(setting, 20, seed=20)
     G1 = np.concatenate([grad["dense1.weight"], grad["dense1.bias"][:, None]], 1).astype(np.float64)
     U, S, Vt = _thin_svd(G1)
     R2 = _thin_svd(grad["dense2.weight"].astype(np.float64))[2][:20].T
     frame, layers = _Frame(U[:, :20], S[:20], Vt[:20].T, float(S[20]), R2), _Layers(params, 0.2)
-    frame.pre_activation(layers)
     A = np.concatenate([X, np.ones((20, 1))], 1) @ frame.V
     normals = np.array([np.linalg.svd(np.delete(A, i, 0))[2][-1] for i in range(20)])
+    return frame, layers, normals
+
+
+def test_the_certificate_screen_rules_out_only_masks_the_exact_certificate_rejects(setting):
+    """The Gram-matrix screen in front of the exact certificate: every mask it rules out certifies
+    above the threshold (by its 10x margin), the true samples' masks pass, and it rules out most
+    masks that are no sample's (else it would save nothing)."""
+    from attacks.inference.inversion import CERTIFICATE, _certify_exact, _may_certify
+
+    frame, layers, normals = _frame_of_20(setting)
+    frame.pre_activation(layers)
     rng = np.random.default_rng(0)
     mixed = normals[rng.integers(0, 20, 300)] + normals[rng.integers(0, 20, 300)] * rng.uniform(0.1, 1, (300, 1))
     masks = [frame.live & (np.abs(Q @ frame.W.T) >= frame.tol) for Q in (normals, mixed)]
@@ -134,15 +142,9 @@ def test_the_certificate_screen_rules_out_only_masks_the_exact_certificate_rejec
 def test_only_planes_that_may_certify_get_their_exact_normals(setting):
     """The candidate planes' normals: the true samples' planes get the exact normal (as
     :func:`_normals_of` computes it), and a plane left without one certifies above the threshold."""
-    from attacks.inference.inversion import CERTIFICATE, _certify_exact, _Frame, _Layers, _normals_of, _normals_worth_certifying, _thin_svd
+    from attacks.inference.inversion import CERTIFICATE, _certify_exact, _normals_of, _normals_worth_certifying
 
-    grad, params, X, _ = _batch(setting, 20, seed=20)
-    G1 = np.concatenate([grad["dense1.weight"], grad["dense1.bias"][:, None]], 1).astype(np.float64)
-    U, S, Vt = _thin_svd(G1)
-    R2 = _thin_svd(grad["dense2.weight"].astype(np.float64))[2][:20].T
-    frame, layers = _Frame(U[:, :20], S[:20], Vt[:20].T, float(S[20]), R2), _Layers(params, 0.2)
-    A = np.concatenate([X, np.ones((20, 1))], 1) @ frame.V
-    normals = np.array([np.linalg.svd(np.delete(A, i, 0))[2][-1] for i in range(20)])
+    frame, layers, normals = _frame_of_20(setting)
     on = (np.abs(normals @ frame.W.T) < frame.tol) & frame.live  # the rows on each sample's plane
     rng = np.random.default_rng(0)
     rows = np.concatenate([on, frame.live & (rng.random((200, len(frame.W))) < 0.5)])

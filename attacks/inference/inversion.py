@@ -191,10 +191,10 @@ def _normals_worth_certifying(frame: _Frame, layers: _Layers, W: np.ndarray, row
     get their normals exactly, by :func:`_normals_of`, and are certified.
     """
     r = W.shape[1]
-    out: list[np.ndarray | None] = [None] * len(rows)
     ok = np.flatnonzero(rows.sum(1) >= r - 1)
     if not len(ok) or frame.r == 1:
         return _normals_of(W, rows)
+    out: list[np.ndarray | None] = [None] * len(rows)
     gram = (rows[ok].astype(np.float64) @ (W[:, :, None] * W[:, None, :]).reshape(len(W), r * r)).reshape(len(ok), r, r)
     approx = np.linalg.eigh(gram)[1][:, :, 0]
     if C is not None:
