@@ -85,6 +85,7 @@ def test_hydra_overrides_reach_the_run_settings():
     ("model.dropout", 1.2, "model.dropout"),
     ("fl.rounds", "many", "fl.rounds"),
     ("fl.typo", 1, "unknown run-config keys"),
+    ("fl.poll_interval", 0.0, "fl.poll_interval"),
 ])
 def test_bad_values_name_their_key(key, value, match):
     cfg = RunSettings(prepared="x").to_run_config()
@@ -106,7 +107,8 @@ def test_checkpoint_fingerprint_ignores_operational_keys_and_inactive_defences()
     from fed_ser.recording.checkpoint import fingerprint
 
     base = fingerprint(RunSettings(prepared="a/x.npz"))
-    same = RunSettings(prepared="b/x.npz", rounds=7, round_timeout=5.0, adv_epsilon=0.3)  # folder, rounds, timeout, adv off
+    same = RunSettings(prepared="b/x.npz", rounds=7, round_timeout=5.0, poll_interval=1.0,  # folder, rounds, waits, adv off
+                       adv_epsilon=0.3)
     assert fingerprint(same) == base
     assert fingerprint(RunSettings(prepared="a/x.npz", adv_mix=0.5)) != base
     assert fingerprint(RunSettings(prepared="a/x.npz", dropout=0.4)) != base

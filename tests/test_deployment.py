@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fed_ser.data.federated import TRAIN, FederatedData
-from fed_ser.deployment.federation import LocalFederation
+from fed_ser.deployment.federation import PROJECT, LocalFederation, stage_app
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import prepare
 from fed_ser.recording.store import UpdateStore
@@ -37,9 +37,10 @@ def test_tls_authenticated_federation_runs_secagg_then_trains_records_and_outliv
     # records no update, only the round's unmasked (locally noised) sum
     secure = _settings(prepared, tmp_path / "secagg", rounds=1, nodes=3, round_timeout=120.0, secagg=True,
                        flower_dp_mode="local")
-    # the round timeout must outlast round 1 on a loaded 2-core CI box (every node starts a ClientApp
-    # process there; 12 s once left two nodes out); round 2 then waits it out for the node killed after round 1
-    s = _settings(prepared, tmp_path / "run", rounds=2, nodes=3, round_timeout=60.0)
+    # the round timeout must outlast round 1 on a loaded 2-core CI box (12 s once left two nodes out when each
+    # message's ClientApp process imported torch; forked warm, a round takes ~7 s); round 2 then waits it out
+    # for the node killed after round 1
+    s = _settings(prepared, tmp_path / "run", rounds=2, nodes=3, round_timeout=30.0)
     with LocalFederation(tmp_path / "fed", 3) as fed:
         assert fed.certs is not None and fed.keys is not None  # secure unless asked otherwise
         listed = fed.flwr("supernode", "list", "fedser").stdout
@@ -56,6 +57,10 @@ def test_tls_authenticated_federation_runs_secagg_then_trains_records_and_outliv
     assert listed  # the CLI reached the SuperLink over TLS
     for i in range(3):  # every node installed the app into its own FLWR_HOME, as separate machines would
         assert list((tmp_path / "fed" / f"supernode{i}_home" / "apps").iterdir())
+    forked = (tmp_path / "fed" / "forkserver.log").read_text()
+    # every app process was forked warm: the 2 runs' ServerApps; per node the client-id query and SecAgg+'s four
+    # stages, then the query, two trainings and the evaluation (the killed node: the query and its first training)
+    assert forked.count("flwr-serverapp as pid") == 2 and forked.count("flwr-clientapp as pid") == 3 * 5 + 2 * 4 + 2, forked
 
     assert "round 1/1: 3/3 replies" in out_secagg, out_secagg[-3000:]
     res = json.loads((tmp_path / "secagg" / "results.json").read_text())
@@ -113,3 +118,27 @@ def test_cleanup_stops_every_process_even_when_one_will_not_die(tmp_path, monkey
     monkeypatch.setattr(subprocess.Popen, "wait", real_wait)
     assert link.wait(5) is not None and stuck.wait(5) is not None  # both were killed
     assert not fed.procs and all(log.closed for log in fed.logs_open)
+
+
+def _fab_paths(folder) -> list[str]:
+    """The files Flower's own filter puts in a FAB built from ``folder`` (its walk, minus the virtual
+    environments, run outputs and git objects it would walk only to drop)."""
+    import os
+    import tomllib
+
+    from flwr.cli.build import get_filtered_fab_paths
+
+    files = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith((".venv", ".git")) and d not in ("runs", "__pycache__")]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            files[os.path.relpath(path, folder)] = path
+    config = tomllib.loads((folder / "pyproject.toml").read_text())
+    return sorted(get_filtered_fab_paths(files, config))
+
+
+def test_the_staged_app_is_the_fab_flower_builds_from_the_project(tmp_path):
+    staged = stage_app(tmp_path / "app")
+    assert _fab_paths(staged) == _fab_paths(PROJECT)
+    assert "fed_ser/flower/client_app.py" in _fab_paths(staged) and not any(p.startswith("tests/") for p in _fab_paths(staged))

@@ -19,6 +19,7 @@ from fed_ser.core.model import build_model
 from fed_ser.core.schedule import clients_per_round, federation_size
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.flower.eavesdropper import Eavesdropper, arrays_to_numpy, numpy_to_arrays
+from fed_ser.flower.grid import PromptGrid
 from fed_ser.flower.privacy import wrap_strategy
 from fed_ser.flower.secagg import ScheduledSecAgg, run_secagg
 from fed_ser.flower.strategy import FedSerStrategy
@@ -84,6 +85,7 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
     row is added to the history, the global model is evaluated on the held-out speakers when it is
     an evaluation round, and the checkpoint is written with the history so far.
     """
+    grid = PromptGrid(grid, s.poll_interval)  # replies every fl.poll_interval s, not Flower's deployed grid's 3 s
     data = FederatedData.load(s.prepared)
     out = Path(s.out_dir) if s.out_dir else None
     model = build_model(data.X.shape[1], s.dropout, s.seed)

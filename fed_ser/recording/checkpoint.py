@@ -24,7 +24,8 @@ NAME = "checkpoint.npz"
 def fingerprint(s: RunSettings) -> str:
     """What must match for a checkpoint to be resumed: everything but rounds, paths and flags."""
     cfg = s.to_run_config()
-    for key in ("fl.rounds", "out_dir", "resume", "recorder.dir", "fl.eval_every", "fl.eval_fraction", "fl.round_timeout"):
+    for key in ("fl.rounds", "out_dir", "resume", "recorder.dir", "fl.eval_every", "fl.eval_fraction", "fl.round_timeout",
+                "fl.poll_interval"):
         cfg.pop(key)
     if s.adv_mix == 0:  # adversarial-training knobs mean nothing while it is off (and older checkpoints lack them)
         cfg = {k: v for k, v in cfg.items() if not k.startswith("adv.")}

@@ -55,6 +55,7 @@ class RunSettings:
     eval_fraction: float = setting("fl.eval_fraction", 1.0)
     min_available: int = setting("fl.min_available", 0)  # 0: wait for every client of the data set
     round_timeout: float = setting("fl.round_timeout", 600.0)  # seconds a round waits for replies (a dead node's reply never comes)
+    poll_interval: float = setting("fl.poll_interval", 0.05)  # seconds between the ServerApp's checks for replies (Flower's deployed grid: 3 s)
     secagg: bool = setting("fl.secagg", False)  # SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): the server sees each round's sum only
     recorder_dir: str = setting("recorder.dir", "")  # empty: no recording
     recorder_layers: str = setting("recorder.layers", "all")  # "all" or comma-separated layer names, e.g. "dense1"
@@ -98,6 +99,8 @@ class RunSettings:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
         if not self.round_timeout > 0:
             raise ConfigError(f"fl.round_timeout: must be > 0 seconds, got {self.round_timeout}")
+        if not 0.0 < self.poll_interval <= self.round_timeout:
+            raise ConfigError(f"fl.poll_interval: must be > 0 seconds and at most fl.round_timeout, got {self.poll_interval}")
         if self.eval_every < 1:
             raise ConfigError(f"fl.eval_every: must be >= 1, got {self.eval_every}")
         if self.dp_mode not in DP_MODES:
