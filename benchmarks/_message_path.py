@@ -37,9 +37,11 @@ def traced() -> Iterator[dict[str, dict[str, float]]]:
     times: dict[str, dict[str, float]] = defaultdict(dict)
     lock = threading.Lock()
 
-    def mark(message_id: str, stage: str) -> None:
+    def mark(message_ids, stage: str) -> None:
+        now = time.perf_counter()  # one time for a call's messages: a round's pushes share theirs
         with lock:
-            times[message_id].setdefault(stage, time.perf_counter())
+            for i in message_ids:
+                times[i].setdefault(stage, now)
 
     originals = {(InMemoryGrid, "push_messages"): InMemoryGrid.push_messages,
                  (InMemoryGrid, "pull_messages"): InMemoryGrid.pull_messages,
@@ -49,32 +51,29 @@ def traced() -> Iterator[dict[str, dict[str, float]]]:
 
     def push(self, messages):
         ids = list(originals[InMemoryGrid, "push_messages"](self, messages))
-        for i in ids:
-            mark(i, "push")
+        mark(ids, "push")
         return ids
 
     def pull(self, message_ids):
         replies = list(originals[InMemoryGrid, "pull_messages"](self, message_ids))
-        for r in replies:
-            mark(r.metadata.reply_to_message_id, "pulled")
+        mark([r.metadata.reply_to_message_id for r in replies], "pulled")
         return replies
 
     def get_ins(self, *args, **kwargs):
         messages = originals[InMemoryLinkState, "get_message_ins"](self, *args, **kwargs)
-        for m in messages:
-            mark(m.metadata.message_id, "pickup")
+        mark([m.metadata.message_id for m in messages], "pickup")
         return messages
 
     def store_res(self, message):
-        mark(message.metadata.reply_to_message_id, "stored")
+        mark([message.metadata.reply_to_message_id], "stored")
         return originals[InMemoryLinkState, "store_message_res"](self, message)
 
     def process(self, message, context):
-        mark(message.metadata.message_id, "start")
+        mark([message.metadata.message_id], "start")
         try:
             return originals[RayBackend, "process_message"](self, message, context)
         finally:
-            mark(message.metadata.message_id, "end")
+            mark([message.metadata.message_id], "end")
 
     wrappers = {"push_messages": push, "pull_messages": pull, "get_message_ins": get_ins,
                 "store_message_res": store_res, "process_message": process}
