@@ -8,7 +8,8 @@ Flower 1.41's own calls are wrapped to timestamp each message, nothing else chan
    every node's queue, then waits 0.1 s: ``vce_api.add_messages_to_queue``);
 3. ``RayBackend.process_message`` start and end: a worker thread gives the message to a Ray actor,
    which runs the ClientApp (serialising the message there and the reply back);
-4. ``InMemoryLinkState.store_message_res``: the reply is in the state (a second thread's queue);
+4. ``InMemoryLinkState.store_message_res``: the reply is handed to the state (by a second thread,
+   from a queue);
 5. ``InMemoryGrid.pull_messages``: the ServerApp's grid finds the reply (fed-ser pulls every
    ``fl.poll_interval``, Flower's own grid every 0.1 s).
 
@@ -37,8 +38,8 @@ def traced() -> Iterator[dict[str, dict[str, float]]]:
     times: dict[str, dict[str, float]] = defaultdict(dict)
     lock = threading.Lock()
 
-    def mark(message_ids, stage: str) -> None:
-        now = time.perf_counter()  # one time for a call's messages: a round's pushes share theirs
+    def mark(message_ids, stage: str, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now  # one time for a call's messages: a round's pushes share theirs
         with lock:
             for i in message_ids:
                 times[i].setdefault(stage, now)
@@ -50,8 +51,9 @@ def traced() -> Iterator[dict[str, dict[str, float]]]:
                  (RayBackend, "process_message"): RayBackend.process_message}
 
     def push(self, messages):
+        now = time.perf_counter()  # before: the feeder may pick a message up while the rest are stored
         ids = list(originals[InMemoryGrid, "push_messages"](self, messages))
-        mark(ids, "push")
+        mark(ids, "push", now)
         return ids
 
     def pull(self, message_ids):
@@ -107,7 +109,7 @@ def breakdown(times: dict[str, dict[str, float]]) -> dict[str, float]:
     flat = [t for r in per for t in r]
     return {
         "rounds": len(per),
-        "messages_per_round": statistics.mean(len(r) for r in per),
+        "messages_per_round": statistics.median(len(r) for r in per),  # the discovery query is one "round" too
         "round_ms": med([w + b for w, b in zip(walls, between)]),
         "messages_ms": med(walls),  # push -> last reply pulled
         "server_between_rounds_ms": med(between),  # aggregation, recording, evaluation, the next round's messages

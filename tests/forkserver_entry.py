@@ -1,6 +1,7 @@
 """A stand-in for Flower's ``flwr-clientapp`` entry point, run by the fork server in tests/test_message_path.py:
 it reports what a forked ClientApp process would see (its command line, environment, working
-directory, parent, which modules it inherited), then exits with ``--code`` or sleeps for ``--sleep``."""
+directory, parent, which modules it inherited, a draw of numpy's and torch's global generators), then
+exits with ``--code`` or sleeps for ``--sleep``."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import time
 
 
 def report() -> None:
+    import numpy as np
+    import torch
+
     print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "mark": os.environ.get("FED_SER_TEST_MARK"),
                       "pid": os.getpid(), "ppid": os.getppid(), "torch": "torch" in sys.modules,
-                      "own": sorted(m for m in sys.modules if m.split(".")[0] in ("fed_ser", "attacks", "defenses"))}),
+                      "own": sorted(m for m in sys.modules if m.split(".")[0] in ("fed_ser", "attacks", "defenses")),
+                      "np_random": float(np.random.rand()), "torch_random": float(torch.rand(1))}),
           flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     if "--sleep" in sys.argv:

@@ -86,6 +86,7 @@ def test_hydra_overrides_reach_the_run_settings():
     ("fl.rounds", "many", "fl.rounds"),
     ("fl.typo", 1, "unknown run-config keys"),
     ("fl.poll_interval", 0.0, "fl.poll_interval"),
+    ("fl.poll_interval", 700.0, "fl.poll_interval"),  # longer than fl.round_timeout
 ])
 def test_bad_values_name_their_key(key, value, match):
     cfg = RunSettings(prepared="x").to_run_config()

@@ -130,7 +130,7 @@ def _fab_paths(folder) -> list[str]:
 
     files = {}
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith((".venv", ".git")) and d not in ("runs", "__pycache__")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in ("runs", "data", "outputs", "multirun", "__pycache__")]
         for name in filenames:
             path = os.path.join(dirpath, name)
             files[os.path.relpath(path, folder)] = path
@@ -140,5 +140,7 @@ def _fab_paths(folder) -> list[str]:
 
 def test_the_staged_app_is_the_fab_flower_builds_from_the_project(tmp_path):
     staged = stage_app(tmp_path / "app")
-    assert _fab_paths(staged) == _fab_paths(PROJECT)
-    assert "fed_ser/flower/client_app.py" in _fab_paths(staged) and not any(p.startswith("tests/") for p in _fab_paths(staged))
+    paths = _fab_paths(staged)
+    assert paths == _fab_paths(PROJECT)  # the same files, with the same bytes
+    assert all((staged / p).read_bytes() == (PROJECT / p).read_bytes() for p in paths)
+    assert "fed_ser/flower/client_app.py" in paths and not any(p.startswith(("tests/", "benchmarks/")) for p in paths)

@@ -86,6 +86,13 @@ def test_prompt_grid_gives_up_at_the_timeout_with_the_replies_it_has(clock):
     assert PromptGrid(inner, 0.3).get_node_ids() == [7, 8]  # everything else is the wrapped grid's
 
 
+def test_prompt_grid_without_a_timeout_waits_for_every_reply_and_with_none_left_pulls_nothing(clock):
+    inner = SlowGrid([30, 2])
+    assert len(PromptGrid(inner, 0.05).send_and_receive(_messages(2))) == 2 and inner.pulls == 30
+    inner = SlowGrid([1])
+    assert PromptGrid(inner, 0.05).send_and_receive(_messages(1), timeout=0.0) == [] and inner.pulls == 0  # as Flower's
+
+
 def test_prompt_grid_rejects_a_non_positive_interval():
     with pytest.raises(ValueError, match="fl.poll_interval"):
         PromptGrid(SlowGrid([]), 0.0)
@@ -95,20 +102,21 @@ def test_prompt_grid_rejects_a_non_positive_interval():
 @pytest.fixture(scope="module")
 def forkserver(tmp_path_factory):
     """A fork server whose children run tests/forkserver_entry.py:report instead of Flower's flwr-clientapp."""
-    sock = Path(tmp_path_factory.mktemp("fs", numbered=True)) / "s.sock"
+    folder = Path(tmp_path_factory.mktemp("fs", numbered=True))
+    sock, log = folder / "s.sock", folder / "server.log"
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{PROJECT}"}
-    proc = subprocess.Popen([sys.executable, "-m", "fed_ser.flower.forkserver", str(sock), "--project", str(PROJECT),
-                             "--entry", "flwr-clientapp=forkserver_entry:report"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fed_ser.flower.forkserver", str(sock), "--project", str(PROJECT),
+                                 "--entry", "flwr-clientapp=forkserver_entry:report"], env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not sock.exists():
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "the fork server did not start"
         time.sleep(0.1)
-    yield proc, sock
+    yield proc, sock, log
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and not sock.exists(), out  # stops cleanly and removes its socket
+    proc.wait(timeout=30)
+    assert proc.returncode == 0 and not sock.exists(), log.read_text()  # stops cleanly and removes its socket
 
 
 def _launch(sock: Path | str, args: list[str], cwd: Path, command: str = "flwr-clientapp") -> subprocess.Popen:
@@ -123,19 +131,27 @@ def _launch(sock: Path | str, args: list[str], cwd: Path, command: str = "flwr-c
 
 
 def test_a_forked_clientapp_process_is_the_launchers_with_the_libraries_warm(forkserver, tmp_path):
-    proc, sock = forkserver
+    proc, sock, _ = forkserver
     p = _launch(sock, ["--token", "abc", "--code", "3"], tmp_path)
     out, err = p.communicate(timeout=60)
     seen = json.loads(out)
     assert p.returncode == 3 and err.strip() == "to stderr"  # its exit code and both streams are the launcher's
-    assert seen["argv"] == ["flwr-clientapp", "--token", "abc", "--code", "3"]
+    assert seen["argv"] == [str(tmp_path / "real" / "flwr-clientapp"), "--token", "abc", "--code", "3"]
     assert seen["cwd"] == str(tmp_path) and seen["mark"] == "node-7"  # the launcher's directory and environment
     assert seen["ppid"] == proc.pid  # forked by the server, not started by the launcher
     assert seen["torch"] and seen["own"] == []  # torch warm; the app's own modules left to the FAB
 
 
+def test_forked_processes_draw_their_own_random_numbers(forkserver, tmp_path):
+    """Flower's LocalDpMod draws its noise from numpy's global generator: two forked ClientApp processes
+    must not draw the same noise, as two fresh processes would not."""
+    _, sock, _ = forkserver
+    seen = [json.loads(_launch(sock, [], tmp_path).communicate(timeout=60)[0]) for _ in range(2)]
+    assert seen[0]["np_random"] != seen[1]["np_random"] and seen[0]["torch_random"] != seen[1]["torch_random"]
+
+
 def test_a_signal_to_the_launcher_reaches_the_clientapp_process(forkserver, tmp_path):
-    _, sock = forkserver
+    _, sock, _ = forkserver
     p = _launch(sock, ["--sleep", "120"], tmp_path)
     child = json.loads(p.stdout.readline())["pid"]
     p.send_signal(signal.SIGTERM)
@@ -154,7 +170,23 @@ def test_without_a_fork_server_the_launcher_runs_the_real_command(tmp_path):
 
 
 def test_a_command_the_server_does_not_fork_runs_for_real(forkserver, tmp_path):
-    _, sock = forkserver
+    _, sock, log = forkserver
     p = _launch(sock, ["--x"], tmp_path, command="flwr-supernode")
     out, _ = p.communicate(timeout=30)
     assert p.returncode == 0 and out.strip() == "cold --x"
+    assert "flwr-supernode as pid" not in log.read_text()  # the server answered: not mine to fork
+
+
+def test_a_server_that_hangs_up_before_forking_leaves_the_launcher_to_run_the_real_command(tmp_path):
+    import socket
+
+    sock = tmp_path / "rude.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock))
+    server.listen(1)
+    p = _launch(sock, ["--y"], tmp_path)
+    conn, _ = server.accept()
+    conn.close()  # no pid, no fork
+    out, _ = p.communicate(timeout=30)
+    server.close()
+    assert p.returncode == 0 and out.strip() == "cold --y"

@@ -38,13 +38,14 @@ from cryptography.x509.oid import NameOID
 from fed_ser.experiments.cli import run_settings, seconds_per_round
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import prepare
+from fed_ser.flower.launcher import SERVER_ENV
 from fed_ser.io import atomic_write_json
 
 PROJECT = Path(__file__).resolve().parents[2]
 #: the launcher a warm federation puts first on its processes' PATH under the names of Flower's app commands,
 #: and the variable naming the fork server's socket (the launcher is a stdlib-only script run by path)
 LAUNCHER = PROJECT / "fed_ser" / "flower" / "launcher.py"
-LAUNCHER_SERVER_ENV = "FED_SER_FORKSERVER"
+LAUNCHER_SERVER_ENV = SERVER_ENV
 WARM_COMMANDS = ("flwr-clientapp", "flwr-serverapp")
 HOST = "127.0.0.1"  # a local federation never listens on or talks to any other address
 #: What every Flower process of a local federation runs with unless the environment says otherwise:
@@ -249,7 +250,8 @@ class LocalFederation:
         write_connection(self.home, f"{HOST}:{self.port}", None if self.insecure else self.certs["ca"])
         self.forkserver_socket: Path | None = None
         if self.warm_apps:
-            # a Unix socket path holds at most 107 bytes: a short folder of its own, not the workdir
+            # a Unix socket path holds at most 107 bytes: a short folder of its own, not the workdir; mkdtemp
+            # makes it 0700, so only this user can ask the server for an app process
             self.forkserver_socket = Path(tempfile.mkdtemp(prefix="fed-ser-")) / "forkserver.sock"
             self.env.update({"PATH": f"{self._write_launchers()}{os.pathsep}{self.env['PATH']}",
                              LAUNCHER_SERVER_ENV: str(self.forkserver_socket)})
@@ -373,7 +375,9 @@ class LocalFederation:
         try:
             for run in self.runs:
                 _terminate(run, signal.SIGTERM, 10.0, group=False)
-            for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
+            # the nodes, the SuperLink, then the fork server: the app processes it forked end with their SuperExecs
+            last = ("superlink", "forkserver")
+            for name in [n for n in self.procs if n not in last] + [n for n in last if n in self.procs]:
                 try:
                     self.stop(name)
                 except Exception as exc:

@@ -9,7 +9,15 @@ environment (each SuperNode's own ``FLWR_HOME``), working directory and standard
 Flower's own entry point for that command, which pulls its message or run, installs the FAB and
 loads the app from it as usual. The app's own modules (whatever the project directory holds) are
 not kept: each child imports them from the FAB it was sent, so a changed app runs its new code.
-Third-party modules (torch, numpy, Flower) are what stays warm.
+Third-party modules (torch, numpy, Flower) are what stays warm; each child reseeds numpy's and
+torch's global generators, as a fresh process would have its own.
+
+What a child does not adopt from its launcher: whatever a module read from the environment when the
+server imported it (Flower's ``FLWR_LOG_LEVEL`` and ``FLWR_TELEMETRY_*``, thread counts, ``PYTHONPATH``
+and so ``sys.path``): the server is started with the federation's environment, which the launchers
+inherit apart from each node's ``FLWR_HOME``, and Flower reads that one when it is used. Whoever can
+connect to the socket can start Flower app processes as this user: it lives in a folder only the
+user can open.
 
 The launching side is :mod:`fed_ser.flower.launcher`, put first on the SuperLink's and SuperNodes'
 ``PATH`` as ``flwr-clientapp`` and ``flwr-serverapp`` by ``fed-ser-deploy`` (``deploy.warm_apps``).
@@ -73,22 +81,45 @@ def _is_own(top: str, file: Path, root: Path) -> bool:
     return file.is_relative_to(root / top) or file == root / f"{top}.py"
 
 
+#: signals the launcher forwards to its child; blocked around fork so none lands between fork and reset
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _fresh_randomness() -> None:
+    """Reseed the generators a forked child would otherwise share with its siblings: numpy's and torch's
+    global ones (Python's ``random`` reseeds itself after a fork). Flower's LocalDpMod draws its noise from
+    ``np.random``, SecAgg+ its rounding: every child must draw as a freshly started process would."""
+    import random
+
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()
+
+
 def _run_child(request: dict, fds: list[int], entry: str) -> int:
     """In the forked child: become the launcher's process (its Flower command) and run it."""
     for target, fd in zip((0, 1, 2), fds):
         os.dup2(fd, target)
     for fd in fds:
-        os.close(fd)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
+        if fd > 2:
+            os.close(fd)
+    for sig in (*SIGNALS, signal.SIGCHLD):
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
     sys.argv = list(request["argv"])
+    _fresh_randomness()
     try:
         _entry(entry)()
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, int) or exc.code is None:
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)  # as the interpreter does for sys.exit("message")
+        return 1
     except BaseException:
         traceback.print_exc()
         return 1
@@ -96,31 +127,52 @@ def _run_child(request: dict, fds: list[int], entry: str) -> int:
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    """One launcher's request: its command line, environment and working directory, and its three
+    standard streams. On any error the received descriptors are closed before raising."""
     data, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 3)
-    if len(data) < 4:
-        raise ValueError("short request")
-    (n,) = struct.unpack("!I", data[:4])
-    body = data[4:]
-    while len(body) < n:
-        chunk = conn.recv(n - len(body))
-        if not chunk:
-            raise ValueError("truncated request")
-        body += chunk
-    if len(fds) != 3:
-        raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
-    return json.loads(body), fds
+    try:
+        if len(data) < 4:
+            raise ValueError("short request")
+        (n,) = struct.unpack("!I", data[:4])
+        body = data[4:]
+        while len(body) < n:
+            chunk = conn.recv(n - len(body))
+            if not chunk:
+                raise ValueError("truncated request")
+            body += chunk
+        if len(fds) != 3:
+            raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
+        request = json.loads(body)
+        if not (isinstance(request.get("argv"), list) and request["argv"] and isinstance(request.get("env"), dict)
+                and isinstance(request.get("cwd"), str)):
+            raise ValueError("a request needs argv, env and cwd")
+        return request, fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
-def serve(path: str | Path, project: str | Path, entries: dict[str, str] | None = None) -> None:
+def _send(conn: socket.socket, value: int) -> None:
+    try:
+        conn.sendall(struct.pack("!i", value))
+    except OSError:  # the launcher is gone: nothing waits for this value
+        pass
+
+
+def serve(path: str | Path, project: str | Path, entries: dict[str, str] | None = None, grace: float = 10.0) -> None:
     """Listen on the Unix socket ``path`` and fork an app process per launcher; runs until SIGTERM.
 
     ``entries`` maps each command a launcher may ask for to its entry point (default: :data:`ENTRIES`);
-    a launcher asking for another command is told so (pid -1) and runs the real command itself. On
-    SIGTERM/SIGINT the server sends SIGTERM to every live child and exits (each child also watches the
-    SuperExec that asked for it, as Flower's own processes do).
+    a launcher asking for another command is told so (pid -1) and runs the real command itself. A bad
+    request, or a launcher that disconnects early, costs that launcher only. A launcher whose
+    connection closes while its child runs (it was killed) has its child sent SIGTERM. On
+    SIGTERM/SIGINT the server waits up to ``grace`` seconds for live children (each also watches the
+    SuperExec that asked for it, as Flower's own processes do), then sends SIGTERM, then SIGKILL.
     """
     path, project, entries = Path(path), Path(project), dict(ENTRIES if entries is None else entries)
     dropped = preload(project, entries)
+    server_pid = os.getpid()
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -136,66 +188,108 @@ def serve(path: str | Path, project: str | Path, entries: dict[str, str] | None 
     print(f"[fed-ser] fork server for {', '.join(entries)} on {path}: Flower's runtime and the app's libraries loaded "
           f"({len(sys.modules)} modules; {len(dropped)} of the project's left to each FAB)", flush=True)
     sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ)
+    sel.register(listener, selectors.EVENT_READ, None)
+
+    def fork_for(conn: socket.socket) -> None:
+        try:
+            request, fds = _read_request(conn)
+        except (OSError, ValueError) as exc:
+            print(f"[fed-ser] fork server: bad request ({exc})", file=sys.stderr, flush=True)
+            conn.close()
+            return
+        entry = entries.get(Path(str(request["argv"][0])).name)
+        if entry is None:  # not ours to fork: the launcher runs the real command
+            for fd in fds:
+                os.close(fd)
+            _send(conn, -1)
+            conn.close()
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # none may land between fork and the child's reset
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            print(f"[fed-ser] fork server: cannot fork ({exc})", file=sys.stderr, flush=True)
+            for fd in fds:
+                os.close(fd)
+            _send(conn, -1)
+            conn.close()
+            return
+        if pid == 0:  # child: never returns into the server's loop
+            code = 1
+            try:
+                sel.close()
+                for held in (listener, conn, *(c for c, _ in children.values())):  # other launchers' connections too
+                    held.close()
+                code = _run_child(request, fds, entry)
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        for fd in fds:
+            os.close(fd)
+        _send(conn, pid)
+        children[pid] = (conn, time.monotonic())
+        sel.register(conn, selectors.EVENT_READ, pid)  # readable only when its launcher is gone
+        print(f"[fed-ser] fork server: {time.strftime('%H:%M:%S')} {Path(request['argv'][0]).name} as pid {pid}", flush=True)
+
+    def reap() -> None:  # each launcher gets its child's exit code
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn, started = children.pop(pid, (None, 0.0))
+            if conn is not None:
+                code = os.waitstatus_to_exitcode(status)
+                print(f"[fed-ser] fork server: {time.strftime('%H:%M:%S')} pid {pid} exited {code} "
+                      f"after {time.monotonic() - started:.2f} s", flush=True)
+                if conn in (k.fileobj for k in sel.get_map().values()):
+                    sel.unregister(conn)
+                _send(conn, code)
+                conn.close()
+
     try:
         while not stopping:
-            for _key, _ in sel.select(timeout=0.05):
-                conn, _ = listener.accept()
-                try:
-                    request, fds = _read_request(conn)
-                except (OSError, ValueError) as exc:
-                    print(f"[fed-ser] fork server: bad request ({exc})", file=sys.stderr, flush=True)
-                    conn.close()
-                    continue
-                entry = entries.get(Path(str(request["argv"][0])).name)
-                if entry is None:  # not ours to fork: the launcher runs the real command
-                    conn.sendall(struct.pack("!i", -1))
-                    conn.close()
-                    for fd in fds:
-                        os.close(fd)
-                    continue
-                pid = os.fork()
-                if pid == 0:  # child
-                    code = 1
+            for key, _ in sel.select(timeout=0.05):
+                if key.data is None:
+                    conn, _ = listener.accept()
+                    conn.settimeout(10.0)  # a launcher that stalls mid-request holds the server 10 s at most
                     try:
-                        sel.close()
-                        for held in (listener, conn, *(c for c, _ in children.values())):  # other launchers' connections too
-                            held.close()
-                        code = _run_child(request, fds, entry)
-                    finally:
-                        sys.stdout.flush()
-                        sys.stderr.flush()
-                        os._exit(code)
-                for fd in fds:
-                    os.close(fd)
-                conn.sendall(struct.pack("!i", pid))
-                children[pid] = (conn, time.monotonic())
-                print(f"[fed-ser] fork server: {time.strftime('%H:%M:%S')} {request['argv'][0]} as pid {pid}", flush=True)
-            while children:  # reap: each launcher gets its child's exit code
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
-                conn, started = children.pop(pid, (None, 0.0))
-                if conn is not None:
-                    code = os.waitstatus_to_exitcode(status)
-                    print(f"[fed-ser] fork server: {time.strftime('%H:%M:%S')} pid {pid} exited {code} "
-                          f"after {time.monotonic() - started:.2f} s", flush=True)
+                        fork_for(conn)
+                    except Exception as exc:  # one launcher's trouble is never the server's end
+                        print(f"[fed-ser] fork server: request failed ({exc!r})", file=sys.stderr, flush=True)
+                        conn.close()
+                elif key.data in children:  # its launcher closed the connection: it was killed
+                    sel.unregister(key.fileobj)
                     try:
-                        conn.sendall(struct.pack("!i", code))
-                    except OSError:
+                        os.kill(key.data, signal.SIGTERM)
+                    except ProcessLookupError:
                         pass
-                    conn.close()
+            reap()
     finally:
-        for pid in children:  # a child never outlives the server that forked it
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        listener.close()
-        path.unlink(missing_ok=True)
+        if os.getpid() == server_pid:  # never in a child
+            deadline = time.monotonic() + grace
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    for pid in list(children):
+                        try:
+                            os.kill(pid, sig)
+                        except ProcessLookupError:
+                            pass
+                    deadline = time.monotonic() + grace
+                while children and time.monotonic() < deadline:
+                    reap()
+                    time.sleep(0.05)
+                if not children:
+                    break
+            listener.close()
+            path.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

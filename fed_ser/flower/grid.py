@@ -4,8 +4,9 @@ Flower 1.41's deployed grid (``flwr.superlink.grid.http_grid``) pushes a round's
 pulls the replies in a loop that sleeps a fixed 3 s between pulls: every deployed round, and each
 of SecAgg+'s four message stages, waits up to 3 s after the last reply has arrived. This wrapper
 keeps Flower's own ``push_messages`` and ``pull_messages`` and only waits less between them; every
-other call goes to the wrapped grid. Strategies, SecAgg+ and fed-ser's client discovery all send
-through ``send_and_receive``, so all of them see the shorter wait.
+other call and attribute is the wrapped grid's. Strategies, SecAgg+ and fed-ser's client discovery
+all send through ``send_and_receive``, so all of them see the shorter wait. At the default 0.05 s a
+waiting ServerApp asks the SuperLink 20 times a second (a local HTTPS call each).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class PromptGrid(Grid):
     def get_nodes(self):
         return self.grid.get_nodes()
 
+    def __getattr__(self, name: str):  # close(), the grid's node, ...: the wrapped grid's own
+        if name == "grid":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.grid, name)
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(messages)
 
@@ -53,13 +59,14 @@ class PromptGrid(Grid):
         """Push ``messages``, then pull their replies until all are in or ``timeout`` seconds have passed
         (``None``: wait for all), as Flower's grid does."""
         pending = set(self.grid.push_messages(messages))
+        del messages  # as Flower's grid: the pushed messages (~1 MB each) are not held while waiting
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while pending:
+        while pending and (deadline is None or time.monotonic() < deadline):
             got = list(self.grid.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
+            if not pending:
                 break
             time.sleep(self.poll_interval if deadline is None else max(0.0, min(self.poll_interval, deadline - time.monotonic())))
         return replies

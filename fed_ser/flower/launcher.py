@@ -7,11 +7,13 @@ SuperLink's and SuperNodes' ``PATH`` that run this file (stdlib only, started wi
 so it costs ~20 ms): it hands its command line, environment, working directory and standard
 streams to the fork server (:mod:`fed_ser.flower.forkserver`), which forks a child that already
 has those modules imported and runs Flower's own entry point for the command in it. This process
-stays as the app process's stand-in: it forwards SIGTERM/SIGINT/SIGHUP to the child and exits
-with the child's exit code (or dies of the child's signal).
+stays as the app process's stand-in: it forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to the child (one
+that arrives before the child exists waits for it) and exits with the child's exit code (or dies of
+the child's signal).
 
 Where no fork server answers (``FED_SER_FORKSERVER`` unset, its socket gone, the command not one it
-forks), it becomes the real command (``exec``), so nothing breaks and nothing runs twice.
+forks, or the server fails before forking), it becomes the real command (``exec``), so nothing breaks
+and nothing runs twice.
 
     python -I -S launcher.py REAL_COMMAND [its arguments ...]
 """
@@ -33,7 +35,7 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     while len(buf) < n:
         chunk = conn.recv(n - len(buf))
         if not chunk:
-            raise ConnectionError("the fork server closed the connection")
+            raise ConnectionError("the fork server closed the connection")  # an OSError
         buf += chunk
     return buf
 
@@ -51,24 +53,37 @@ def _connect() -> socket.socket | None:
     return conn
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # forwarded to the child
+
+
+def _exec(real: str, args: list[str]):
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # a blocked mask would survive exec
+    os.execv(real, [real, *args])
+
+
 def main(argv: list[str]) -> int:
     """Run the command ``argv[0]`` (a Flower app command: its basename says which) with ``argv[1:]`` in a
     child of the fork server, or ``exec`` it where no server forks it."""
     real, args = argv[0], argv[1:]
+    # a signal that arrives before the child's pid is known waits, then goes to the child
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     conn = _connect()
     if conn is None:
-        os.execv(real, [real, *args])
+        _exec(real, args)
     with conn:
-        return _run(conn, real, args)
+        try:
+            request = json.dumps({"argv": [real, *args], "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+            socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [0, 1, 2])
+            (pid,) = struct.unpack("!i", _recv_exact(conn, 4))
+        except OSError:  # the server failed before forking: nothing runs yet, so run the real command
+            pid = -1
+        if pid <= 0:  # the server does not fork this command: run the real one instead
+            _exec(real, args)
+        return _wait(conn, pid)
 
 
-def _run(conn: socket.socket, real: str, args: list[str]) -> int:
-    command = os.path.basename(real)
-    request = json.dumps({"argv": [command, *args], "env": dict(os.environ), "cwd": os.getcwd()}).encode()
-    socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [0, 1, 2])
-    (pid,) = struct.unpack("!i", _recv_exact(conn, 4))
-    if pid <= 0:  # the server does not fork this command: run the real one instead
-        os.execv(real, [real, *args])
+def _wait(conn: socket.socket, pid: int) -> int:
+    """Stand in for the child ``pid``: forward signals to it, exit as it exits."""
 
     def forward(signum, _frame):
         try:
@@ -76,11 +91,12 @@ def _run(conn: socket.socket, real: str, args: list[str]) -> int:
         except ProcessLookupError:
             pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in SIGNALS:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     try:
         (code,) = struct.unpack("!i", _recv_exact(conn, 4))
-    except ConnectionError:  # the server died: so did its children (it kills them on exit)
+    except OSError:  # the server died before the child did: its state is unknown
         return 1
     if code < 0:  # the child died of a signal: so does its stand-in, for whoever waits on it
         signal.signal(-code, signal.SIG_DFL)
