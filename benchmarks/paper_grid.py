@@ -97,7 +97,8 @@ def measure_cell(overrides: list[str], private: str, algorithm: str, rounds: int
         # vectorised engine (the same updates for one seed, in seconds), sampled evenly
         full = load_config(["size=paper", f"private={private}", f"fl={algorithm}", f"fl.eval_every={ROUNDS}", *overrides],
                            "experiment")
-        run_vectorized_fl(full, priv_path, str(d / "inversion"), str(d / "inversion" / "updates"))
+        (_, out["private_vectorised_s"]) = _timed(run_vectorized_fl, full, priv_path, str(d / "inversion"),
+                                                  str(d / "inversion" / "updates"))  # also: private_engine=vectorised
         pstore = UpdateStore(d / "inversion" / "updates")
         every = pstore.updates()
         pu = [every[i] for i in np.linspace(0, len(every) - 1, min(inversions, len(every))).round().astype(int)]
@@ -178,7 +179,21 @@ def main() -> None:
         worst = max(by_stage[e], key=by_stage[e].get)
         rows.append((f"grid, attack {e:g} epochs", f"{totals[e] / 3600:.2f} h  (target <= 2 h); largest stage: {worst} "
                                                    f"{by_stage[e][worst] / 3600:.2f} h"))
+    # the same grid configured lighter: without fed-ser's feature-space attack (the paper's attacks only:
+    # attack.feature_space.enabled=false), and with the private runs on the vectorised engine as well
+    # (private_engine=vectorised: the same rounds without Flower's message path)
+    vec = [m["private_vectorised_s"] for m in cells.values() if "private_vectorised_s" in m]
+    lighter: dict[str, dict[str, float]] = {}
+    for e in (args.typical_epochs, MAX_EPOCHS):
+        paper_only = totals[e] - by_stage[e]["invert"]
+        line = f"{paper_only / 3600:.2f} h without the feature-space attack"
+        if len(vec) == len(cells):
+            light = paper_only - by_stage[e]["private"] + FOLDS * sum(vec)
+            line += f"; {light / 3600:.2f} h with private_engine=vectorised too"
+            lighter[str(e)] = {"paper_attacks": paper_only, "paper_attacks_vectorised": light}
+        rows.append((f"  lighter, {e:g} epochs", line))
     numbers = {"cells": cells, "corpora_s": t_corpora, "runs_per_cell": runs, "estimate_s": {str(e): t for e, t in totals.items()},
+               "lighter_s": lighter,
                "by_stage_s": {str(e): v for e, v in by_stage.items()}, "measure_s": time.perf_counter() - t0}
     if args.timed_fold:
         corpus, algorithm = args.timed_fold
