@@ -16,8 +16,9 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import fed_ser.flower.grid as grid_module
-from fed_ser.deployment.federation import LAUNCHER, LAUNCHER_SERVER_ENV, PROJECT
+from fed_ser.deployment.federation import LAUNCHER, PROJECT
 from fed_ser.flower.grid import PromptGrid
+from fed_ser.flower.launcher import SERVER_ENV
 
 TESTS = Path(__file__).resolve().parent
 
@@ -125,7 +126,7 @@ def _launch(sock: Path | str, args: list[str], cwd: Path, command: str = "flwr-c
     real.parent.mkdir(exist_ok=True)
     real.write_text('#!/bin/sh\necho cold "$@"\n')
     real.chmod(0o755)
-    env = {**os.environ, LAUNCHER_SERVER_ENV: str(sock), "FED_SER_TEST_MARK": "node-7"}
+    env = {**os.environ, SERVER_ENV: str(sock), "FED_SER_TEST_MARK": "node-7"}
     return subprocess.Popen([sys.executable, "-I", "-S", str(LAUNCHER), str(real), *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -38,14 +38,14 @@ from cryptography.x509.oid import NameOID
 from fed_ser.experiments.cli import run_settings, seconds_per_round
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import prepare
-from fed_ser.flower.launcher import SERVER_ENV
+from fed_ser.flower import launcher
+from fed_ser.flower.forkserver import flwr_app
 from fed_ser.io import atomic_write_json
 
 PROJECT = Path(__file__).resolve().parents[2]
-#: the launcher a warm federation puts first on its processes' PATH under the names of Flower's app commands,
-#: and the variable naming the fork server's socket (the launcher is a stdlib-only script run by path)
-LAUNCHER = PROJECT / "fed_ser" / "flower" / "launcher.py"
-LAUNCHER_SERVER_ENV = SERVER_ENV
+#: the launcher a warm federation puts first on its processes' PATH under the names of Flower's app commands
+#: (a stdlib-only script, run by path)
+LAUNCHER = Path(launcher.__file__)
 WARM_COMMANDS = ("flwr-clientapp", "flwr-serverapp")
 HOST = "127.0.0.1"  # a local federation never listens on or talks to any other address
 #: What every Flower process of a local federation runs with unless the environment says otherwise:
@@ -126,14 +126,6 @@ def write_connection(flwr_home: Path, address: str, root_certificates: Path | No
     (Path(flwr_home) / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def fab_patterns(project: Path = PROJECT) -> list[str]:
-    """The app's ``[tool.flwr.app] fab-include`` patterns (what its FAB holds, besides pyproject.toml)."""
-    import tomllib
-
-    with open(project / "pyproject.toml", "rb") as f:
-        return list(tomllib.load(f)["tool"]["flwr"]["app"]["fab-include"])
-
-
 def stage_app(folder: str | Path, project: Path = PROJECT) -> Path:
     """Copy the files the app's FAB is built from (``fab-include``, and pyproject.toml) into ``folder``,
     replacing what was there; return it. ``flwr run`` builds the same FAB from it as from ``project``."""
@@ -141,7 +133,7 @@ def stage_app(folder: str | Path, project: Path = PROJECT) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for pattern in fab_patterns(project):
+    for pattern in flwr_app(project)["fab-include"]:
         for src in project.glob(pattern):
             if src.is_file() and "__pycache__" not in src.parts:
                 dst = tmp / src.relative_to(project)
@@ -254,7 +246,7 @@ class LocalFederation:
             # makes it 0700, so only this user can ask the server for an app process
             self.forkserver_socket = Path(tempfile.mkdtemp(prefix="fed-ser-")) / "forkserver.sock"
             self.env.update({"PATH": f"{self._write_launchers()}{os.pathsep}{self.env['PATH']}",
-                             LAUNCHER_SERVER_ENV: str(self.forkserver_socket)})
+                             launcher.SERVER_ENV: str(self.forkserver_socket)})
 
     def _write_launchers(self) -> Path:
         """``bin/flwr-clientapp`` and ``bin/flwr-serverapp``: the stdlib-only launcher (:mod:`fed_ser.flower.launcher`),
@@ -262,9 +254,9 @@ class LocalFederation:
         folder = self.workdir / "bin"
         folder.mkdir(exist_ok=True)
         for command in WARM_COMMANDS:
-            launcher = folder / command
-            launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "{LAUNCHER}" "{_bin(command)}" "$@"\n')
-            launcher.chmod(0o755)
+            wrapper = folder / command
+            wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "{LAUNCHER}" "{_bin(command)}" "$@"\n')
+            wrapper.chmod(0o755)
         return folder
 
     def start_forkserver(self) -> None:

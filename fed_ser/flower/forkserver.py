@@ -46,13 +46,17 @@ ENTRIES = {"flwr-clientapp": "flwr.supernode.cli:flwr_clientapp", "flwr-serverap
 MAX_REQUEST = 1 << 20
 
 
-def app_modules(project: Path) -> list[str]:
-    """The modules of the project's ServerApp and ClientApp (``[tool.flwr.app.components]``)."""
+def flwr_app(project: Path) -> dict:
+    """The project's ``[tool.flwr.app]`` table of pyproject.toml (its components, its ``fab-include``)."""
     import tomllib
 
     with open(project / "pyproject.toml", "rb") as f:
-        components = tomllib.load(f)["tool"]["flwr"]["app"]["components"]
-    return [ref.partition(":")[0] for ref in components.values()]
+        return tomllib.load(f)["tool"]["flwr"]["app"]
+
+
+def app_modules(project: Path) -> list[str]:
+    """The modules of the project's ServerApp and ClientApp (``[tool.flwr.app.components]``)."""
+    return [ref.partition(":")[0] for ref in flwr_app(project)["components"].values()]
 
 
 def _entry(ref: str):
