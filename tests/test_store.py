@@ -135,3 +135,68 @@ def test_stores_written_with_zlib_crc32_stay_readable(tmp_path):
     writer.close()
     assert [r.node for r in UpdateStore(tmp_path).updates()] == [9, 6]
     assert '"partition"' not in (tmp_path / "index.jsonl").read_text()  # the writer rewrote the old index's names
+
+
+def _six(path):
+    store = UpdateStore(path, mode="a")
+    infos = [store.append(_update(i), round=i + 1, node=i, num_examples=20) for i in range(6)]
+    store.close()
+    return infos
+
+
+def test_a_flipped_byte_in_the_first_of_six_records_loses_that_record_only_and_says_where(tmp_path, capsys):
+    infos = _six(tmp_path)
+    data = bytearray((tmp_path / "updates.bin").read_bytes())
+    data[infos[0].offset + 5] ^= 0x01  # one bit of record 1's payload
+    (tmp_path / "updates.bin").write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match=r"1 corrupt region\(s\) skipped \(\d+ bytes at offset 0\)"):
+        reader = UpdateStore(tmp_path)
+    assert [r.node for r in reader.updates()] == [1, 2, 3, 4, 5] and reader.corrupt == [(0, infos[1].start)]
+    with pytest.warns(RuntimeWarning, match="the 5 valid records are kept"):
+        writer = UpdateStore(tmp_path, mode="a")  # the writer keeps records 2-6: it truncates nothing there
+    assert (tmp_path / "updates.bin").stat().st_size == len(data) and writer.recovered_bytes == 0
+    writer.append(_update(9), round=7, node=9)
+    writer.close()
+    with pytest.warns(RuntimeWarning):
+        again = UpdateStore(tmp_path)
+    assert [r.node for r in again.updates()] == [1, 2, 3, 4, 5, 9]
+    for i, info in zip([1, 2, 3, 4, 5, 9], again.updates()):
+        np.testing.assert_array_equal(again.read(info)["dense1.weight"], _update(i)["dense1.weight"])
+    assert "dropped" not in capsys.readouterr().err
+
+
+def test_a_damaged_length_field_mid_store_is_skipped_not_taken_for_a_torn_tail(tmp_path):
+    infos = _six(tmp_path)
+    data = bytearray((tmp_path / "updates.bin").read_bytes())
+    data[infos[2].start + 8: infos[2].start + 16] = (10**12).to_bytes(8, "little")  # record 3's payload length: past the end
+    (tmp_path / "updates.bin").write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match=f"at offset {infos[2].start}"):
+        writer = UpdateStore(tmp_path, mode="a")
+    assert [r.node for r in writer.updates()] == [0, 1, 3, 4, 5] and writer.recovered_bytes == 0
+    writer.close()
+
+
+def test_only_a_torn_final_frame_is_dropped_and_the_writer_says_so(tmp_path, capsys):
+    infos = _six(tmp_path)
+    size = (tmp_path / "updates.bin").stat().st_size
+    with open(tmp_path / "updates.bin", "r+b") as fh:
+        fh.truncate(size - 3)
+    writer = UpdateStore(tmp_path, mode="a")
+    assert len(writer) == 5 and writer.recovered_bytes == size - 3 - infos[5].start and not writer.corrupt
+    assert f"dropped a torn final frame ({writer.recovered_bytes} bytes at offset {infos[5].start})" in capsys.readouterr().err
+    writer.close()
+
+
+def test_read_verifies_the_checksum_of_what_it_returns(tmp_path):
+    from fed_ser.recording.store import CorruptRecord
+
+    infos = _six(tmp_path)
+    reader = UpdateStore(tmp_path)  # opened while the file is intact
+    with open(tmp_path / "updates.bin", "r+b") as fh:  # then a byte of record 4 changes on disk
+        fh.seek(infos[3].offset + 2)
+        byte = fh.read(1)
+        fh.seek(infos[3].offset + 2)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    np.testing.assert_array_equal(reader.read(reader.updates()[2])["dense1.bias"], _update(2)["dense1.bias"])
+    with pytest.raises(CorruptRecord, match=f"offset {infos[3].start}"):
+        reader.read(reader.updates()[3], layers=["dense1.bias"])

@@ -24,11 +24,14 @@ writes the round's index lines; a crash loses at most the unfinished round, whic
 drops and redoes anyway. ``sync=True`` (the default) fsyncs each record. Stores written with zlib's
 CRC32 (magic ``FSU1``) stay readable.
 
-A run killed mid-write leaves a partial frame at the end. Readers (the default mode, ``"r"``)
-never modify the store: they read the complete frames and ignore a partial one, so an attack started while a run is recording cannot
-cut the record being written. One writer (``mode="a"``) holds an exclusive lock on the store;
-only it drops a partial tail (and repairs the index) on open, so a resumed run appends after the
-last complete update.
+No recorded update is lost silently. A run killed mid-write leaves a partial frame at the end: readers
+(the default mode, ``"r"``) never modify the store and ignore it, so an attack started while a run is
+recording cannot cut the record being written; the one writer (``mode="a"``, an exclusive lock) drops
+only that torn *final* frame on open, saying how many bytes at which offset, so a resumed run appends
+after the last complete update. A frame that fails its checksum anywhere else is not a torn tail: the
+scan resynchronises on the next valid frame (its magic, lengths and checksum), warns with the offset
+and length of every skipped region (:attr:`UpdateStore.corrupt`), keeps every other record, and never
+truncates the file there. :meth:`UpdateStore.read` verifies the frame's checksum again on every read.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import struct
-import zlib
+import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +49,14 @@ import crc32c
 import numpy as np
 
 from fed_ser.io import atomic_write_text
+from fed_ser.recording.frames import FRAME, MAGIC, frame_at, next_frame, read_frame, write_all
 
 CLIENT_KINDS = ("gradient", "delta")  # one client's reply
 RECORD_KINDS = (*CLIENT_KINDS, "global", "aggregate")
-MAGIC = b"FSU2"  # frames checksummed with CRC32C
-_CHECKSUMS = {MAGIC: crc32c.crc32c, b"FSU1": zlib.crc32}  # FSU1: stores written before 2026-11-29, zlib's CRC32
-_FRAME = struct.Struct("<4sIQI")  # magic, header length, payload length, checksum
+
+
+class CorruptRecord(ValueError):
+    """A record's bytes no longer match their checksum; the message names the store and the offset."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class UpdateStore:
         self.index_path = self.path / "index.jsonl"
         self.records: list[UpdateInfo] = []
         self.recovered_bytes = 0
+        self.corrupt: list[tuple[int, int]] = []  # (offset, length) of each region skipped for a failed checksum
         self._lock: int | None = None
         self._fd: int | None = None  # read with positioned reads: no mapping, so page cache is not this process's RSS
         self._wfd: int | None = None  # the writer's open updates.bin (appends)
@@ -109,41 +115,56 @@ class UpdateStore:
         self._recover()
 
     # ------------------------------------------------------------------ recovery
+    def _record_at(self, fh, pos: int, size: int) -> tuple[UpdateInfo, int] | None:
+        """The record whose frame starts at ``pos`` and where the frame ends, or None if no valid frame starts there."""
+        found = frame_at(fh, pos, size)
+        if found is None:
+            return None
+        meta, hlen, end = found
+        if "partition" in meta:  # stores written before 2026-12-01 called the client id partition
+            meta["client"] = meta.pop("partition")
+            self._old_names = True
+        try:
+            return UpdateInfo(**{**meta, "offset": pos + FRAME.size + hlen, "start": pos}), end
+        except TypeError:
+            return None
+
     def _scan(self) -> int:
-        """Index the complete frames; return where they end (a partial or corrupt tail is ignored)."""
-        self.records = []
+        """Index the valid frames; return where the last one ends (a torn or garbled tail after it is left
+        to the writer). A corrupt region between valid frames is skipped, recorded in :attr:`corrupt` and warned of."""
+        self.records, self.corrupt = [], []
         size = self.data_path.stat().st_size
-        good_end = 0
+        pos = 0
         with open(self.data_path, "rb") as fh:
-            while good_end + _FRAME.size <= size:
-                fh.seek(good_end)
-                magic, hlen, plen, crc = _FRAME.unpack(fh.read(_FRAME.size))
-                end = good_end + _FRAME.size + hlen + plen
-                checksum = _CHECKSUMS.get(magic)
-                if checksum is None or end > size:
-                    break
-                header = fh.read(hlen)
-                payload = fh.read(plen)
-                if checksum(payload, checksum(header)) != crc:
-                    break
-                meta = json.loads(header)
-                if "partition" in meta:  # stores written before 2026-12-01 called the client id partition
-                    meta["client"] = meta.pop("partition")
-                    self._old_names = True
-                self.records.append(
-                    UpdateInfo(**{**meta, "offset": good_end + _FRAME.size + hlen, "start": good_end})
-                )
-                good_end = end
-        return good_end
+            while pos < size:
+                found = self._record_at(fh, pos, size)
+                if found is not None:
+                    self.records.append(found[0])
+                    pos = found[1]
+                    continue
+                nxt = next_frame(fh, pos + 1, size)
+                if nxt is None:
+                    break  # no valid frame after pos: the final frame is torn
+                self.corrupt.append((pos, nxt - pos))
+                pos = nxt
+        if self.corrupt:
+            where = ", ".join(f"{n} bytes at offset {o}" for o, n in self.corrupt)
+            warnings.warn(f"{self.data_path}: {len(self.corrupt)} corrupt region(s) skipped ({where}): the records there "
+                          f"fail their checksum and are left out; the {len(self.records)} valid records are kept",
+                          RuntimeWarning, stacklevel=3)
+        return pos
 
     def _recover(self) -> None:
-        """The writer's repair: drop an incomplete or corrupt tail, and make the index match."""
+        """The writer's repair: drop a torn final frame (and say so), make the index match the valid frames.
+        Corrupt regions between valid frames stay in the file (:meth:`_scan` warned of them)."""
         if not self.data_path.exists():
             self.data_path.touch()
         size = self.data_path.stat().st_size
         good_end = self._scan()
         if good_end < size:
             self.recovered_bytes = size - good_end
+            print(f"[fed-ser] {self.data_path}: dropped a torn final frame ({self.recovered_bytes} bytes at offset {good_end}); "
+                  f"{len(self.records)} complete records kept", file=sys.stderr, flush=True)
             with open(self.data_path, "r+b") as fh:
                 fh.truncate(good_end)
         index_lines = self.index_path.read_text().splitlines() if self.index_path.exists() else []
@@ -189,9 +210,9 @@ class UpdateStore:
             crc = crc32c.crc32c(v, crc)
         fd = self._writer()
         start = self._end
-        _write_all(fd, [_FRAME.pack(MAGIC, len(header), plen, crc) + header, *views])
-        self._end = start + _FRAME.size + len(header) + plen
-        info = UpdateInfo(**meta, offset=start + _FRAME.size + len(header), start=start)
+        write_all(fd, [FRAME.pack(MAGIC, len(header), plen, crc) + header, *views])
+        self._end = start + FRAME.size + len(header) + plen
+        info = UpdateInfo(**meta, offset=start + FRAME.size + len(header), start=start)
         self.records.append(info)
         self._pending.append(info.to_json() + "\n")
         if sync:
@@ -243,22 +264,24 @@ class UpdateStore:
     def read(self, info: UpdateInfo, layers: list[str] | None = None) -> dict[str, np.ndarray]:
         """The arrays of one record as float32 (only ``layers`` if given).
 
-        Each layer is one positioned read (``os.pread``) into a fresh buffer: memory holds only the
-        arrays asked for, however large the store (an ``mmap`` would count every page it touched
-        in the reader's resident memory).
+        The record's frame is read with one positioned read (``os.pread``: memory holds this frame and the
+        arrays asked for, however large the store; an ``mmap`` would count every page it touched in the
+        reader's resident memory) and verified against its checksum: bytes changed since the store was
+        opened raise :class:`CorruptRecord` naming the offset.
         """
-        fd = self._reader()
+        found = read_frame(self._reader(), info.start)
+        if found is None or info.start + FRAME.size + found[1] != info.offset:
+            raise CorruptRecord(f"{self.data_path}: the record of round {info.round}, client {info.client} at offset "
+                                f"{info.start} fails its checksum (the file changed or is damaged there)")
+        frame, hlen = found
         dtype = np.dtype(info.dtype)
         out: dict[str, np.ndarray] = {}
-        offset = info.offset
+        at = hlen
         for name, shape in info.layers.items():
             count = int(np.prod(shape)) if shape else 1
             if layers is None or name in layers:
-                raw = os.pread(fd, count * dtype.itemsize, offset)
-                if len(raw) != count * dtype.itemsize:
-                    raise ValueError(f"{self.data_path}: record of round {info.round} is truncated at layer {name}")
-                out[name] = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
-            offset += count * dtype.itemsize
+                out[name] = np.frombuffer(frame, dtype=dtype, count=count, offset=at).reshape(shape).astype(np.float32)
+            at += count * dtype.itemsize
         return out
 
     def updates(self, kind: str | None = None) -> list[UpdateInfo]:
@@ -289,7 +312,7 @@ class UpdateStore:
         total = 0
         for r in ups:
             count = sum(int(np.prod(s)) for s in r.layers.values())
-            total += count * np.dtype(r.dtype).itemsize + _FRAME.size + len(r.to_json())
+            total += count * np.dtype(r.dtype).itemsize + FRAME.size + len(r.to_json())
         return total / len(ups)
 
     def __len__(self) -> int:
@@ -320,18 +343,6 @@ class UpdateStore:
             self.close()
         except Exception:  # at interpreter exit the builtins may be gone; the next writer rebuilds the index from the frames
             pass
-
-
-def _write_all(fd: int, buffers: list) -> None:
-    """``writev`` every buffer, continuing after a short write (a signal, a full pipe)."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    while views:
-        n = os.writev(fd, views[:1024])  # IOV_MAX
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
 
 
 def max_difference(a: UpdateStore, b: UpdateStore) -> float:
