@@ -143,3 +143,74 @@ def test_a_non_boolean_shadow_per_fold_stops_the_experiment_before_its_folder_ex
     with pytest.raises(ConfigError, match=r"^shadow\.per_fold: must be true or false, got 'sometimes'"):
         run_experiment(cfg)
     assert not (tmp_path / "cell").exists()
+
+
+@pytest.mark.parametrize("override,match", [
+    ("fl.eval_fraction=7", r"^fl\.eval_fraction: must be in \(0, 1\]"),  # waited for 28 of 4 nodes for ever
+    ("fl.eval_fraction=0", r"^fl\.eval_fraction"),
+    ("fl.lr=inf", r"^fl\.lr: must be a finite number > 0, got inf"),  # trained 200 rounds to chance
+    ("fl.lr=nan", r"^fl\.lr: must be a finite number"),
+    ("fl.lr=0", r"^fl\.lr"),
+    ("recorder.layers=nosuch", r"^recorder\.layers: \['nosuch'\] not among the model's layers \['dense1', 'dense2', 'out'\]"),
+    ("recorder.layers='dense1,dense3'", r"^recorder\.layers: \['dense3'\]"),
+    ("fl.min_available=-3", r"^fl\.min_available: must be >= 0"),
+])
+def test_settings_that_hang_or_train_nonsense_are_refused_naming_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        run_settings(load_config([override]), Path("x.npz"), "out")
+
+
+def test_the_recordable_layers_are_the_models_linear_layers():
+    import torch
+
+    from fed_ser.core.model import build_model
+    from fed_ser.run.settings import LAYERS
+
+    model = build_model(10, 0.2, 0)
+    assert LAYERS == tuple(n for n, m in model.named_children() if isinstance(m, torch.nn.Linear))
+    assert run_settings(load_config(["recorder.layers='dense1,out'"]), Path("x.npz"), "out").layers() == ["dense1", "out"]
+
+
+def _script(name: str):
+    """The function pyproject.toml installs as console script ``name``."""
+    import importlib
+
+    ref = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"][name]
+    module, _, function = ref.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+@pytest.mark.parametrize("script,argv,key", [
+    ("fed-ser-deploy", ["deploy.nodes=0"], "deploy.nodes: must be an integer >= 1, got 0"),
+    ("fed-ser-deploy", ["fl.rounds=x"], "fl.rounds: Value 'x'"),
+    ("fed-ser-deploy", ["deploy.isolation=vpn"], "deploy.isolation: 'vpn' is not one of ('netns', 'none')"),
+    ("fed-ser-train", ["fold=9"], "fold: must be an integer in 0..4 (n_folds=5), got 9"),
+    ("fed-ser-train", ["fold=-1"], "fold: must be an integer in 0..4"),
+    ("fed-ser-train", ["fl.min_available=-3"], "fl.min_available: must be >= 0"),
+    ("fed-ser-train", ["fl.eval_fraction=7"], "fl.eval_fraction: must be in (0, 1]"),
+    ("fed-ser-extract", ["limit=-1"], "limit: must be an integer >= 0"),
+    ("fed-ser-extract", ["features=nosuch"], "features: no such option"),
+    ("fed-ser-robust", ["fl.lr=x"], "fl.lr: Value 'x'"),
+    ("fed-ser-deploy-setup", ["--out", "o", "--work", "w", "--nodes", "0"], "--nodes: must be >= 1, got 0"),
+])
+def test_console_scripts_turn_a_bad_setting_into_one_line_naming_the_key(script, argv, key, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, and nothing here is the project's
+    with pytest.raises(SystemExit) as stop:
+        _script(script)(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith(f"[fed-ser] error: {key}"), err
+    assert not any(tmp_path.iterdir())
+
+
+def test_fed_ser_train_over_a_checkpoint_of_other_settings_is_one_line(tmp_path, capsys, monkeypatch):
+    import fed_ser.experiments.cli as cli
+    from fed_ser.recording.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    save_checkpoint(out / "checkpoint.npz", 3, RunSettings(prepared="x.npz", dropout=0.4, out_dir=str(out)), {})
+    monkeypatch.setattr(cli, "prepare", lambda cfg, corpora, fold: Path("x.npz"))  # the data a run of these settings uses
+    with pytest.raises(SystemExit) as stop:
+        _script("fed-ser-train")([f"out_dir={out}", "model.dropout=0.2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("[fed-ser] error: resume: ") and "model.dropout: 0.4 there, 0.2 now" in err[0]

@@ -200,3 +200,63 @@ def test_read_verifies_the_checksum_of_what_it_returns(tmp_path):
     np.testing.assert_array_equal(reader.read(reader.updates()[2])["dense1.bias"], _update(2)["dense1.bias"])
     with pytest.raises(CorruptRecord, match=f"offset {infos[3].start}"):
         reader.read(reader.updates()[3], layers=["dense1.bias"])
+
+
+def _run(tmp_path, rounds: list[int], checkpoint: int | None, **kw):
+    """A run folder whose store holds records of ``rounds``, with a checkpoint after round ``checkpoint``."""
+    from fed_ser.recording.checkpoint import save_checkpoint
+    from fed_ser.run.settings import RunSettings
+
+    s = RunSettings(prepared="x.npz", out_dir=str(tmp_path), recorder_dir=str(tmp_path / "updates"), **kw)
+    store = UpdateStore(s.recorder_dir, mode="a")
+    for r in rounds:
+        store.append(_update(r), round=r, node=r, sync=False)
+    store.close()
+    if checkpoint is not None:
+        save_checkpoint(tmp_path / "checkpoint.npz", checkpoint, s, {})
+    return s
+
+
+def test_a_rerun_refuses_to_drop_the_records_of_finished_rounds_and_says_which(tmp_path):
+    from dataclasses import replace
+
+    from fed_ser.recording.overwrite import check_overwrite
+    from fed_ser.run.settings import ConfigError
+
+    s = _run(tmp_path, [1, 1, 2, 2, 3, 3], checkpoint=3, resume=False)  # a finished run, rerun from scratch (fed-ser-deploy)
+    with pytest.raises(ConfigError, match=r"^recorder\.overwrite: .* holds 6 recorded records of finished rounds 1-3 that this "
+                                          r"run would drop \(resume=false\); set recorder\.overwrite=true"):
+        check_overwrite(s)
+    assert len(UpdateStore(s.recorder_dir)) == 6  # nothing dropped
+    check_overwrite(replace(s, recorder_overwrite=True))  # told to
+
+
+@pytest.mark.parametrize("rounds,checkpoint,resume,refused", [
+    ([1, 1, 2, 2, 3], 2, True, False),  # resumed after round 2: round 3 never finished, a resume redoes it
+    ([1, 1], None, True, False),  # died in round 1: nothing finished
+    ([1, 1, 2], None, False, True),  # round 1 finished (round 2 began), no checkpoint: data
+    ([1, 1, 2, 2], 2, True, False),  # resumed after its last round: drops nothing
+])
+def test_only_unfinished_rounds_are_dropped_without_asking(tmp_path, rounds, checkpoint, resume, refused):
+    from fed_ser.recording.overwrite import check_overwrite
+    from fed_ser.run.settings import ConfigError
+
+    s = _run(tmp_path, rounds, checkpoint, resume=resume)
+    if refused:
+        with pytest.raises(ConfigError, match="recorder.overwrite"):
+            check_overwrite(s)
+    else:
+        check_overwrite(s)
+
+
+def test_fed_ser_deploy_over_a_recorded_run_refuses_before_anything_starts(tmp_path, capsys, monkeypatch):
+    """fed-ser-deploy reruns from scratch (resume=false): over an earlier deployment's records it stops at once."""
+    from fed_ser.experiments.deploy import main
+
+    _run(tmp_path / "deployment", [1, 1, 2, 2], checkpoint=2, resume=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main([f"out_dir={tmp_path}", f"deploy.workdir={tmp_path / 'fed'}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "holds 4 recorded records of finished rounds 1-2" in err
+    assert not (tmp_path / "fed").exists() and len(UpdateStore(tmp_path / "deployment" / "updates")) == 4

@@ -18,23 +18,13 @@ from fed_ser.data.federated import FederatedData
 from fed_ser.experiments.config import console, load_config
 from fed_ser.experiments.prepare import prepare
 from fed_ser.io import atomic_write_json, atomic_write_text
+from fed_ser.recording.overwrite import check_overwrite
 from fed_ser.recording.recorder import UpdateRecorder
 from fed_ser.recording.store import UpdateStore
-from fed_ser.run.settings import ConfigError, RunSettings
+from fed_ser.run.from_config import run_settings
+from fed_ser.run.settings import ConfigError
 
-
-def run_settings(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = "") -> RunSettings:
-    """The flat run settings of one FL run from the Hydra config, read key by key with the run-config keys
-    (:attr:`RunSettings._KEYS`, the one list of them): what ``flwr run --run-config`` and ``pyproject.toml``
-    name ``fl.lr`` is ``cfg.fl.lr`` here (the groups' schema gives every key its dataclass default).
-    The caller gives the paths."""
-    given = {"data.prepared": str(prepared), "out_dir": out_dir, "recorder.dir": recorder_dir}
-    flat = {}
-    for key in RunSettings._KEYS.values():
-        value = given[key] if key in given else OmegaConf.select(cfg, key, default=None)
-        if value is not None:
-            flat[key] = value
-    return RunSettings.from_run_config(flat)
+__all__ = ["load_config", "run_fl", "run_settings", "run_vectorized_fl", "seconds_per_round"]  # run_settings: re-exported
 
 
 def run_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = "") -> dict:
@@ -42,6 +32,7 @@ def run_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = ""
     from fed_ser.flower.simulation import simulate  # Flower's simulation engine (and Ray) load only for a Flower run
 
     settings = run_settings(cfg, prepared, out_dir, recorder_dir)
+    check_overwrite(settings)  # here, not only in the ServerApp: one line before the simulation starts
     n = FederatedData.load(prepared).num_clients
     print(f"[fed-ser] {cfg.fl.algorithm} on {prepared.name}: {n} clients, {settings.rounds} rounds -> {out_dir}", flush=True)
     simulate(settings, n, cpus_per_client=float(cfg.simulation.cpus_per_client), ray_address=cfg.simulation.ray_address)
@@ -79,10 +70,14 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
     data = FederatedData.load(prepared)
     print(f"[fed-ser] {cfg.fl.algorithm} (vectorised engine) on {prepared.name}: {data.num_clients} clients, "
           f"{settings.rounds} rounds -> {out_dir}", flush=True)
+    check_overwrite(settings, start=0)  # this engine does not resume: it starts over, and drops no finished round unasked
     recorder = None
     if recorder_dir:
         store = UpdateStore(recorder_dir, mode="a")
-        store.truncate_after_round(0)
+        dropped = store.truncate_after_round(0)
+        if dropped:
+            print(f"[fed-ser] {recorder_dir}: dropped {dropped} recorded records "
+                  f"({'recorder.overwrite=true' if settings.recorder_overwrite else 'an unfinished round'})", flush=True)
         recorder = UpdateRecorder(store, settings.algorithm, settings.lr, settings.layers(), settings.recorder_float16)
     if settings.dp_mode == "none" and settings.adv_mix == 0:
         res = run_vectorized(data, settings, recorder)
@@ -95,7 +90,7 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
         m = run_inprocess(data, settings, recorder)
         res = {"engine": "in-process", "settings": settings.to_run_config(), "num_clients": data.num_clients,
                "wall_seconds": time.perf_counter() - t0, "rounds": [],
-               "final": {"test_acc": m["acc"], "test_uar": m["uar"], "round": settings.rounds}}
+               "final": {"test_acc": m["acc"], "test_uar": m["uar"], "test_counts": m.get("counts"), "round": settings.rounds}}
     res["selected"] = dict(res["final"])  # no client validation here: the last round is the model
     if recorder is not None:
         res["recorder"] = {"dir": recorder_dir, "updates": len(recorder.store),
@@ -103,6 +98,11 @@ def run_vectorized_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_di
         recorder.store.close()
     atomic_write_json(Path(out_dir) / "results.json", res)
     return res
+
+
+def with_overwrite_flag(args: list[str]) -> list[str]:
+    """``--overwrite`` on a console script's command line as the override ``recorder.overwrite=true``."""
+    return [a for a in args if a != "--overwrite"] + (["recorder.overwrite=true"] if "--overwrite" in args else [])
 
 
 def expand_overrides(args: list[str]) -> tuple[bool, list[list[str]]]:
@@ -153,15 +153,18 @@ def prepare_main(argv: list[str] | None = None) -> None:
 def train(argv: list[str] | None = None) -> None:
     """Console script: private FL training on one corpus and fold, with the recorder on.
 
-    ``fed-ser-train -m fold=0,1,2,3,4`` runs each fold and writes ``runs/train/table_iii.md``.
+    ``fed-ser-train -m fold=0,1,2,3,4`` runs each fold and writes ``runs/train/table_iii.md``; ``--overwrite``
+    (``recorder.overwrite=true``) lets a rerun replace the updates an earlier run recorded in ``out_dir``.
     """
-    multirun, runs = expand_overrides(list(sys.argv[1:] if argv is None else argv))
+    multirun, runs = expand_overrides(with_overwrite_flag(list(sys.argv[1:] if argv is None else argv)))
     rows = []
     for overrides in runs:
         cfg = load_config(overrides)
-        prepared = prepare(cfg, [str(cfg.dataset.name)], int(cfg.fold))
         out = Path(cfg.out_dir)
-        res = run_fl(cfg, prepared, str(out), str(out / "updates") if cfg.recorder.enabled else "")
+        recorder_dir = str(out / "updates") if cfg.recorder.enabled else ""
+        run_settings(cfg, Path("unprepared.npz"), str(out), recorder_dir)  # every run setting checked before the data is prepared
+        prepared = prepare(cfg, [str(cfg.dataset.name)], int(cfg.fold))
+        res = run_fl(cfg, prepared, str(out), recorder_dir)
         f = res["final"]
         atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
         rows.append(dict(corpus=cfg.dataset.name, algorithm=cfg.fl.algorithm, fold=int(cfg.fold), acc=f["test_acc"], uar=f["test_uar"]))
@@ -171,6 +174,27 @@ def train(argv: list[str] | None = None) -> None:
         path = Path(cfg.out_dir).parent / "table_iii.md"
         atomic_write_text(path, table_iii(rows))
         print(f"[fed-ser] Table III: {path}")
+
+
+@console
+def extract_main(argv: list[str] | None = None) -> None:
+    """Console script ``fed-ser-extract`` (:func:`fed_ser.experiments.prepare.extract_main`) with its settings
+    checked first: a wrong one is one line naming the key."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    limit = load_config(args, "extract").limit
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ConfigError(f"limit: must be an integer >= 0 (0: every utterance), got {limit!r}")
+    from fed_ser.experiments.prepare import extract_main as extract
+
+    extract(args)
+
+
+@console
+def robust_main(argv: list[str] | None = None) -> None:
+    """Console script ``fed-ser-robust`` (:func:`fed_ser.experiments.robustness.main`): a wrong setting is one line."""
+    from fed_ser.experiments.robustness import main as robust
+
+    robust(list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

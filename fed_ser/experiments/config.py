@@ -80,7 +80,7 @@ def load_config(overrides: list[str], config_name: str = "config") -> DictConfig
     """
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides)
     except MissingConfigException as exc:  # a group option that does not exist (dataset=timit)
         group = next((o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].lstrip("+~") and
                       f"'{o.split('=', 1)[0].lstrip('+~')}/" in str(exc)), None)
@@ -104,6 +104,19 @@ def load_config(overrides: list[str], config_name: str = "config") -> DictConfig
         node = OmegaConf.select(base, parent) if parent else base
         known = sorted(f"{parent + '.' if parent else ''}{k}" for k in node) if isinstance(node, DictConfig) else []
         raise ConfigError(f"{key}: no such setting" + (f" (known: {', '.join(known)})" if known else "")) from None
+    check_fold(cfg)
+    return cfg
+
+
+def check_fold(cfg: DictConfig) -> None:
+    """``fold`` (where the config has one) is an integer in ``0..n_folds-1``: one line naming both, not a traceback."""
+    if "fold" not in cfg or "n_folds" not in cfg:
+        return
+    fold, n = cfg.fold, cfg.n_folds
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ConfigError(f"n_folds: must be an integer >= 2, got {n!r}")
+    if not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < n:
+        raise ConfigError(f"fold: must be an integer in 0..{n - 1} (n_folds={n}), got {fold!r}")
 
 
 def console(main):

@@ -16,15 +16,20 @@ import torch
 
 from fed_ser.core.model import SERModel, build_model
 from fed_ser.io import atomic_save_npz
-from fed_ser.run.settings import RunSettings
+from fed_ser.run.settings import ConfigError, RunSettings
 
 NAME = "checkpoint.npz"
+
+
+class CheckpointMismatch(ConfigError, RuntimeError):
+    """A checkpoint written under other settings: one line naming the differing keys (a ConfigError for
+    the console scripts; a RuntimeError, as it was, for callers that catch that)."""
 
 
 def fingerprint(s: RunSettings) -> str:
     """What must match for a checkpoint to be resumed: everything but rounds, paths and flags."""
     cfg = s.to_run_config()
-    for key in ("fl.rounds", "out_dir", "resume", "recorder.dir", "fl.eval_every", "fl.eval_fraction", "fl.round_timeout",
+    for key in ("fl.rounds", "out_dir", "resume", "recorder.dir", "recorder.overwrite", "fl.eval_every", "fl.eval_fraction", "fl.round_timeout",
                 "fl.poll_interval"):
         cfg.pop(key)
     if s.adv_mix == 0:  # adversarial-training knobs mean nothing while it is off (and older checkpoints lack them)
@@ -56,8 +61,8 @@ def load_checkpoint(path: str | Path, s: RunSettings | None = None) -> tuple[int
             theirs, ours = json.loads(str(z["__fingerprint__"])), json.loads(fingerprint(s))
             differ = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now"
                                for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
-            raise RuntimeError(
-                f"{path.parent} holds a run with different settings ({differ}); refusing to resume or overwrite it. "
+            raise CheckpointMismatch(
+                f"resume: {path.parent} holds a run with different settings ({differ}); refusing to resume or overwrite it. "
                 "Choose another out_dir, or set resume=false to start over there.")
         return int(z["__round__"]), {k: z[k] for k in z.files if not k.startswith("__")}
 

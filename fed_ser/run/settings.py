@@ -10,6 +10,7 @@ schema for the run-config groups of ``conf/`` (``fl``, ``model``, ``recorder``, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
@@ -20,6 +21,8 @@ DP_CALIBRATIONS = ("per_client", "expected")
 #: Flower's own DP, used as shipped (:mod:`fed_ser.flower.privacy`): central DP with server-side fixed or
 #: adaptive clipping, central DP with client-side fixed clipping (``fixedclipping_mod``), local DP (``LocalDpMod``).
 FLOWER_DP_MODES = ("none", "central-fixed", "central-adaptive", "client-fixed", "local")
+#: the SER model's layers the recorder can keep (:class:`fed_ser.core.model.SERModel`'s linear layers)
+LAYERS = ("dense1", "dense2", "out")
 
 
 class ConfigError(ValueError):
@@ -60,6 +63,7 @@ class RunSettings:
     recorder_dir: str = setting("recorder.dir", "")  # empty: no recording
     recorder_layers: str = setting("recorder.layers", "all")  # "all" or comma-separated layer names, e.g. "dense1"
     recorder_float16: bool = setting("recorder.float16", False)
+    recorder_overwrite: bool = setting("recorder.overwrite", False)  # a rerun may drop the records of finished rounds in recorder.dir
     out_dir: str = setting("out_dir", "")
     resume: bool = setting("resume", True)
     seed: int = setting("seed", 0)
@@ -89,8 +93,15 @@ class RunSettings:
             raise ConfigError(f"fl.rounds: must be >= 1, got {self.rounds}")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"fl.fraction: must be in (0, 1], got {self.fraction}")
-        if not self.lr > 0:
-            raise ConfigError(f"fl.lr: must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"fl.lr: must be a finite number > 0, got {self.lr}")
+        if not 0.0 < self.eval_fraction <= 1.0:
+            raise ConfigError(f"fl.eval_fraction: must be in (0, 1] (the share of nodes that evaluate), got {self.eval_fraction}")
+        if self.min_available < 0:
+            raise ConfigError(f"fl.min_available: must be >= 0 (0: every client of the data set), got {self.min_available}")
+        unknown = sorted(set(self.layers() or ()) - set(LAYERS))
+        if unknown:
+            raise ConfigError(f"recorder.layers: {unknown} not among the model's layers {list(LAYERS)} (or 'all')")
         if self.batch_size < 1 or self.local_epochs < 1:
             raise ConfigError("fl.batch_size and fl.local_epochs must be >= 1")
         if self.optimizer not in ("sgd", "adam"):
