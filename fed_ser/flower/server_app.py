@@ -26,6 +26,7 @@ from fed_ser.flower.strategy import FedSerStrategy
 from fed_ser.io import atomic_write_json
 from fed_ser.recording.checkpoint import NAME as CHECKPOINT
 from fed_ser.recording.checkpoint import checkpoint_history, load_checkpoint, save_checkpoint
+from fed_ser.recording.overwrite import check_overwrite
 from fed_ser.recording.recorder import UpdateRecorder
 from fed_ser.recording.store import UpdateStore
 from fed_ser.run.privacy import check_privacy, privacy_report
@@ -97,6 +98,7 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
         history = [r for r in checkpoint_history(ckpt) if r["round"] <= start_round]
     recorder = None
     if s.recorder_dir:
+        check_overwrite(s, start_round)  # records of finished rounds are dropped only under recorder.overwrite=true
         store = UpdateStore(s.recorder_dir, mode="a")
         dropped = store.truncate_after_round(start_round)
         if dropped:
