@@ -97,31 +97,6 @@ def test_flowers_dp_refuses_the_in_process_engines(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_audit_bounds_epsilon_from_below_and_finds_no_dp(tmp_path):
-    """The audited epsilon stays at or below each proven claim, and is high where nothing is noised."""
-    from fed_ser.experiments.audit import run_audit
-    from fed_ser.experiments.config import load_config
-
-    cfg = load_config(["audit.trials=300", f"out_dir={tmp_path}"], "audit")
-    rows = {(r["mechanism"], r["observer"]): r for r in run_audit(cfg)["rows"]}
-    for r in rows.values():
-        if r["claimed_epsilon"] is not None:
-            assert r["epsilon_lower_bound"] <= r["claimed_epsilon"], r
-        else:  # no noise between the canary and this observer
-            assert r["epsilon_lower_bound"] > 3.0, r
-    assert rows[("Flower central DP, server-side fixed clipping", "observer of the aggregate")]["epsilon_lower_bound"] > 0.5
-    assert "| no DP (clipping only) | server | none |" in (tmp_path / "audit.md").read_text()
-
-
-def test_an_audit_of_a_mechanism_that_ignores_its_input_finds_nothing():
-    from defenses.privacy.audit import audit
-
-    r = audit(lambda canary, rng: float(rng.normal()), 1000, 1e-5)
-    assert r["epsilon_lower_bound"] < 0.3
-    with pytest.raises(ValueError, match="audit.trials"):
-        audit(lambda canary, rng: 0.0, 5, 1e-5)
-
-
 def test_matrix_rows_run_one_at_a_time_add_up_only_when_their_settings_match(tmp_path):
     import json
 

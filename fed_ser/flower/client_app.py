@@ -9,6 +9,7 @@ like the node id); never the speaker id or gender.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,12 +22,15 @@ from flwr.compat.common import recorddict_compat as compat
 from fed_ser.core.metrics import evaluate
 from fed_ser.core.model import build_model
 from fed_ser.core.schedule import client_seed, federation_size
-from fed_ser.core.training import LocalResult
+from fed_ser.core.training import LocalResult, local_update
 from fed_ser.data.federated import TRAIN, VAL, FederatedData
 from fed_ser.flower.eavesdropper import arrays_to_numpy, numpy_to_arrays
 from fed_ser.flower.privacy import client_mods
 from fed_ser.run.client import client_update
 from fed_ser.run.settings import RunSettings
+
+if TYPE_CHECKING:
+    from fed_ser.flower.canary import CanaryClients
 
 
 @lru_cache(maxsize=4)
@@ -65,39 +69,42 @@ def one_step_model(theta: dict[str, np.ndarray], grads: dict[str, np.ndarray], l
     return out
 
 
-def local_round(s: RunSettings, context: Context, theta: dict[str, np.ndarray], rnd: int) -> tuple[LocalResult, int]:
+def local_round(s: RunSettings, context: Context, theta: dict[str, np.ndarray], rnd: int,
+                canaries: CanaryClients | None = None) -> tuple[LocalResult, int]:
     """One client's local round from the global model ``theta``: FedSGD gradient of one batch, or FedAvg
     local epochs; FedSGD under :attr:`~fed_ser.run.settings.RunSettings.model_replies` replies with the
-    one-step model. Returns the result and the client id."""
+    one-step model. Returns the result and the client id. A client of ``canaries`` (a privacy audit's,
+    :mod:`fed_ser.flower.canary`) sends its canary update in place of training, through the same defences."""
     torch.set_num_threads(1)
     data = _data(s.prepared)
     client = client_id(context)
     X, y = data.client_rows(client, TRAIN)
     model = build_model(data.X.shape[1], s.dropout, s.seed)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
+    local = canaries.local(client) if canaries is not None and canaries.holds(client) else local_update
     result = client_update(model, X, y, s, client_seed(s.seed, rnd, client), client=client,
-                           num_clients=federation_size(s.min_available, data.num_clients))
+                           num_clients=federation_size(s.min_available, data.num_clients), local=local)
     if s.algorithm == "fedsgd" and s.model_replies:  # the one-step model, for Flower's DP and SecAgg+
         result.arrays = one_step_model(theta, result.arrays, s.lr)
     return result, client
 
 
-def handle_train(msg: Message, context: Context, s: RunSettings) -> Message:
+def handle_train(msg: Message, context: Context, s: RunSettings, canaries: CanaryClients | None = None) -> Message:
     """A training message (Message API): the local round, replied with its metrics."""
     theta = arrays_to_numpy(msg.content.array_records["arrays"])
-    result, client = local_round(s, context, theta, int(msg.content.config_records["config"]["server-round"]))
+    result, client = local_round(s, context, theta, int(msg.content.config_records["config"]["server-round"]), canaries)
     metrics = MetricRecord({"num-examples": result.num_examples, "local-steps": result.steps,
                             "train-loss": result.loss, "client-id": client, **result.metrics})
     return Message(RecordDict({"arrays": numpy_to_arrays(result.arrays), "metrics": metrics}), reply_to=msg)
 
 
-def handle_train_legacy(msg: Message, context: Context, s: RunSettings) -> Message:
+def handle_train_legacy(msg: Message, context: Context, s: RunSettings, canaries: CanaryClients | None = None) -> Message:
     """A training message in Flower's legacy format, as ``secaggplus_mod`` passes it on under SecAgg+
     (:mod:`fed_ser.flower.secagg`): the same local round, replied as a ``FitRes``."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     keys = _parameter_names(_data(s.prepared).X.shape[1])
     theta = dict(zip(keys, parameters_to_ndarrays(fitins.parameters)))
-    result, client = local_round(s, context, theta, int(fitins.config["server-round"]))
+    result, client = local_round(s, context, theta, int(fitins.config["server-round"]), canaries)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([result.arrays[k] for k in keys]), result.num_examples,
                     {"client-id": client})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
@@ -123,8 +130,9 @@ def handle_query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({"client-id": client_id(context)})}), reply_to=msg)
 
 
-def make_client_app(settings: RunSettings | None = None) -> ClientApp:
-    """A ClientApp using ``settings`` (Hydra CLI) or, if None, the run config (``flwr run``)."""
+def make_client_app(settings: RunSettings | None = None, canaries: CanaryClients | None = None) -> ClientApp:
+    """A ClientApp using ``settings`` (Hydra CLI) or, if None, the run config (``flwr run``); ``canaries``: the
+    clients that send a privacy audit's canary updates (:mod:`fed_ser.flower.canary`), none in a normal run."""
     def _settings(context: Context) -> RunSettings:
         return settings if settings is not None else RunSettings.from_run_config(context.run_config)
 
@@ -139,7 +147,7 @@ def make_client_app(settings: RunSettings | None = None) -> ClientApp:
         mods = client_mods(s)
         if s.secagg:
             mods = [secaggplus_mod, *mods]
-            call_next = (lambda m, c: handle_train_legacy(m, c, s))
+            call_next = (lambda m, c: handle_train_legacy(m, c, s, canaries))
         for mod in reversed(mods):
             call_next = (lambda m, c, mod=mod, nxt=call_next: mod(m, c, nxt))
         return call_next(msg, context)
@@ -148,7 +156,7 @@ def make_client_app(settings: RunSettings | None = None) -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, _settings(context))
+        return handle_train(msg, context, _settings(context), canaries)
 
     @client_app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

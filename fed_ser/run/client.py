@@ -9,6 +9,8 @@ would pay.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from torch import nn
 
@@ -17,14 +19,16 @@ from fed_ser.run.settings import RunSettings
 
 
 def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: RunSettings, seed: int, *,
-                  client: int, num_clients: int) -> LocalResult:
+                  client: int, num_clients: int, local: Callable[..., LocalResult] = local_update) -> LocalResult:
     """What one client sends in one round under run settings ``s``, defences included.
 
     The single entry point of the Flower ClientApp and the in-process engine: plain FedSGD /
     FedAvg, DP-FedSGD (``dp.mode=sample``), user-level DP (``dp.mode=user``), UDP as published
     (``dp.mode=udp``) and federated adversarial training (``adv.mix > 0``, examples crafted against
     the received global model). ``client`` (its id) and ``num_clients`` place the client in the shared schedule
-    (the DP calibration): ``num_clients`` is :func:`fed_ser.core.schedule.federation_size`.
+    (the DP calibration): ``num_clients`` is :func:`fed_ser.core.schedule.federation_size`. ``local`` is the
+    local loop, :func:`~fed_ser.core.training.local_update`; the privacy audit's canary clients
+    (:mod:`fed_ser.flower.canary`) replace it with their fixed update, so that the defences run on them as on any client.
     """
     privacy = s.privacy()
     hook = None
@@ -43,7 +47,7 @@ def client_update(model: nn.Module, X: np.ndarray, y: np.ndarray, s: RunSettings
         dp_sgd = PrivateGradient(sigma, privacy.clip, min(s.batch_size, len(X)))
         metrics = {"dp-noise-multiplier": sigma, "dp-sample-rate": q}
     old = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if s.dp_mode in ("user", "udp") else None
-    r = local_update(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr, epochs=s.local_epochs,
+    r = local(model, X, y, algorithm=s.algorithm, batch_size=s.batch_size, lr=s.lr, epochs=s.local_epochs,
                      optimizer=s.optimizer, seed=seed, dp_sgd=dp_sgd, batch_hook=hook)
     if s.dp_mode == "user":
         from defenses.privacy.user_dp import privatize, server_noise_multiplier
