@@ -9,6 +9,7 @@ import pytest
 
 from defenses.privacy.accounting import exact_spent, gaussian_delta, gaussian_epsilon, spent, tightest_spent
 from defenses.privacy.audit import audit, gdp_lower_bound, one_run_epsilon, one_run_p_value
+from fed_ser.experiments.audit import WEIGHTED
 from fed_ser.experiments.config import load_config
 from fed_ser.run.settings import ConfigError
 
@@ -116,6 +117,8 @@ def test_the_audit_bounds_epsilon_from_below_and_finds_no_dp(tmp_path):
 
     cfg = load_config(["audit.trials=300", "audit.one_run.modes=[]", f"out_dir={tmp_path}"], "audit")
     rows = {(r["mechanism"], r["observer"]): r for r in run_audit(cfg)["rows"]}
+    weighted = rows.pop((WEIGHTED, "observer of the aggregate"))
+    assert weighted["gdp_epsilon_lower_bound"] > weighted["claimed_epsilon_rdp"]  # the claim assumes equal weights
     for r in rows.values():
         if r["claimed_epsilon"] is not None:
             assert r["epsilon_lower_bound"] <= r["gdp_epsilon_lower_bound"] <= r["claimed_epsilon"] < r["claimed_epsilon_rdp"], r

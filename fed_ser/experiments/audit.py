@@ -14,7 +14,9 @@ RDP, the accountant the mechanisms calibrate with:
 * Flower's ``LocalDpMod`` (``flower_dp=local``), against the server;
 * Flower's central DP with server-side fixed clipping (``flower_dp=central_fixed``), against an
   observer of the aggregate (one round of ``audit.clients`` clients) and against the server itself
-  (which receives the canary's update before any noise: its claim is none);
+  (which receives the canary's update before any noise: its claim is none); and once more with the
+  canary holding four times each other client's examples: fed-ser's FedAvg weighs replies by their
+  examples, Flower's noise is calibrated for the unweighted mean, so the claim does not hold there;
 * no DP (clipping only).
 
 **One run** (:func:`audit_one_run`): fed-ser's own Flower simulation (its ServerApp, ClientApp,
@@ -52,6 +54,7 @@ from fed_ser.io import atomic_write_json, atomic_write_text
 from fed_ser.run.settings import ConfigError, RunSettings
 
 EXACT = "exact (analytic Gaussian)"
+WEIGHTED = "Flower central DP, server-side fixed clipping, FedAvg weights: the canary holds 4x each other client's examples"
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ def audit_mechanisms(a: DictConfig) -> list[Mechanism]:
         Mechanism("Flower LocalDpMod (flower_dp=local)", "server", local_dp_canary(clip, eps, delta), local_noise_multiplier(eps, delta)),
         Mechanism(central, "observer of the aggregate", central_dp_canary(clip, sigma, m, "aggregate"), sigma / 2.0),
         Mechanism(central, "server", central_dp_canary(clip, sigma, m, "server"), None),
+        # fed-ser's FedAvg weighs replies by their examples; Flower's noise is calibrated for the unweighted mean
+        Mechanism(WEIGHTED, "observer of the aggregate", central_dp_canary(clip, sigma, m, "aggregate", canary_examples=40), sigma / 2.0),
     ]
 
 

@@ -46,11 +46,14 @@ def local_dp_canary(clip: float, epsilon: float, delta: float) -> Callable[[bool
     return mechanism
 
 
-def central_dp_canary(clip: float, noise_multiplier: float, clients: int, observer: str) -> Callable[[bool, np.random.Generator], float]:
+def central_dp_canary(clip: float, noise_multiplier: float, clients: int, observer: str,
+                      canary_examples: int = 10) -> Callable[[bool, np.random.Generator], float]:
     """One round of Flower's server-side fixed clipping with ``clients`` clients, the canary among them.
 
     ``observer="aggregate"`` scores the new global model; ``"server"`` scores the canary's reply as
-    the server receives it, before the wrapper clips and adds noise."""
+    the server receives it, before the wrapper clips and adds noise. Every other client reports 10
+    examples, the canary ``canary_examples``: FedAvg weighs the replies by them, while Flower's noise
+    (``sigma C / clients``) is calibrated for the unweighted mean."""
     theta = np.zeros(DIM, np.float32)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
 
@@ -62,8 +65,9 @@ def central_dp_canary(clip: float, noise_multiplier: float, clients: int, observ
         other = np.zeros(DIM)
         other[1] = 0.01 * clip
         updates = [canary_update(canary, clip)] + [other] * (clients - 1)
-        replies = [Message(RecordDict({"arrays": _audit_arrays(theta + u), "metrics": MetricRecord({"num-examples": 10})}),
-                           reply_to=m) for m, u in zip(msgs, updates)]
+        examples = [canary_examples] + [10] * (clients - 1)
+        replies = [Message(RecordDict({"arrays": _audit_arrays(theta + u), "metrics": MetricRecord({"num-examples": n})}),
+                           reply_to=m) for m, u, n in zip(msgs, updates, examples)]
         if observer == "server":
             return float(replies[0].content.array_records["arrays"]["w"].numpy()[0])
         agg, _ = wrapper.aggregate_train(1, replies)
