@@ -19,16 +19,17 @@ from pathlib import Path
 
 from _common import parser, report
 
-from fed_ser.deployment.federation import deploy
 from fed_ser.experiments.config import load_config
+from fed_ser.experiments.deploy import deploy
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
     runs = {}
     for warm in (True, False):
-        cfg = load_config([*args.overrides, f"deploy.warm_apps={str(warm).lower()}",
-                           f"deploy.compare_simulation={str(warm).lower()}"], "deploy")
+        # each mode records into its own out_dir, and a rerun of the benchmark replaces what the last one recorded
+        cfg = load_config([f"out_dir=runs/deploy/bench-{'warm' if warm else 'cold'}", "recorder.overwrite=true", *args.overrides,
+                           f"deploy.warm_apps={str(warm).lower()}", f"deploy.compare_simulation={str(warm).lower()}"], "deploy")
         log_file = Path(cfg.deploy.workdir) / "forkserver.log"  # appended to by every run in this workdir
         offset = log_file.stat().st_size if log_file.exists() else 0
         runs[warm] = deploy(cfg)

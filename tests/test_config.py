@@ -167,7 +167,8 @@ def test_the_recordable_layers_are_the_models_linear_layers():
     from fed_ser.run.settings import LAYERS
 
     model = build_model(10, 0.2, 0)
-    assert LAYERS == tuple(n for n, m in model.named_children() if isinstance(m, torch.nn.Linear))
+    linear = tuple(n for n, m in model.named_children() if isinstance(m, torch.nn.Linear))
+    assert linear == LAYERS
     assert run_settings(load_config(["recorder.layers='dense1,out'"]), Path("x.npz"), "out").layers() == ["dense1", "out"]
 
 

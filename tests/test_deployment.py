@@ -1,17 +1,23 @@
-"""A real local federation: SuperLink + SuperNodes as separate processes on 127.0.0.1, over TLS
-with SuperNode authentication; faults (a node killed mid-run, an unregistered node)."""
+"""A real local federation: SuperLink + SuperNodes as separate processes on 127.0.0.1 of a private network,
+over TLS with SuperNode authentication; outsiders (holding the CA certificate, on the host or at the nodes'
+gateway) are kept out; faults (a node killed mid-run, an unregistered node, the deployer stopped by SIGTERM)."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fed_ser.data.federated import TRAIN, FederatedData
-from fed_ser.deployment.federation import PROJECT, LocalFederation, stage_app
+from fed_ser.deployment.certificates import make_node_key
+from fed_ser.deployment.federation import MARKER, PROJECT, LocalFederation, _bin, stage_app
 from fed_ser.experiments.config import load_config
 from fed_ser.experiments.prepare import prepare
 from fed_ser.recording.store import UpdateStore
@@ -30,19 +36,82 @@ def _settings(prepared, out, rounds: int, nodes: int, **kw) -> RunSettings:
                        min_available=nodes, recorder_dir=str(out / "updates"), out_dir=str(out), resume=False, **kw)
 
 
-def test_tls_authenticated_federation_runs_secagg_then_trains_records_and_outlives_a_killed_node(prepared, tmp_path):
-    """One federation (each start costs a SuperLink, three SuperNodes and their ClientApp processes):
-    first SecAgg+, then a FedSGD run that records every update from the wire and finishes when a node dies."""
+EVIL_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "evil"
+version = "1.0.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "outsider"
+
+[tool.flwr.app.components]
+serverapp = "evil:app"
+clientapp = "evil:client"
+
+[tool.flwr.app.config]
+"""
+
+EVIL_APP = """from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+client = ClientApp()
+
+
+@app.main()
+def main(grid, context):
+    open({mark!r}, "w").write("the outsider's code ran as the deployer")
+"""
+
+
+def _outsider(folder: Path, ca: Path, address: str) -> tuple[dict, Path, Path]:
+    """Someone holding only the public CA certificate: a fresh FLWR_HOME naming the SuperLink, a node key of
+    their own and an app of their own (which, if it ever ran, would leave the file ``PWNED`` behind)."""
+    home = folder / "flwr_home"
+    home.mkdir(parents=True)
+    (home / "ca.crt").write_bytes(ca.read_bytes())
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "fedser"\n\n[superlink.fedser]\naddress = "{address}"\n'
+                                      f'root-certificates = "{home / "ca.crt"}"\n')
+    _, pub = make_node_key(folder / "keys", "outsider")
+    app = folder / "evil"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(EVIL_PYPROJECT)
+    (app / "evil.py").write_text(EVIL_APP.format(mark=str(folder / "PWNED")))
+    return {"PATH": os.environ["PATH"], "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}, pub, app
+
+
+def _attempt(fed: LocalFederation, folder: Path, address: str, inside: bool) -> list[subprocess.CompletedProcess]:
+    """The outsider registers a node and starts a run: from the host (``inside=False``), or from within the
+    federation's network at ``address`` (a party that reaches the nodes' gateway)."""
+    env, pub, app = _outsider(folder, fed.certs["ca"], address)
+    wrap = fed._wrap if inside else (lambda cmd: cmd)
+    return [subprocess.run(wrap([_bin("flwr"), *args]), env=env, capture_output=True, text=True, timeout=120)
+            for args in (["supernode", "register", str(pub), "fedser"], ["run", str(app), "fedser"])]
+
+
+def test_tls_authenticated_federation_keeps_outsiders_out_runs_secagg_then_trains_records_and_outlives_a_killed_node(prepared, tmp_path):
+    """One federation (each start costs a SuperLink, four SuperNodes and their ClientApp processes): outsiders
+    fail to register a node or start a run, node 3's unregistered key is refused, node 1 reaches the SuperLink
+    through the Fleet-only gateway; then SecAgg+, then a FedSGD run that records every update from the wire
+    and finishes when a node dies."""
     # SecAgg+ (four message stages a round over HTTPS) with LocalDpMod inside secaggplus_mod: the server
     # records no update, only the round's unmasked (locally noised) sum
     secure = _settings(prepared, tmp_path / "secagg", rounds=1, nodes=3, round_timeout=120.0, secagg=True,
                        flower_dp_mode="local")
-    # the round timeout must outlast round 1 on a loaded 2-core CI box (12 s once left two nodes out when each
-    # message's ClientApp process imported torch; forked warm, a round takes ~7 s); round 2 then waits it out
-    # for the node killed after round 1
+    # the round timeout must outlast round 1 on a loaded 2-core CI box; round 2 then waits it out for the node
+    # killed after round 1
     s = _settings(prepared, tmp_path / "run", rounds=2, nodes=3, round_timeout=30.0)
-    with LocalFederation(tmp_path / "fed", 3) as fed:
-        assert fed.certs is not None and fed.keys is not None  # secure unless asked otherwise
+    with LocalFederation(tmp_path / "fed", 4, registered=[0, 1, 2], gateway_nodes=(1,)) as fed:
+        assert fed.certs is not None and fed.keys is not None and fed.isolation == "netns"  # secure unless asked otherwise
+        on_host = _attempt(fed, tmp_path / "outsider", f"127.0.0.1:{fed.port}", inside=False)
+        at_gateway = _attempt(fed, tmp_path / "node-side", f"127.0.0.1:{fed.gateway_port}", inside=True)
         listed = fed.flwr("supernode", "list", "fedser").stdout
         out_secagg = fed.run(secure.to_run_config(), timeout=400).stdout
         run = fed.start_run(s.to_run_config())
@@ -54,6 +123,20 @@ def test_tls_authenticated_federation_runs_secagg_then_trains_records_and_outliv
         fed.stop("supernode2", signal.SIGKILL)
         out, _ = run.communicate(timeout=400)
         assert run.returncode == 0, out[-3000:]
+        runs = json.loads(fed.flwr("ls", "fedser", "--format", "json").stdout)["runs"]
+        nodes = json.loads(fed.flwr("supernode", "list", "fedser", "--format", "json").stdout)["nodes"]
+        stranger = fed.procs["supernode3"]
+        deadline = time.monotonic() + 120
+        while stranger.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+    for attempt in on_host:  # the SuperLink's port is not on the host's loopback: nothing to connect to
+        assert attempt.returncode != 0 and "Connection to the SuperLink is unavailable" in attempt.stdout + attempt.stderr
+    for attempt in at_gateway:  # the gateway forwards the Fleet API only: the Control API is refused there
+        assert attempt.returncode != 0 and "403 Forbidden" in attempt.stdout + attempt.stderr
+    assert not (tmp_path / "outsider" / "PWNED").exists() and not (tmp_path / "node-side" / "PWNED").exists()
+    assert len(runs) == 2 and len(nodes) == 3  # the deployer's two runs and three nodes, nobody else's
+    assert stranger.returncode not in (None, 0)  # node 3's key was never registered
+    assert "Failed to activate SuperNode" in (tmp_path / "fed" / "supernode3.log").read_text()
     assert listed  # the CLI reached the SuperLink over TLS
     for i in range(3):  # every node installed the app into its own FLWR_HOME, as separate machines would
         assert list((tmp_path / "fed" / f"supernode{i}_home" / "apps").iterdir())
@@ -64,7 +147,7 @@ def test_tls_authenticated_federation_runs_secagg_then_trains_records_and_outliv
 
     assert "round 1/1: 3/3 replies" in out_secagg, out_secagg[-3000:]
     res = json.loads((tmp_path / "secagg" / "results.json").read_text())
-    assert [r["clients"] for r in res["rounds"]] == [[0, 1, 2]]
+    assert [r["clients"] for r in res["rounds"]] == [[0, 1, 2]]  # node 1, behind the gateway, took part
     assert res["privacy"]["mode"] == "flower:local" and res["privacy"]["epsilon_server"] > 0
     store = UpdateStore(tmp_path / "secagg" / "updates")
     assert store.updates() == [] and store.aggregate_record(1) is not None
@@ -86,23 +169,93 @@ def test_tls_authenticated_federation_runs_secagg_then_trains_records_and_outliv
         assert u.num_examples == len(data.client_rows(u.client, TRAIN)[0])
 
 
-def test_a_supernode_with_an_unregistered_key_is_refused(prepared, tmp_path):
-    fed = LocalFederation(tmp_path / "fed", 2, registered=[0])
-    with fed:
-        stranger = fed.procs["supernode1"]
-        deadline = time.monotonic() + 120
-        while stranger.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert stranger.returncode not in (None, 0)
-        assert "Failed to activate SuperNode" in (tmp_path / "fed" / "supernode1.log").read_text()
-        nodes = json.loads(fed.flwr("supernode", "list", "fedser", "--format", "json").stdout)["nodes"]
-    assert len(nodes) == 1  # only the registered node is known
+def _processes_marked(value: str) -> list[int]:
+    """Live processes carrying ``FED_SER_FEDERATION=value`` (every process a federation starts)."""
+    marker = f"{MARKER}={value}\0".encode()
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in env.read_bytes() and Path(env.parent / "stat").read_text().split()[2] != "Z":
+                found.append(int(env.parent.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def test_fed_ser_deploy_stopped_by_sigterm_leaves_no_process(prepared, tmp_path):
+    """fed-ser-deploy as its console script runs it (the data prepared beforehand): stopped mid-run by SIGTERM, it
+    stops every process it started, as Ctrl-C does: fork server, SuperLink, SuperNode, SuperExecs, app processes
+    and the private network's holder; and it releases its workdir."""
+    workdir = tmp_path / "fed"
+    code = ("import sys; from pathlib import Path; import fed_ser.experiments.deploy as d; "
+            f"d.prepare = lambda cfg, corpora, fold: Path({str(prepared)!r}); d.main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", code, "deploy.nodes=1", "fl.rounds=50", f"deploy.workdir={workdir}",
+                             f"out_dir={tmp_path / 'out'}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    log = workdir / "forkserver.log"
+    while not (log.exists() and "flwr-clientapp as pid" in log.read_text()):  # a ClientApp process is working
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:] if proc.poll() is not None else "slow"
+        time.sleep(0.5)
+    assert len(_processes_marked(str(workdir))) >= 5
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out, out[-3000:]
+    _assert_none_left(str(workdir))
+    LocalFederation(workdir, 1, insecure=True, warm_apps=False).close()  # the workdir lock was released
+
+
+def _assert_none_left(marker: str) -> None:
+    deadline = time.monotonic() + 10  # the OS reaps what was killed
+    while _processes_marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_marked(marker) == []
+
+
+def test_sighup_stops_a_federation_as_ctrl_c_does(tmp_path):
+    """stop_on_signals, as fed-ser-deploy uses it, with stand-in processes (SIGHUP: the terminal closed)."""
+    workdir = tmp_path / "fed"
+    code = """if True:
+        import sys, time
+        from pathlib import Path
+        from fed_ser.deployment.federation import LocalFederation
+        from fed_ser.deployment.processes import Stopped, stop_on_signals
+        fed = LocalFederation(Path(sys.argv[1]), 1, insecure=True, warm_apps=False)
+        try:
+            with stop_on_signals():
+                try:
+                    fed._start("superlink", ["sleep", "300"])
+                    fed._start("supernode0", ["sleep", "300"])
+                    print("up", flush=True)
+                    time.sleep(300)
+                finally:
+                    fed.close()
+        except Stopped as exc:
+            print(exc, flush=True)
+            sys.exit(3)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline().strip() == "up"
+    assert len(_processes_marked(str(workdir))) >= 3  # the two stand-ins and the network's holder
+    proc.send_signal(signal.SIGHUP)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3 and "stopped by SIGHUP" in out, out
+    _assert_none_left(str(workdir))
+
+
+def test_a_second_deployment_in_the_same_workdir_is_refused(tmp_path):
+    from fed_ser.deployment.processes import WorkdirBusy
+
+    first = LocalFederation(tmp_path / "fed", 1, insecure=True, warm_apps=False)
+    try:
+        with pytest.raises(WorkdirBusy, match=rf"in use by another deployment \(pid {os.getpid()}\)"):
+            LocalFederation(tmp_path / "fed", 1, insecure=True, warm_apps=False)
+    finally:
+        first.close()
+    LocalFederation(tmp_path / "fed", 1, insecure=True, warm_apps=False).close()  # released: the next one may
 
 
 def test_cleanup_stops_every_process_even_when_one_will_not_die(tmp_path, monkeypatch):
     """A wait that times out after SIGKILL must not leave the SuperLink running or a log file open."""
-    import subprocess
-
     fed = LocalFederation(tmp_path / "fed", 1, insecure=True)
     stuck = fed._start("supernode0", ["sleep", "300"])
     link = fed._start("superlink", ["sleep", "300"])
@@ -123,7 +276,6 @@ def test_cleanup_stops_every_process_even_when_one_will_not_die(tmp_path, monkey
 def _fab_paths(folder) -> list[str]:
     """The files Flower's own filter puts in a FAB built from ``folder`` (its walk, minus the virtual
     environments, run outputs and git objects it would walk only to drop)."""
-    import os
     import tomllib
 
     from flwr.cli.build import get_filtered_fab_paths
@@ -138,8 +290,12 @@ def _fab_paths(folder) -> list[str]:
     return sorted(get_filtered_fab_paths(files, config))
 
 
-def test_the_staged_app_is_the_fab_flower_builds_from_the_project(tmp_path):
-    staged = stage_app(tmp_path / "app")
+def test_the_staged_app_is_the_fab_flower_builds_from_the_project_in_a_fresh_folder(tmp_path):
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "mine.txt").write_text("not the stager's to remove")
+    staged = stage_app(tmp_path)
+    again = stage_app(tmp_path)
+    assert staged != again and staged.parent == tmp_path and (tmp_path / "app" / "mine.txt").exists()
     paths = _fab_paths(staged)
     assert paths == _fab_paths(PROJECT)  # the same files, with the same bytes
     assert all((staged / p).read_bytes() == (PROJECT / p).read_bytes() for p in paths)

@@ -2,7 +2,8 @@
 
 The pipeline reads bottom-up: ``fed_ser.core`` (model, local training, schedule, aggregation)
 imports nothing above it; ``attacks`` and ``defenses`` never reach Flower, even through another
-module; only ``fed_ser.flower`` imports ``flwr``; no two modules import each other in a cycle.
+module; only ``fed_ser.flower`` imports ``flwr``; the deployment never reaches the experiments; no two
+modules import each other in a cycle.
 """
 
 from __future__ import annotations
@@ -89,6 +90,14 @@ def test_attacks_read_recorded_updates_and_the_core_only() -> None:
     for m in (m for m in GRAPH if m.startswith(("attacks", "defenses"))):
         project = [d for d in GRAPH[m] if d.split(".")[0] in PACKAGES]
         assert all(d.startswith(allowed) for d in project), f"{m} imports {project}"
+
+
+def test_deployment_never_reaches_the_experiments() -> None:
+    """The deployment layer (processes, certificates, networks, the warm app processes) sits below the
+    experiments: their drivers (``fed-ser-deploy``) use it, it never imports them, even through another module."""
+    for m in (m for m in GRAPH if m.startswith("fed_ser.deployment")):
+        bad = sorted(d for d in _reach(m) if d.startswith("fed_ser.experiments"))
+        assert not bad, f"{m} reaches {bad}"
 
 
 def _package(module: str) -> str:

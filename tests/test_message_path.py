@@ -17,8 +17,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import fed_ser.flower.grid as grid_module
 from fed_ser.deployment.federation import LAUNCHER, PROJECT
+from fed_ser.deployment.warm_apps.launcher import SERVER_ENV
 from fed_ser.flower.grid import PromptGrid
-from fed_ser.flower.launcher import SERVER_ENV
 
 TESTS = Path(__file__).resolve().parent
 
@@ -107,7 +107,7 @@ def forkserver(tmp_path_factory):
     sock, log = folder / "s.sock", folder / "server.log"
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{PROJECT}"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fed_ser.flower.forkserver", str(sock), "--project", str(PROJECT),
+        proc = subprocess.Popen([sys.executable, "-m", "fed_ser.deployment.warm_apps.forkserver", str(sock), "--project", str(PROJECT),
                                  "--entry", "flwr-clientapp=forkserver_entry:report"], env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not sock.exists():
@@ -191,3 +191,67 @@ def test_a_server_that_hangs_up_before_forking_leaves_the_launcher_to_run_the_re
     out, _ = p.communicate(timeout=30)
     server.close()
     assert p.returncode == 0 and out.strip() == "cold --y"
+
+
+def _quick_server(tmp_path: Path, sock: Path, *args: str) -> subprocess.Popen:
+    """A fork server of a project with nothing heavy to preload (its only app module is the test entry)."""
+    project = tmp_path / "project"
+    project.mkdir(exist_ok=True)
+    (project / "pyproject.toml").write_text('[tool.flwr.app.components]\nclientapp = "forkserver_entry:report"\n')
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{PROJECT}"}
+    return subprocess.Popen([sys.executable, "-m", "fed_ser.deployment.warm_apps.forkserver", str(sock), "--project", str(project),
+                             "--entry", "flwr-clientapp=forkserver_entry:report", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc: subprocess.Popen) -> str:
+    """The server's first line, once it listens."""
+    line = proc.stdout.readline()
+    assert "fork server for" in line, line + proc.communicate(timeout=30)[0]
+    return line
+
+
+def test_the_fork_server_socket_is_private_from_its_birth(forkserver):
+    import stat
+
+    _, sock, _ = forkserver
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600 and stat.S_ISSOCK(sock.stat().st_mode)
+
+
+def test_the_fork_server_refuses_a_path_that_is_not_its_own_socket(tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    proc = _quick_server(tmp_path, precious)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "is not a socket of this user" in out
+    assert precious.read_text() == "keep me"  # never deleted
+
+
+def test_the_fork_server_replaces_a_stale_socket_of_its_own_and_removes_it_on_sighup(tmp_path):
+    import socket
+
+    sock = tmp_path / "s.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock))
+    stale.close()  # bound, never listened: nobody answers there
+    proc = _quick_server(tmp_path, sock)
+    _wait_for(proc)
+    p = _launch(sock, ["--code", "0"], tmp_path)
+    assert p.communicate(timeout=60)[1].strip() == "to stderr" and p.returncode == 0  # forked, not run cold
+    proc.send_signal(signal.SIGHUP)  # stops as on SIGTERM
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and not sock.exists(), out
+
+
+def test_a_launcher_of_another_user_is_refused(tmp_path):
+    """SO_PEERCRED: the server serves one user's launchers (here it is told another uid, so ours is a stranger);
+    the refused launcher runs the real command itself, with nothing forked by the server."""
+    sock = tmp_path / "s.sock"
+    proc = _quick_server(tmp_path, sock, "--uid", str(os.getuid() + 1))
+    _wait_for(proc)
+    p = _launch(sock, ["--z"], tmp_path)
+    out, _ = p.communicate(timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=30)
+    assert p.returncode == 0 and out.strip() == "cold --z"
+    assert f"refused a connection from pid {p.pid}, uid {os.getuid()}" in log and "as pid" not in log

@@ -176,26 +176,5 @@ def train(argv: list[str] | None = None) -> None:
         print(f"[fed-ser] Table III: {path}")
 
 
-@console
-def extract_main(argv: list[str] | None = None) -> None:
-    """Console script ``fed-ser-extract`` (:func:`fed_ser.experiments.prepare.extract_main`) with its settings
-    checked first: a wrong one is one line naming the key."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    limit = load_config(args, "extract").limit
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise ConfigError(f"limit: must be an integer >= 0 (0: every utterance), got {limit!r}")
-    from fed_ser.experiments.prepare import extract_main as extract
-
-    extract(args)
-
-
-@console
-def robust_main(argv: list[str] | None = None) -> None:
-    """Console script ``fed-ser-robust`` (:func:`fed_ser.experiments.robustness.main`): a wrong setting is one line."""
-    from fed_ser.experiments.robustness import main as robust
-
-    robust(list(sys.argv[1:] if argv is None else argv))
-
-
 if __name__ == "__main__":
     train()

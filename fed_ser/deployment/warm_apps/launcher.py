@@ -5,7 +5,7 @@ ServerApp process per run: Python, Flower's runtime and the app's torch are impo
 time, 5-7 s on a 2-core machine. ``fed-ser-deploy`` puts wrappers of those names first on the
 SuperLink's and SuperNodes' ``PATH`` that run this file (stdlib only, started with ``python -I -S``
 so it costs ~20 ms): it hands its command line, environment, working directory and standard
-streams to the fork server (:mod:`fed_ser.flower.forkserver`), which forks a child that already
+streams to the fork server (:mod:`fed_ser.deployment.warm_apps.forkserver`), which forks a child that already
 has those modules imported and runs Flower's own entry point for the command in it. This process
 stays as the app process's stand-in: it forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to the child (one
 that arrives before the child exists waits for it) and exits with the child's exit code (or dies of
@@ -13,7 +13,8 @@ the child's signal).
 
 Where no fork server answers (``FED_SER_FORKSERVER`` unset, its socket gone, the command not one it
 forks, or the server fails before forking), it becomes the real command (``exec``), so nothing breaks
-and nothing runs twice.
+and nothing runs twice. It hands its environment only to a server running as its own user (the
+socket's peer credentials, ``SO_PEERCRED``): a socket some other user put at that path gets nothing.
 
     python -I -S launcher.py REAL_COMMAND [its arguments ...]
 """
@@ -47,7 +48,11 @@ def _connect() -> socket.socket | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
+        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     except OSError:
+        conn.close()
+        return None
+    if uid != os.getuid():  # not our server: it gets neither our environment nor our streams
         conn.close()
         return None
     return conn
