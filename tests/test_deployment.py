@@ -300,3 +300,52 @@ def test_the_staged_app_is_the_fab_flower_builds_from_the_project_in_a_fresh_fol
     assert paths == _fab_paths(PROJECT)  # the same files, with the same bytes
     assert all((staged / p).read_bytes() == (PROJECT / p).read_bytes() for p in paths)
     assert "fed_ser/flower/client_app.py" in paths and not any(p.startswith(("tests/", "benchmarks/")) for p in paths)
+
+
+def test_keys_are_born_private_without_a_later_chmod(tmp_path, monkeypatch):
+    """Created 0600 (O_CREAT | O_EXCL) in 0700 folders: even with umask 0 and every chmod a no-op, no key is
+    ever readable by others; the CA key is never written."""
+    import stat
+
+    from fed_ser.deployment.certificates import make_certificates, make_node_keys
+
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
+    monkeypatch.setattr(Path, "chmod", lambda *a, **k: None)
+    old = os.umask(0)
+    try:
+        certs = make_certificates(tmp_path / "certs")
+        keys = make_node_keys(tmp_path / "keys", 2)
+    finally:
+        os.umask(old)
+    for secret in (certs["key"], keys[0][0], keys[1][0]):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    for folder in (tmp_path / "certs", tmp_path / "keys"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert not list(tmp_path.rglob("ca.key")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_certificates_are_renewed_when_expiring_or_named_for_other_hosts_and_never_written_through_a_link(tmp_path):
+    from cryptography import x509
+
+    from fed_ser.deployment.certificates import make_certificates
+
+    def cert(paths):
+        return x509.load_pem_x509_certificate(paths["cert"].read_bytes())
+
+    first = cert(make_certificates(tmp_path / "c", hostnames=("superlink",))).serial_number
+    again = cert(make_certificates(tmp_path / "c", hostnames=("superlink",))).serial_number
+    assert again == first  # valid, same names: the CA the nodes trust stays
+    renamed = cert(make_certificates(tmp_path / "c", hostnames=("gateway",)))
+    assert renamed.serial_number != first
+    names = set(renamed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+    assert names == {"localhost", "gateway"}
+    short = cert(make_certificates(tmp_path / "d", days=0)).serial_number  # expires now: renewed before the next start
+    assert cert(make_certificates(tmp_path / "d")).serial_number != short
+    (tmp_path / "c" / "ca.key").write_text("an older version's CA key")
+    victim = tmp_path / "victim"
+    victim.write_text("not a key")
+    (tmp_path / "c" / "server.key").unlink()
+    (tmp_path / "c" / "server.key").symlink_to(victim)  # planted where the key goes
+    make_certificates(tmp_path / "c", hostnames=("gateway",))
+    assert victim.read_text() == "not a key" and not (tmp_path / "c" / "server.key").is_symlink()
+    assert not (tmp_path / "c" / "ca.key").exists()

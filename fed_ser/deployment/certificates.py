@@ -17,6 +17,7 @@ import datetime as dt
 import ipaddress
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from cryptography import x509
@@ -83,23 +84,46 @@ def reusable(paths: dict[str, Path], hostnames: tuple[str, ...] = (), now: dt.da
     """Why the certificates at ``paths`` (``ca`` and each server's ``<name>_cert``, ``<name>_key``) cannot be
     reused (None if they can): missing, expiring within :data:`RENEW_BEFORE`, not issued by that CA, or
     naming other hosts."""
-    if not all(p.exists() for p in paths.values()):
+    if not all(p.exists() or p.is_symlink() for p in paths.values()):
         return "missing"
     now = now or dt.datetime.now(dt.UTC)
     try:
         ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
         certs = [x509.load_pem_x509_certificate(p.read_bytes()) for k, p in paths.items() if k.endswith("_cert")]
-    except ValueError:
+    except (ValueError, OSError):
         return "unreadable"
     for cert in (ca, *certs):
         if cert.not_valid_after_utc < now + RENEW_BEFORE:
             return "expired or expiring"
-    for cert in certs:
+    for name, cert in zip((k[: -len("_cert")] for k in paths if k.endswith("_cert")), certs):
         if cert.issuer != ca.subject:
             return "not issued by this CA"
         if _names(cert) != server_names(hostnames):
             return f"made for {sorted(_names(cert))}, not {sorted(server_names(hostnames))}"
+        if not _private_key_of(paths[f"{name}_key"], cert):
+            return f"{paths[f'{name}_key'].name} is not this user's private 0600 file holding the certificate's key"
     return None
+
+
+def is_private(path: Path) -> bool:
+    """Whether ``path`` is a regular file (not a link) of this user that nobody else may read."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and not st.st_mode & 0o077 and st.st_uid == os.getuid()
+
+
+def _private_key_of(path: Path, cert: x509.Certificate) -> bool:
+    """Whether ``path`` is :func:`is_private` and holds ``cert``'s private key."""
+    if not is_private(path):
+        return False
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        return False
+    pem = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(*pem) == cert.public_key().public_bytes(*pem)
 
 
 def make_certificates(folder: str | Path, days: int = 30, hostnames: tuple[str, ...] = (),
@@ -151,7 +175,7 @@ def make_node_key(folder: str | Path, name: str) -> tuple[Path, Path]:
     -b 384`` writes them) in the 0700 ``folder``; a pair that exists is kept."""
     folder = private_dir(folder)
     priv, pub = folder / f"{name}.key", folder / f"{name}.pub"
-    if not (priv.exists() and pub.exists()):
+    if not (is_private(priv) and pub.exists()):
         key = ec.generate_private_key(ec.SECP384R1())
         write_private(priv, _key_bytes(key, openssh=True))
         write_public(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
