@@ -217,3 +217,48 @@ def test_manifest_reads_relative_paths_maps_labels_and_names_each_bad_row(tmp_pa
         load_manifest(csv_path)
     with pytest.raises(CorpusError, match="emotion_map"):
         load_manifest(tmp_path, {"joy": "elated"})
+
+
+def test_manifest_paths_are_resolved_stay_in_its_folder_and_are_counted_once(tmp_path):
+    from fed_ser.data.corpora import load_manifest
+
+    root = generate(tmp_path / "rec" / "emodb", "emodb", scale=0.1, seed=2)
+    wavs = sorted((root / "wav").glob("*.wav"))[:2]
+    outside = tmp_path / "elsewhere.wav"
+    outside.write_bytes(wavs[1].read_bytes())
+    rel = wavs[0].relative_to(tmp_path / "rec")
+    (tmp_path / "rec" / "alias").symlink_to(root)
+    csv_path = tmp_path / "rec" / "manifest.csv"
+    twice = ["path,speaker,gender,emotion", f"{rel},s1,F,neutral", f"./emodb/../{rel},s1,F,neutral", f"alias/{rel.relative_to('emodb')},s1,F,neutral",
+             f"{wavs[0]},s1,F,neutral"]  # one file under four spellings: relative, with .., through a link, absolute
+    csv_path.write_text("\n".join(twice) + "\n")
+    df, issues = load_manifest(csv_path)
+    assert list(df.path) == [str(wavs[0].resolve())] and sum("listed twice" in i.reason for i in issues) == 3
+    for escape in ("../elsewhere.wav", str(outside)):  # a parent folder's file, an absolute path elsewhere
+        csv_path.write_text(f"path,speaker,gender,emotion\n{rel},s1,F,neutral\n{escape},s2,M,sad\n")
+        with pytest.raises(CorpusError, match=r"manifest\.csv:3: .* outside the manifest's folder .*data\.manifest\.allow_outside=true"):
+            load_manifest(csv_path)
+        df, _ = load_manifest(csv_path, allow_outside=True)
+        assert set(df.path) == {str(wavs[0].resolve()), str(outside.resolve())}
+
+
+def test_fed_ser_synth_never_writes_over_a_folder_that_holds_anything_else(tmp_path, capsys):
+    """A real corpus in OUT/<corpus> (here its demographics file) stops fed-ser-synth before it writes anything."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    ref = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]["fed-ser-synth"]
+    synth = getattr(importlib.import_module(ref.partition(":")[0]), ref.partition(":")[2])
+    real = tmp_path / "crema_d"
+    real.mkdir()
+    (real / "VideoDemographics.csv").write_text("ActorID,Age,Sex\n1001,51,Male\n")
+    with pytest.raises(SystemExit) as stop:
+        synth([str(tmp_path), "--corpus", "paper", "--scale", "0.02"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and f"{real} already hold(s) other files" in err[0]
+    assert [p.name for p in tmp_path.rglob("*")] == ["crema_d", "VideoDemographics.csv"]  # nothing written, nothing replaced
+    synth([str(tmp_path / "new"), "--corpus", "emodb", "--scale", "0.05"])
+    first = sorted(p.name for p in (tmp_path / "new" / "emodb").rglob("*.wav"))
+    synth([str(tmp_path / "new"), "--corpus", "emodb", "--scale", "0.05"])  # the very same corpus: kept as it is
+    assert first and sorted(p.name for p in (tmp_path / "new" / "emodb").rglob("*.wav")) == first

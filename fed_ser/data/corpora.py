@@ -293,10 +293,14 @@ def manifest_file(root: str | Path) -> Path:
     return root / "manifest.csv" if root.is_dir() else root
 
 
-def load_manifest(root: str | Path, emotion_map: dict[str, str | None] | None = None) -> tuple[pd.DataFrame, list[LoadIssue]]:
+def load_manifest(root: str | Path, emotion_map: dict[str, str | None] | None = None,
+                  allow_outside: bool = False) -> tuple[pd.DataFrame, list[LoadIssue]]:
     """Recordings listed in a CSV with ``path, speaker, gender, emotion`` (optional ``session``).
 
-    Paths are relative to the CSV's folder (absolute paths are kept). ``gender`` is F/M (or
+    Paths are relative to the CSV's folder (absolute paths are kept) and resolved (``..`` and links
+    followed): one that lands outside the CSV's folder stops the load naming its line, unless
+    ``allow_outside`` (``data.manifest.allow_outside=true``); a file listed twice, under any two
+    spellings, is reported and kept once. ``gender`` is F/M (or
     female/male); ``emotion`` is one of neutral/happy/sad/angry, or a label that
     ``emotion_map`` maps to one of them (a label mapped to ``None`` is dropped silently). A
     speaker listed with two genders is skipped as a whole.
@@ -318,7 +322,7 @@ def load_manifest(root: str | Path, emotion_map: dict[str, str | None] | None = 
     missing = [c for c in MANIFEST_COLUMNS if c not in header]
     if missing:
         raise CorpusError(f"manifest: {path} lacks the column(s) {missing} (it has {header})")
-    rows, issues, seen = [], [], set()
+    rows, issues, seen, folder = [], [], set(), path.parent.resolve()
     for lineno, raw in enumerate(records, start=2):
         rec = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         where = f"{path}:{lineno}"
@@ -341,16 +345,18 @@ def load_manifest(root: str | Path, emotion_map: dict[str, str | None] | None = 
             issues.append(LoadIssue(where, f"emotion {rec['emotion']!r} is not one of {list(EMOTIONS)}; map it in "
                                            "data.manifest.emotion_map (to null to drop it)"))
             continue
-        wav = Path(rec["path"])
-        wav = wav if wav.is_absolute() else path.parent / wav
+        wav = (path.parent / rec["path"]).resolve()  # an absolute path stays itself
+        if not (allow_outside or wav.is_relative_to(folder)):
+            raise CorpusError(f"manifest: {where}: {rec['path']!r} resolves to {wav}, outside the manifest's folder {folder}; "
+                              "set data.manifest.allow_outside=true to read recordings from elsewhere")
         if not wav.is_file():
             issues.append(LoadIssue(str(wav), f"audio listed at {where} is missing"))
             continue
         if str(wav) in seen:
-            issues.append(LoadIssue(str(wav), f"listed twice (again at {where})"))
+            issues.append(LoadIssue(str(wav), f"listed twice (again at {where}, as {rec['path']!r})"))
             continue
         seen.add(str(wav))
-        rows.append(dict(utt_id=str(wav.relative_to(path.parent)) if wav.is_relative_to(path.parent) else str(wav),
+        rows.append(dict(utt_id=str(wav.relative_to(folder)) if wav.is_relative_to(folder) else str(wav),
                          path=str(wav), corpus="manifest", speaker=rec["speaker"], gender=gender, emotion=emotion,
                          session=rec.get("session", "")))
     genders: dict[str, set[str]] = {}

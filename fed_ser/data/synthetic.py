@@ -18,9 +18,7 @@ labels the loaders must drop (other emotions, scripted/read conditions) are writ
 
 from __future__ import annotations
 
-import argparse
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import soundfile as sf
 
 from fed_ser.data.audio import resample
 from fed_ser.data.corpora import EMODB_GENDERS
-from fed_ser.data.voice import DEFAULT_GENDER_STYLE, SAMPLE_RATE, VOICES, Speaker, check_voice, sample_speaker, synthesize
+from fed_ser.data.voice import DEFAULT_GENDER_STYLE, SAMPLE_RATE, Speaker, check_voice, sample_speaker, synthesize
 from fed_ser.io import atomic_write_text
 
 CORPORA = ("crema_d", "iemocap", "msp_improv", "emodb", "ravdess")  # every layout the generator writes
@@ -378,29 +376,3 @@ def ensure_corpus(root: str | Path, corpus: str, scale: float, seed: int,
             "Use another data.root (the default folder names every parameter) or remove that folder."
         )
     return generate(root, corpus, scale=scale, seed=seed, gender_style=gender_style, voice=voice)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI: ``fed-ser-synth OUT --corpus crema_d --scale 1.0 --seed 0``."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--corpus", choices=CORPORA + ("paper", "all"), default="paper",
-                    help="one corpus, the paper's three (paper), or every layout (all)")
-    ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gender-style", type=float, default=DEFAULT_GENDER_STYLE,
-                    help="strength of the gender-by-emotion expression style (0: none)")
-    ap.add_argument("--voice", choices=sorted(VOICES), default="designed",
-                    help="voice model: designed (fed-ser's first) or emodb (calibrated against EmoDB)")
-    args = ap.parse_args(argv)
-    for corpus in {"paper": PAPER_CORPORA, "all": CORPORA}.get(args.corpus, (args.corpus,)):
-        t0 = time.perf_counter()
-        generate(args.out / corpus, corpus, scale=args.scale, seed=args.seed, gender_style=args.gender_style,
-                 voice=args.voice)
-        n = sum(1 for _ in (args.out / corpus).rglob("*.wav"))
-        dt = time.perf_counter() - t0
-        print(f"{corpus}: {n} wav files in {dt:.1f} s ({n / dt:.0f} utt/s) -> {args.out / corpus}")
-
-
-if __name__ == "__main__":
-    main()
