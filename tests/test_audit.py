@@ -11,7 +11,6 @@ from defenses.privacy.accounting import exact_spent, gaussian_delta, gaussian_ep
 from defenses.privacy.audit import audit, gdp_lower_bound, one_run_epsilon, one_run_p_value
 from fed_ser.experiments.audit import WEIGHTED
 from fed_ser.experiments.config import load_config
-from fed_ser.run.settings import ConfigError
 
 CENTRAL = "Flower central DP, server-side fixed clipping"
 
@@ -233,9 +232,18 @@ def test_the_one_run_audit_in_a_flower_simulation_of_central_dp(tmp_path):
     assert "| central-fixed | server | none |" in (tmp_path / "audit.md").read_text()
 
 
-def test_a_wrong_one_run_mode_names_its_key(tmp_path):
-    from fed_ser.experiments.audit import run_audit
+@pytest.mark.parametrize("override, key", [
+    ("audit.one_run.modes=[central]", "audit.one_run.modes: 'central' is not one of"),
+    ("audit.one_run.canaries=1", "audit.one_run.canaries: must be >= 2"),
+    ("audit.trials=5", "audit.trials: 5 runs cannot bound anything"),
+    ("audit.delta=0.001", "audit.delta: 0.001 is not well below 1/508 clients"),
+])
+def test_a_wrong_audit_setting_is_one_line_naming_its_key_and_nothing_runs(override, key, capsys, tmp_path, monkeypatch):
+    from fed_ser.experiments.audit import main
 
-    cfg = load_config(["audit.trials=20", "audit.one_run.modes=[central]", f"out_dir={tmp_path}"], "audit")
-    with pytest.raises(ConfigError, match="audit.one_run.modes"):
-        run_audit(cfg)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main([override, f"out_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith(f"[fed-ser] error: {key}"), err
+    assert not (tmp_path / "out").exists()

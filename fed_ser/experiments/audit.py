@@ -171,6 +171,28 @@ def one_run_noise_multipliers(s: RunSettings, clients: int, client: int) -> dict
     return {"server": None, "aggregate": None, "final model": None}
 
 
+def check_audit_config(a: DictConfig) -> None:
+    """Refuse, before any run, settings the audit cannot use (:class:`ConfigError` naming the key)."""
+    if int(a.trials) < 20:
+        raise ConfigError(f"audit.trials: {a.trials} runs cannot bound anything; use >= 20")
+    if not 0 < float(a.alpha) < 1 or not 0 < float(a.delta) < 1:
+        raise ConfigError(f"audit.alpha and audit.delta: must be in (0, 1), got {a.alpha} and {a.delta}")
+    o = a.one_run
+    for mode in o.modes:
+        if mode not in ONE_RUN_MODES:
+            raise ConfigError(f"audit.one_run.modes: {mode!r} is not one of {ONE_RUN_MODES}")
+    for key, least in (("canaries", 2), ("clients", 1), ("rows", 1), ("features", 1), ("rounds", 1)):
+        if int(o[key]) < least:
+            raise ConfigError(f"audit.one_run.{key}: must be >= {least}, got {o[key]}")
+    if "user" in o.modes:
+        from defenses.privacy.user_dp import check_delta
+
+        try:
+            check_delta(float(a.delta), int(o.clients) + int(o.canaries))
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("dp.delta", "audit.delta")) from None
+
+
 def audit_one_run(mode: str, a: DictConfig, out: Path) -> list[dict]:
     """Run fed-ser's Flower simulation under ``mode`` with canary clients; one row per observer."""
     from fed_ser.flower.canary import OBSERVERS, canary_scores, with_canaries
@@ -178,10 +200,6 @@ def audit_one_run(mode: str, a: DictConfig, out: Path) -> list[dict]:
     from fed_ser.flower.simulation import simulate
 
     o = a.one_run
-    if mode not in ONE_RUN_MODES:
-        raise ConfigError(f"audit.one_run.modes: {mode!r} is not one of {ONE_RUN_MODES}")
-    if int(o.rounds) < 1 or int(o.clients) < 1 or int(o.rows) < 1:
-        raise ConfigError("audit.one_run.rounds, .clients and .rows: must be >= 1")
     work = out / "one_run" / mode
     if work.exists():
         shutil.rmtree(work)
@@ -258,6 +276,7 @@ def run_audit(cfg: DictConfig) -> dict:
     """Both audits; write ``audit.md`` and ``audit.json`` under ``cfg.out_dir``. Returns the summary
     (``rows``: the per-mechanism audit; ``one_run``: the one-run audit's rows, one per mode and observer)."""
     a = cfg.audit
+    check_audit_config(a)
     trials, delta, alpha = int(a.trials), float(a.delta), float(a.alpha)
     np.random.seed(int(a.seed))  # Flower's mechanisms draw their noise from numpy's global generator
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every round of every run at INFO
