@@ -106,17 +106,18 @@ def gdp_lower_bound(scores_in: np.ndarray, scores_out: np.ndarray, delta: float,
     inverting its tail gives an exact one-sided lower bound on ``mu`` for each direction of the shift.
     The direction is not chosen from the data: both one-sided bounds are taken at ``alpha / 2`` and the
     larger kept (Bonferroni), so the choice cannot inflate the bound. ``gdp_epsilon_lower_bound`` is None
-    where the scores do not vary (no noise: the Gaussian assumption fails; read the Clopper-Pearson bound).
+    where the scores do not vary (no noise: the Gaussian assumption fails; read the Clopper-Pearson bound)
+    or a side has fewer than two scores.
     The two p-values test the assumption (D'Agostino-Pearson normality of the centred scores; Levene's equal variance).
     """
     a, b = np.asarray(scores_in, float), np.asarray(scores_out, float)
     n1, n0 = len(a), len(b)
     df = n1 + n0 - 2
-    if n1 < 2 or n0 < 2:
-        raise ValueError("gdp_lower_bound: at least two scores a side")
-    pooled = math.sqrt(((n1 - 1) * a.var(ddof=1) + (n0 - 1) * b.var(ddof=1)) / df)
     out = {"gdp_epsilon_lower_bound": None, "mu_hat": None, "mu_lower": None, "gdp_normality_p": None,
            "gdp_equal_variance_p": None, "gdp_runs_per_side": min(n1, n0)}
+    if n1 < 2 or n0 < 2:  # no variance to estimate (a one-run audit whose sides came out nearly all one way)
+        return out
+    pooled = math.sqrt(((n1 - 1) * a.var(ddof=1) + (n0 - 1) * b.var(ddof=1)) / df)
     if not pooled > 1e-12 * max(1.0, float(np.abs(np.concatenate([a, b])).max())):
         return out
     scale = math.sqrt(1 / n1 + 1 / n0)

@@ -246,12 +246,13 @@ def report(summary: dict) -> str:
              "## Per mechanism", "",
              f"One release; canary: a client whose update is clipped to +-{a['clip']} along one direction, or the other "
              f"(replace-one neighbours); {a['trials']} runs a side. Clopper-Pearson: threshold chosen on half, rates counted on "
-             "the other half, no assumption. GDP fit: assumes Gaussian scores of one variance (p-values of that check shown).", "",
+             "the other half, no assumption. GDP fit: assumes Gaussian scores of one variance (p-values of that check shown; "
+             "n/a: the scores do not vary).", "",
              "| mechanism | observer | claimed epsilon (exact) | claimed (RDP) | Clopper-Pearson bound | GDP bound | GDP / claim "
              "| normality p, equal variance p | runs a side | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in a["rows"]:
         check = "" if r["gdp_normality_p"] is None else f"{r['gdp_normality_p']:.2f}, {r['gdp_equal_variance_p']:.2f}"
-        gdp = "n/a (no noise)" if r["gdp_epsilon_lower_bound"] is None else _f(r["gdp_epsilon_lower_bound"])
+        gdp = "n/a" if r["gdp_epsilon_lower_bound"] is None else _f(r["gdp_epsilon_lower_bound"])
         lines.append(f"| {r['mechanism']} | {r['observer']} | {_f(r['claimed_epsilon'])} | {_f(r['claimed_epsilon_rdp'])} | "
                      f"{_f(r['epsilon_lower_bound'])} (at most {_f(r['most_measurable'])}) | {gdp} | "
                      f"{_ratio(r['gdp_epsilon_lower_bound'], r['claimed_epsilon'])} | {check} | {r['runs_per_side']} | {r['seconds']:.1f} |")
@@ -265,7 +266,7 @@ def report(summary: dict) -> str:
                   "| DP | observer | claimed epsilon (exact) | claimed (RDP) | one-run bound | correct / guesses | GDP fit bound "
                   "| canaries | run seconds |", "|---|---|---|---|---|---|---|---|---|"]
         for r in a["one_run"]:
-            gdp = "n/a (no noise)" if r["gdp_epsilon_lower_bound"] is None else _f(r["gdp_epsilon_lower_bound"])
+            gdp = "n/a" if r["gdp_epsilon_lower_bound"] is None else _f(r["gdp_epsilon_lower_bound"])
             lines.append(f"| {r['mode']} | {r['observer']} | {_f(r['claimed_epsilon'])} | {_f(r['claimed_epsilon_rdp'])} | "
                          f"{_f(r['one_run_epsilon_lower_bound'])} (at most {_f(r['most_measurable'])}) | "
                          f"{r['correct']} / {r['guesses']} | {gdp} | {r['canaries']} | {r['run_seconds']:.1f} |")
