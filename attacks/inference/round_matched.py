@@ -165,7 +165,7 @@ class RoundMatchedAttack:
     settings: LocalSettings
     per_update: int = 32
     transforms: Sequence[str] | None = None
-    l2_grid: Sequence[float] = (0.001, 0.01, 0.1, 1.0)
+    l2_grid: Sequence[float] = (0.001, 0.01, 0.1)
     seed: int = 0
     n_classes: int = 4
     # fitted

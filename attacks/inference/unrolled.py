@@ -286,8 +286,8 @@ def refine(rec: Recovered, delta: dict[str, np.ndarray], params: dict[str, np.nd
     (:class:`~attacks.inference.simulate.Unroll`), on the recovered inputs (rows the inversion missed
     start at zero), their labels held, and the dropout masks relaxed to ``sigmoid`` multipliers per
     sample and unit (the client's masks are unknown). Loss: squared residual in the matching space
-    (:func:`_matching_space`) on the entries whose magnitude the update reveals, weighted by their
-    read precision, plus a hinge on the sign of the others; the inputs and masks follow Adam.
+    (:func:`_matching_space`) on the entries whose magnitude the update reveals, plus a hinge on the sign of
+    the others; the inputs and masks follow Adam. Only the rows ``rec`` holds are returned.
     """
     torch.manual_seed(seed)
     n = rec.batch_size
@@ -326,7 +326,8 @@ def refine(rec: Recovered, delta: dict[str, np.ndarray], params: dict[str, np.nd
             loss = loss + torch.relu(-torch.sign(obs[k][~w]) * sim_m[k][~w]).mean() if (~w).any() else loss
         loss.backward()
         opt.step()
-    X = Xh.detach().numpy()[: max(len(rec.inputs), 0)] if len(rec.inputs) == n else Xh.detach().numpy()
-    labels = y0[: len(X)]
-    return Recovered(inputs=X, labels=labels, certificates=rec.certificates[: len(X)] if len(rec.certificates) >= len(X)
-                     else np.zeros(len(X)), batch_size=n, info={**rec.info, "refined": steps})
+    # the rows the inversion had found, moved; the rows it had missed take part in the replay (the client trained
+    # on n rows) but start at zero with a guessed label, and are not returned
+    X = Xh.detach().numpy()[: len(rec.inputs)]
+    return Recovered(inputs=X, labels=rec.labels.copy(), certificates=rec.certificates.copy(), batch_size=n,
+                     info={**rec.info, "refined": steps})
