@@ -26,13 +26,16 @@ def test_folds_hold_out_20_percent_balanced_by_gender():
         assert sorted(s[-1] for s in iem if f[s] == k) == ["F", "M"]
 
 
-def test_equal_shards_and_empty_shard_error():
+def test_equal_shards_fewer_for_a_small_speaker_and_none_below_a_client():
     spk = np.array(["a"] * 25 + ["b"] * 30)
     client = shard_speakers(spk, 5)
     assert sorted(np.bincount(client[spk == "a"]).tolist()) == [5] * 5
     assert set(client[spk == "b"]) == {5, 6, 7, 8, 9}
-    with pytest.raises(PartitionError, match="speaker 'a' has 25 utterances"):
-        shard_speakers(spk, 26)
+    client = shard_speakers(spk, 10)  # a: 25 utterances make 8 clients of at least 3 (a training and a validation row)
+    assert len(set(client[spk == "a"])) == 8 and np.bincount(client[spk == "a"]).min() >= 3
+    assert len(set(client[spk == "b"])) == 10
+    with pytest.raises(PartitionError, match="speaker 'c' has 2 utterances, fewer than the 3 a client needs"):
+        shard_speakers(np.array(["c", "c"]), 1)
 
 
 def test_build_federated_speaker_independent():

@@ -23,7 +23,7 @@ SETTINGS = [
 @pytest.fixture()
 def cell(feature_cache, tmp_path, monkeypatch):
     """An experiment whose FL runs are stubs that only record that they ran (and where)."""
-    import fed_ser.experiments.attack as experiment
+    import fed_ser.experiments.threat_model as experiment
 
     ran = []
 
@@ -70,11 +70,12 @@ def test_folds_share_one_shadow_federation_and_attack_unless_per_fold(corpora, f
     """The folds split the private corpus's speakers; the attacker's corpora do not depend on them. By
     default fold 1 evaluates the shadow federation and the CNN of fold 0 (trained once); with
     shadow.per_fold=true it trains its own. Fold 0's results are the same either way."""
+    import attacks.inference.cnn as cnn
     import fed_ser.experiments.attack as experiment
 
     trained = []
-    real = experiment.train_attack
-    monkeypatch.setattr(experiment, "train_attack", lambda store, *a, **k: trained.append(store.path) or real(store, *a, **k))
+    real = cnn.train_attack
+    monkeypatch.setattr(cnn, "train_attack", lambda store, *a, **k: trained.append(store.path) or real(store, *a, **k))
     base = [f"data.root={corpora}", "data.scale=0.05", "data.seed=3", f"data.cache={feature_cache}",
             f"data.prepared_dir={tmp_path / 'prepared'}", "shards.iemocap=2", "shards.msp_improv=2", "fl.rounds=4",
             "private_engine=vectorised", "attack.max_epochs=1", "attack.feature_space.enabled=false",
@@ -90,12 +91,12 @@ def test_folds_share_one_shadow_federation_and_attack_unless_per_fold(corpora, f
         if per_fold == "false":
             assert len(trained) - n == 1 and shadow_runs == ["fold0"]
             assert [f["shadow_fold"] for f in folds] == [0, 0]
-            assert folds[0]["attack_history"] == folds[1]["attack_history"]
+            assert folds[0]["attack_fits"]["cnn"] == folds[1]["attack_fits"]["cnn"]
             assert "serve every fold" in (out / "report.md").read_text()
         else:
             assert len(trained) - n == 2 and shadow_runs == ["fold0", "fold1"]
             assert [f["shadow_fold"] for f in folds] == [0, 1]
         assert folds[0]["private_updates"] and folds[1]["private_updates"]
     same, own = res["false"]["folds"], res["true"]["folds"]
-    assert same[0]["attacks"] == own[0]["attacks"] and same[0]["attack_history"] == own[0]["attack_history"]
+    assert same[0]["attacks"] == own[0]["attacks"] and same[0]["attack_fits"] == own[0]["attack_fits"]
     assert same[1]["attacks"] != own[1]["attacks"]  # fold 1 attacked with another shadow federation's CNN

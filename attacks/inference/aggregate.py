@@ -11,10 +11,15 @@ into a score per client, from the difference between the rounds it joined and th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from attacks.inference.base import AttackerData, ServerView
+from attacks.inference.evaluate import Scores
+from attacks.inference.feature_space import FeatureSpace, FeatureSpaceAttack
 from fed_ser.recording.store import UpdateStore
 
 
@@ -80,3 +85,48 @@ def differencing_scores(round_scores: dict[int, float], members: dict[int, tuple
             continue
         out.append(0.5 + 0.5 * np.tanh(float(s[joined].mean() - s[~joined].mean())))
     return np.array(out)
+
+
+class RoundSumDifferencing:
+    """The observer of aggregates as an :class:`~attacks.inference.base.Attack` (``attack.aggregate_observer``):
+    each inverted round sum is read by the feature-space classifier (its P(female): the round's share
+    of women) and each client is scored by :func:`differencing_scores`. One score per client."""
+
+    name: ClassVar[str] = "aggregate"
+    fit_reads_view: ClassVar[bool] = True
+    costly: ClassVar[bool] = False
+    labels: ClassVar[dict[str, str]] = {
+        "aggregate-observer": "observer of aggregates (round-sum inversion + differencing)",
+        "server-sum-differencing": "server under SecAgg+ (differencing the sums it unmasks)"}
+
+    def __init__(self, classifier: FeatureSpace):
+        self.classifier = classifier
+        self.fitted: FeatureSpaceAttack | None = None
+
+    @classmethod
+    def from_settings(cls, attack: Mapping) -> RoundSumDifferencing | None:
+        classifier = FeatureSpace.from_settings(attack)
+        return cls(classifier) if classifier is not None and bool(attack["aggregate_observer"]) else None
+
+    def applies(self, attacker: AttackerData, view: ServerView) -> bool:
+        return any(view.aggregates.values())
+
+    def fit(self, attacker: AttackerData, view: ServerView) -> None:
+        self.fitted = self.classifier.fit_classifier(attacker, view)
+
+    def score(self, view: ServerView) -> dict[str, Scores]:
+        if self.fitted is None:
+            raise RuntimeError("the observer of aggregates is not fitted")
+        out = {}
+        for name, inverted in view.aggregates.items():
+            if not inverted:  # no round whose outcome is recorded (e.g. a one-round run)
+                continue
+            round_scores = {a.round: self.fitted.p_female(r.inputs, r.labels) for a, r in inverted}
+            # every client that took part (SecAgg+: as the rounds' members say)
+            clients = sorted({u.client for u in view.updates} or {p for a, _ in inverted for p in a.clients})
+            p = differencing_scores(round_scores, {a.round: a.clients for a, _ in inverted}, clients)
+            out[name] = Scores(p, np.array(clients), trials=1)
+        return out
+
+    def describe(self) -> dict:
+        return {}

@@ -1,27 +1,39 @@
-"""Attack success rate (ASR) with its confidence interval, ROC AUC and TPR at low FPR.
+"""How well an attack did, with intervals as wide as the evidence: ASR, balanced accuracy, AUC.
 
-ASR as defined in the paper: for each private client, pick one of its updates at random from
-the whole training run and predict its gender; repeat ``trials`` (10) times per client; ASR is
-the mean over clients of the share of correct predictions. With ``pool_rounds = k > 1`` each
-trial pools k random updates of that client (from different rounds), which is what an observer
-who keeps listening can do; each attack says how it pools (the CNN averages its k P(female), the
-feature-space attacks average what they read from the k updates before predicting).
+ASR as defined in the paper: for each attacked client, pick one of its updates at random from the
+whole training run and predict its gender; repeat ``trials`` (10) times per client; ASR is the mean
+over clients of the share of correct predictions. With ``pool_rounds = k > 1`` each trial pools k
+random updates of that client (from different rounds), which is what an observer who keeps
+listening can do; each attack says how it pools (:attr:`Scores.pool`).
 
-What a privacy auditor needs beside the point estimate:
+What a privacy auditor needs beside the paper's ASR (see :mod:`fed_ser.core.statistics`):
 
-* the **95% interval** of the ASR, a bootstrap over the attacked clients (the unit the ASR
-  averages over; a few dozen clients give intervals of +/- 10 points, which is the honest answer);
-* the **ROC AUC** of the per-update score (threshold-free: an attack at 50% ASR may still rank
-  clients well), and the **TPR at 10% and 1% FPR** (how many women an attacker finds when it may
-  wrongly accuse 1 man in 100 of being one), following Carlini et al. (2022).
+* the **balanced accuracy** (the mean of the per-gender ASRs) and the **majority baseline** of the
+  attacked population: on a population of 11 men and 3 women a constant "man" scores 78.6% ASR and
+  50% balanced accuracy, so only the latter can tell leakage from imbalance;
+* **intervals over speakers**: a cluster bootstrap in which a speaker's clients (and the same
+  speaker attacked in several folds) are resampled together; an exact binomial interval over the
+  speakers where they all agree;
+* the **ROC AUC** and **TPR at low FPR** (Carlini et al., 2022) on **one score per attacked client**
+  (its updates' scores averaged: a client's updates are near-duplicates of one another), with TPR at
+  an FPR ``t`` only where at least ``1/t`` men (speakers) are attacked: "1% FPR" must mean accusing
+  one man in a hundred, not one update of five men.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from fed_ser.core.statistics import (
+    Interval,
+    balanced_accuracy,
+    cluster_interval,
+    majority_baseline,
+    roc_auc,
+)
 
 FPR_POINTS = (0.1, 0.01)
 
@@ -63,95 +75,188 @@ def attack_success_rate(p_female: np.ndarray, clients: np.ndarray, labels: np.nd
     return float(np.mean(list(success.values()))) if success else float("nan")
 
 
-def bootstrap_interval(values: np.ndarray, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (one value per resampled unit)."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+@dataclass
+class Scores:
+    """What an attack read from the server's view, before anyone compares it with the truth.
 
-
-def roc_metrics(scores: np.ndarray, labels: np.ndarray, fprs: tuple[float, ...] = FPR_POINTS,
-                max_points: int = 200) -> dict:
-    """ROC AUC of ``scores`` (P(female), label 1 = female), TPR at each FPR in ``fprs`` and the curve.
-
-    TPR at FPR ``t`` is the highest TPR of any threshold whose FPR is at most ``t`` (no
-    interpolation: an attacker must pick a real threshold). With fewer than ``1/t`` negatives the
-    point is not measurable and is reported as None.
+    ``p`` is P(female) per scored row: an update, or (``trials=1``) one score per client for the
+    observers of aggregates; ``clients`` the client id of each row, as the server saw it; ``pool``
+    the P(female) of several rows of one client pooled (the attack's own way of pooling rounds).
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
 
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    n_neg = int((labels == 0).sum())
-    if n_neg == 0 or n_neg == len(labels):
-        return {"auc": None, "tpr_at_fpr": {str(t): None for t in fprs}, "roc": {"fpr": [], "tpr": []}}
-    fpr, tpr, _ = roc_curve(labels, scores)
-    at = {str(t): (float(tpr[fpr <= t].max()) if n_neg * t >= 1 else None) for t in fprs}
-    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).round().astype(int))
-    return {"auc": float(roc_auc_score(labels, scores)), "tpr_at_fpr": at,
-            "roc": {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()}}
+    p: np.ndarray
+    clients: np.ndarray
+    pool: Callable[[np.ndarray], float] | None = None
+    trials: int | None = None  # None: attack.trials; 1: one score per client (nothing to draw)
+
+    def __post_init__(self) -> None:
+        self.p = np.asarray(self.p, dtype=np.float64)
+        self.clients = np.asarray(self.clients, dtype=np.int64)
+        if len(self.p) != len(self.clients):
+            raise ValueError(f"{len(self.p)} scores for {len(self.clients)} client ids")
+        if self.pool is None:
+            p = self.p
+            self.pool = lambda idx: float(p[idx].mean())
+
+
+@dataclass(frozen=True)
+class Population:
+    """The attacked clients as the evaluator knows them (ground truth no message ever carried):
+    per client key, whether the client is a woman and which speaker it is (the bootstrap's cluster;
+    a speaker attacked in several folds is one cluster)."""
+
+    female: dict[int, int]
+    speaker: dict[int, str]
+
+    def __post_init__(self) -> None:
+        if set(self.female) != set(self.speaker):
+            raise ValueError("every attacked client needs a gender and a speaker")
+        for s in set(self.speaker.values()):
+            genders = {self.female[c] for c, sp in self.speaker.items() if sp == s}
+            if len(genders) > 1:
+                raise ValueError(f"speaker {s}: its clients are labelled with both genders; a speaker has one")
 
 
 @dataclass
 class Evaluation:
     """One attack's outcome on one set of attacked clients, before it is summarised.
 
-    Kept apart from the summary so that the clients of several folds can be pooled into one
-    interval (client keys must then differ between folds, e.g. ``fold * 100000 + client``).
+    Kept apart from the summary so that the clients of several folds pool into one interval (client
+    keys must then differ between folds, e.g. ``fold * 100000 + client``; a speaker keeps its key).
     """
 
-    success: dict[str, dict[int, float]]  # k pooled rounds -> client -> share of its trials right
-    scores: np.ndarray  # single-update P(female), for the ROC
-    labels: np.ndarray  # per score, 1 = female
-    clients: np.ndarray  # per attacked update, the client key
-    runs: int = 1  # runs averaged (the scores hold one set per run)
+    success: dict[str, dict[int, float]]  # k pooled rounds -> client key -> share of its trials right
+    client_score: dict[int, float]  # client key -> its single-update P(female), averaged over its updates
+    female: dict[int, int]  # client key -> 1 = female
+    speaker: dict[int, str]  # client key -> speaker key
+    updates: int  # scored rows
+    runs: int = 1  # runs averaged (a control's labellings)
+    extra: dict = field(default_factory=dict)
 
 
-def evaluate_attack(score_of: Callable[[np.ndarray], float], p_update: np.ndarray, clients: np.ndarray,
-                    labels: np.ndarray, *, trials: int = 10, pool_rounds: list[int] | tuple[int, ...] = (1,),
-                    seed: int = 0) -> Evaluation:
-    """Run the ASR trials of one attack for k = 1 and each ``pool_rounds``.
+def evaluate_attack(scores: Scores, population: Population, *, key_offset: int = 0, trials: int = 10,
+                    pool_rounds: list[int] | tuple[int, ...] = (1,), seed: int = 0) -> Evaluation:
+    """The ASR trials of one attack for k = 1 and each ``pool_rounds``, against the truth.
 
-    ``score_of(indices)`` pools updates of one client (see :func:`client_success`); ``p_update`` is
-    the single-update P(female).
+    ``key_offset`` turns the server's client ids into the population's keys (a fold's offset).
     """
-    if not len(p_update) == len(clients) == len(labels):
-        raise ValueError("scores, clients and labels must align")
-    success = {str(k): client_success(score_of, clients, labels, trials, k, seed)
+    keys = scores.clients + key_offset
+    missing = sorted(set(keys.tolist()) - set(population.female))
+    if missing:
+        raise ValueError(f"attacked clients {missing[:5]} have no ground truth in the population")
+    labels = np.array([population.female[int(c)] for c in keys], dtype=np.int64)
+    trials = int(scores.trials or trials)
+    success = {str(k): client_success(scores.pool, keys, labels, trials, k, seed)
                for k in sorted({1, *map(int, pool_rounds)})}
-    return Evaluation(success, np.asarray(p_update, dtype=np.float64), np.asarray(labels), np.asarray(clients))
+    if trials == 1:  # one score per client: pooling several rounds means nothing more
+        success = {"1": success["1"]}
+    client_score = {int(c): float(scores.p[keys == c].mean()) for c in np.unique(keys)}
+    return Evaluation(success, client_score, {c: population.female[c] for c in client_score},
+                      {c: population.speaker[c] for c in client_score}, len(keys))
 
 
 def average_evaluations(evaluations: list[Evaluation]) -> Evaluation:
-    """One evaluation of the same clients from several runs of an attack (e.g. the control's label
-    permutations): per client the mean share of its trials right, and every run's scores."""
+    """One evaluation of the same clients from several runs of an attack (a control's labellings):
+    per client the mean share of its trials right and the mean score."""
     first = evaluations[0]
     success = {k: {c: float(np.mean([e.success[k][c] for e in evaluations])) for c in first.success[k]}
                for k in first.success}
-    return Evaluation(success, np.concatenate([e.scores for e in evaluations]),
-                      np.concatenate([e.labels for e in evaluations]), first.clients, len(evaluations))
+    score = {c: float(np.mean([e.client_score[c] for e in evaluations])) for c in first.client_score}
+    return Evaluation(success, score, first.female, first.speaker, first.updates, len(evaluations))
+
+
+def merge_evaluations(evaluations: list[Evaluation]) -> Evaluation:
+    """The clients of several evaluations (folds) as one; client keys must not collide."""
+    merged = Evaluation({k: {} for k in evaluations[0].success}, {}, {}, {}, 0, evaluations[0].runs)
+    for e in evaluations:
+        if set(e.client_score) & set(merged.client_score):
+            raise ValueError("the same client key appears in two evaluations; key clients by fold")
+        for k in merged.success:
+            merged.success[k].update(e.success.get(k, {}))
+        merged.client_score.update(e.client_score)
+        merged.female.update(e.female)
+        merged.speaker.update(e.speaker)
+        merged.updates += e.updates
+    merged.success = {k: v for k, v in merged.success.items() if len(v) == len(merged.client_score)}
+    return merged
+
+
+def _rates(e: Evaluation, k: str, n_boot: int, seed: int) -> tuple[Interval, Interval]:
+    clients = sorted(e.success[k])
+    success = np.array([e.success[k][c] for c in clients])
+    female = np.array([e.female[c] for c in clients])
+    speaker = np.array([e.speaker[c] for c in clients])
+    asr = cluster_interval(success, speaker, lambda idx: float(success[idx].mean()), n_boot=n_boot, seed=seed)
+    both = female.any() and not female.all()
+    if not both:
+        balanced = Interval(float("nan"), float("nan"), float("nan"), "n/a: one gender attacked")
+    else:
+        balanced = cluster_interval(success, speaker, lambda idx: balanced_accuracy(success[idx], female[idx]),
+                                    strata=female, n_boot=n_boot, seed=seed)
+    return asr, balanced
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def roc_over_clients(e: Evaluation, fprs: tuple[float, ...] = FPR_POINTS, n_boot: int = 2000, seed: int = 0,
+                     max_points: int = 200) -> dict:
+    """ROC AUC (with its speaker-level interval), TPR at each FPR in ``fprs`` and the curve, over one
+    score per attacked client. TPR at FPR ``t`` is the highest TPR of any threshold whose FPR is at
+    most ``t`` (no interpolation: an attacker must pick a real threshold), and only where at least
+    ``1/t`` men (speakers) are attacked; otherwise None with the reason in ``tpr_note``."""
+    from sklearn.metrics import roc_curve
+
+    clients = sorted(e.client_score)
+    scores = np.array([e.client_score[c] for c in clients])
+    female = np.array([e.female[c] for c in clients])
+    speaker = np.array([e.speaker[c] for c in clients])
+    men = len(set(speaker[female == 0].tolist()))
+    if not female.any() or female.all():
+        return {"auc": None, "auc_ci": [None, None], "tpr_at_fpr": {str(t): None for t in fprs},
+                "tpr_note": {str(t): "n/a: one gender attacked" for t in fprs}, "roc": {"fpr": [], "tpr": []}}
+    auc = cluster_interval(scores, speaker, lambda idx: roc_auc(scores[idx], female[idx]), strata=female,
+                           n_boot=n_boot, seed=seed, exact_when_agreed=False)
+    fpr, tpr, _ = roc_curve(female, scores)
+    at, note = {}, {}
+    for t in fprs:
+        if men * t >= 1:
+            at[str(t)], note[str(t)] = float(tpr[fpr <= t].max()), ""
+        else:
+            at[str(t)], note[str(t)] = None, f"n/a: {men} men"
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), max_points)).round().astype(int))
+    return {"auc": auc.point, "auc_ci": [_none_if_nan(auc.low), _none_if_nan(auc.high)], "tpr_at_fpr": at,
+            "tpr_note": note, "roc": {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()}}
 
 
 def summarize(evaluations: list[Evaluation], n_boot: int = 2000, seed: int = 0) -> dict:
-    """ASR with its 95% interval (bootstrap over the attacked clients) for each k, ROC AUC, TPR at
-    low FPR and the curve, over the clients of every evaluation together."""
-    ks = list(evaluations[0].success)
-    pooled, intervals = {}, {}
-    for k in ks:
-        merged: dict[int, float] = {}
-        for e in evaluations:
-            if set(e.success[k]) & set(merged):
-                raise ValueError("the same client key appears in two evaluations; key clients by fold")
-            merged.update(e.success[k])
-        values = np.array(list(merged.values()))
-        pooled[k] = float(values.mean()) if len(values) else float("nan")
-        intervals[k] = list(bootstrap_interval(values, n_boot=n_boot, seed=seed))
-    scores = np.concatenate([e.scores for e in evaluations])
-    labels = np.concatenate([e.labels for e in evaluations])
-    clients = np.concatenate([e.clients for e in evaluations])
-    return {"asr": pooled["1"], "asr_ci": intervals["1"], "asr_pooled": pooled, "asr_pooled_ci": intervals,
-            **roc_metrics(scores, labels), "clients": int(len(np.unique(clients))), "updates": int(len(clients)),
-            "runs": evaluations[0].runs}
+    """Every figure of an attack over the clients of ``evaluations`` together (folds pooled).
+
+    ASR and balanced accuracy for each k with speaker-level intervals, the majority baseline, the
+    population (speakers and clients per gender), ROC AUC with its interval and TPR at low FPR over
+    one score per client. Intervals at 95%.
+    """
+    e = merge_evaluations(evaluations)
+    clients = sorted(e.client_score)
+    female = np.array([e.female[c] for c in clients])
+    speakers = {e.speaker[c]: e.female[c] for c in clients}
+    out: dict = {"asr_pooled": {}, "asr_pooled_ci": {}, "balanced_pooled": {}, "balanced_pooled_ci": {}}
+    for k in e.success:
+        asr, bal = _rates(e, k, n_boot, seed)
+        out["asr_pooled"][k], out["asr_pooled_ci"][k] = asr.point, asr.as_list()
+        out["balanced_pooled"][k], out["balanced_pooled_ci"][k] = _none_if_nan(bal.point), [_none_if_nan(x) for x in bal.as_list()]
+        if k == "1":
+            out["interval"] = asr.method
+            out["balanced_interval"] = bal.method
+    out.update({
+        "asr": out["asr_pooled"]["1"], "asr_ci": out["asr_pooled_ci"]["1"],
+        "balanced": out["balanced_pooled"]["1"], "balanced_ci": out["balanced_pooled_ci"]["1"],
+        "majority": majority_baseline(female),
+        **roc_over_clients(e, n_boot=n_boot, seed=seed),
+        "clients": len(clients), "women_clients": int(female.sum()), "men_clients": int(len(female) - female.sum()),
+        "speakers": len(speakers), "women_speakers": int(sum(speakers.values())),
+        "men_speakers": int(len(speakers) - sum(speakers.values())),
+        "updates": e.updates, "runs": e.runs,
+    })
+    return out

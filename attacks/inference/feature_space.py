@@ -33,7 +33,9 @@ examples, and its own shadow speakers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 from scipy.special import expit, logit
@@ -41,6 +43,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from attacks.inference.base import AttackerData, ServerView
+from attacks.inference.evaluate import Scores
 from attacks.inference.inversion import Recovered
 
 
@@ -137,14 +141,24 @@ def two_means_threshold(z: np.ndarray, iters: int = 100) -> float:
     return t
 
 
+VALIDATION_SHARE = 0.2  # of a client's rows, kept for validation by the protocol (fed_ser.data.partition)
+
+
+def _own_znorm(X: np.ndarray) -> np.ndarray:
+    return (X - X.mean(0)) / (X.std(0) + 1e-5)
+
+
 def virtual_clients(X: np.ndarray, y: np.ndarray, speaker: np.ndarray, female: dict, sizes: np.ndarray,
                     shards: dict, batch_size: int, pools: list[int], draws: int, rng: np.random.Generator,
-                    n_classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                    n_classes: int = 4, raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """What the attack would read from clients made of the attacker's speakers: for each speaker
     and pool size k, ``draws`` x its number of ``shards`` times, a virtual client of n rows drawn
     from the speaker's utterances (n drawn from ``sizes``, the attacked clients' numbers of
     examples), the union of k random batches of ``min(batch_size, n)`` of them, its emotion means.
-    ``female[s]``: speaker ``s`` is a woman. Returns (statistics, labels)."""
+    ``female[s]``: speaker ``s`` is a woman. With ``raw`` (features before normalisation,
+    ``features.norm=client``) the virtual client holds its n training rows and the protocol's share of
+    validation rows, and z-normalises them over all of them, as a private client normalises its shard.
+    Returns (statistics, labels)."""
     sizes = np.asarray(sizes, dtype=np.int64)
     if len(sizes) == 0 or (sizes < 1).any():
         raise ValueError(f"the attacked clients' sizes must be >= 1, got {sizes.tolist()}")
@@ -154,10 +168,16 @@ def virtual_clients(X: np.ndarray, y: np.ndarray, speaker: np.ndarray, female: d
         for k in pools:
             for _ in range(draws * int(shards.get(s, 1))):
                 n = min(int(rng.choice(sizes)), len(rows))
-                own = rng.choice(rows, n, replace=False)
+                if raw is None:
+                    own, Xo = rng.choice(rows, n, replace=False), X
+                else:
+                    shard = rng.choice(rows, min(len(rows), max(n, int(round(n / (1 - VALIDATION_SHARE))))), replace=False)
+                    Xo = np.zeros_like(raw)
+                    Xo[shard] = _own_znorm(raw[shard].astype(np.float64))
+                    own = shard[:n]
                 b = min(batch_size, n)
                 pick = np.unique(np.concatenate([rng.choice(own, b, replace=False) for _ in range(k)]))
-                feats.append(emotion_means(X[pick], y[pick], n_classes))
+                feats.append(emotion_means(Xo[pick], y[pick], n_classes))
                 labels.append(int(female[s]))
     return np.array(feats), np.array(labels)
 
@@ -168,7 +188,8 @@ DRAWS_FROM = ("speakers", "clients")
 def train_feature_space_attack(X: np.ndarray, y: np.ndarray, client: np.ndarray, gender: np.ndarray, *,
                                batch_size: int, pools: list[int], draws: int = 20, l2: float = 0.01,
                                seed: int = 0, n_classes: int = 4, speaker: np.ndarray | None = None,
-                               sizes: np.ndarray | None = None, draws_from: str = "speakers") -> FeatureSpaceAttack:
+                               sizes: np.ndarray | None = None, draws_from: str = "speakers",
+                               raw: np.ndarray | None = None) -> FeatureSpaceAttack:
     """Fit the classifier on the attacker's speakers: rows ``X`` (normalised features), emotions
     ``y``, their ``client`` index and each client's ``gender`` ("F"/"M").
 
@@ -196,9 +217,69 @@ def train_feature_space_attack(X: np.ndarray, y: np.ndarray, client: np.ndarray,
                 raise ValueError(f"speaker {s}: its clients are labelled {sorted(g)}; a speaker has one gender")
             female[s] = g == {"F"}
         shards = {s: len(np.unique(client[speaker == s])) for s in female}
-        F, L = virtual_clients(X, y, speaker, female, np.asarray(sizes), shards, batch_size, pools, draws, rng, n_classes)
+        F, L = virtual_clients(X, y, speaker, female, np.asarray(sizes), shards, batch_size, pools, draws, rng, n_classes, raw)
     else:
         F, L = simulated_statistics(X, y, client, gender, batch_size, pools, draws, rng, n_classes)
     model = make_pipeline(StandardScaler(), LogisticRegression(C=l2, max_iter=5000)).fit(F, L)
     return FeatureSpaceAttack(model, X.shape[1], n_classes,
                               history={"training_statistics": len(F), "draws_from": draws_from})
+
+
+class FeatureSpace:
+    """The feature-space attack as an :class:`~attacks.inference.base.Attack` (``attack.feature_space``):
+    fitted on the attacker's speakers at the attacked clients' sizes, it reads what the inversion
+    recovered from each update; ``feature-space-adaptive`` is the same classifier with its threshold
+    between the two clusters of the attacked clients' scores (:meth:`FeatureSpaceAttack.adapted`)."""
+
+    name: ClassVar[str] = "feature-space"
+    fit_reads_view: ClassVar[bool] = True  # the virtual clients are drawn at the attacked clients' sizes
+    costly: ClassVar[bool] = False
+    labels: ClassVar[dict[str, str]] = {
+        "feature-space": "feature-space (inversion)",
+        "feature-space-adaptive": "feature-space, threshold from the attacked clients' score clusters"}
+
+    def __init__(self, *, l2: float = 0.01, draws: int = 20, draws_from: str = "speakers", pools: list[int] | tuple[int, ...] = (1,),
+                 seed: int = 0):
+        if draws_from not in DRAWS_FROM:
+            raise ValueError(f"attack.feature_space.draws_from: {draws_from!r} is not one of {DRAWS_FROM}")
+        self.l2, self.draws, self.draws_from, self.pools, self.seed = l2, draws, draws_from, [int(k) for k in pools], seed
+        self.fitted: FeatureSpaceAttack | None = None
+
+    @classmethod
+    def from_settings(cls, attack: Mapping) -> FeatureSpace | None:
+        fs = attack["feature_space"]
+        if not bool(fs["enabled"]):
+            return None
+        return cls(l2=float(fs["l2"]), draws=int(fs["draws"]), draws_from=str(fs["draws_from"]),
+                   pools=[int(k) for k in attack["pool_rounds"]], seed=int(attack["seed"]))
+
+    def applies(self, attacker: AttackerData, view: ServerView) -> bool:
+        return bool(view.recovered)
+
+    def fit_classifier(self, attacker: AttackerData, view: ServerView) -> FeatureSpaceAttack:
+        """The gender classifier on emotion-conditional means, trained on the attacker's speakers."""
+        # virtual clients draw on every row of the attacker's own clients (its validation rows are its data too);
+        # re-sampled shards keep their training rows, as fed-ser's first version did
+        rows = attacker.client >= 0 if self.draws_from == "speakers" else attacker.train
+        sizes = view.sizes if len(view.updates) else np.array([view.local.batch_size])
+        raw = None if attacker.X_raw is None else attacker.X_raw[rows]
+        return train_feature_space_attack(attacker.X[rows], attacker.y[rows], attacker.client[rows],
+                                          np.where(attacker.client_female, "F", "M"), batch_size=view.local.batch_size,
+                                          pools=self.pools, draws=self.draws, l2=self.l2, seed=self.seed,
+                                          speaker=attacker.row_speaker[rows], sizes=sizes, draws_from=self.draws_from, raw=raw)
+
+    def fit(self, attacker: AttackerData, view: ServerView) -> None:
+        self.fitted = self.fit_classifier(attacker, view)
+
+    def score(self, view: ServerView) -> dict[str, Scores]:
+        if self.fitted is None:
+            raise RuntimeError("the feature-space attack is not fitted")
+        recovered, clients = view.recovered, view.clients
+        scores = np.array([self.fitted.p_female(r.inputs, r.labels) for r in recovered])
+        adaptive = self.fitted.adapted(scores)  # needs no label: the server sees every client's update
+        return {"feature-space": Scores(scores, clients, self.fitted.scorer(recovered)),
+                "feature-space-adaptive": Scores(np.array([adaptive.p_female(r.inputs, r.labels) for r in recovered]),
+                                                 clients, adaptive.scorer(recovered))}
+
+    def describe(self) -> dict:
+        return {} if self.fitted is None else {"training_statistics": self.fitted.history.get("training_statistics")}

@@ -18,12 +18,15 @@ An auditor reports both: the paper's CNN (all layers, elementwise) and this prof
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from attacks.inference.evaluate import client_success
+from attacks.inference.base import AttackerData, ServerView
+from attacks.inference.evaluate import Scores, client_success
 from fed_ser.recording.store import UpdateInfo, UpdateStore
 
 
@@ -90,3 +93,39 @@ def profile_asr(attack: ProfileAttack, profiles: np.ndarray, clients: np.ndarray
     k input profiles of a trial before the prediction."""
     success = client_success(pooled_scorer(attack, profiles), clients, labels, trials, pool_rounds, seed)
     return float(np.mean(list(success.values()))) if success else float("nan")
+
+
+class InputProfile:
+    """The input-profile attack as an :class:`~attacks.inference.base.Attack` (``attack.profile``)."""
+
+    name: ClassVar[str] = "profile"
+    fit_reads_view: ClassVar[bool] = False
+    costly: ClassVar[bool] = False
+    labels: ClassVar[dict[str, str]] = {"profile": "input profile"}
+
+    def __init__(self, layer: str = "dense1", l2: float = 0.01):
+        self.layer, self.l2 = layer, l2
+        self.fitted: ProfileAttack | None = None
+
+    @classmethod
+    def from_settings(cls, attack: Mapping) -> InputProfile | None:
+        p = attack["profile"]
+        return cls(str(p["layer"]), float(p["l2"])) if bool(p["enabled"]) else None
+
+    def applies(self, attacker: AttackerData, view: ServerView) -> bool:
+        # trained on the shadow updates: both genders must be among them (a short run may sample one only)
+        return (attacker.store is not None and len(set(attacker.update_labels.tolist())) == 2
+                and view.store is not None and bool(view.updates))
+
+    def fit(self, attacker: AttackerData, view: ServerView) -> None:
+        self.fitted = train_profile_attack(update_profiles(attacker.store, attacker.updates, self.layer),
+                                           attacker.update_labels, self.layer, self.l2)
+
+    def score(self, view: ServerView) -> dict[str, Scores]:
+        if self.fitted is None:
+            raise RuntimeError("the profile attack is not fitted")
+        profiles = update_profiles(view.store, view.updates, self.layer)
+        return {"profile": Scores(self.fitted.p_female(profiles), view.clients, pooled_scorer(self.fitted, profiles))}
+
+    def describe(self) -> dict:
+        return {}

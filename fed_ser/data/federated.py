@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fed_ser.data.corpora import EMOTIONS
-from fed_ser.data.partition import attacker_speakers, shard_speakers, speaker_folds, validation_mask
+from fed_ser.data.partition import MIN_CLIENT_ROWS, attacker_speakers, shard_speakers, speaker_folds, validation_mask
 from fed_ser.io import atomic_save_npz
 
 if TYPE_CHECKING:
@@ -34,6 +34,9 @@ class FederatedData:
     client_speaker: np.ndarray  # (n_clients,) str
     client_gender: np.ndarray  # (n_clients,) "F"/"M"
     client_corpus: np.ndarray  # (n_clients,) str
+    speaker: np.ndarray | None = None  # (n,) each row's speaker (the held-out speakers' for SER intervals); None: not kept
+    X_raw: np.ndarray | None = None  # (n, d) the features before normalisation, kept under features.norm=client (the
+    # attacker's virtual clients normalise themselves, as the private clients did)
 
     @property
     def num_clients(self) -> int:
@@ -52,13 +55,17 @@ class FederatedData:
         rows = self.split == TEST
         return self.X[rows], self.y[rows]
 
+    def test_speakers(self) -> np.ndarray | None:
+        """The speaker of each held-out test row (None for data sets prepared without row speakers)."""
+        return None if self.speaker is None else self.speaker[self.split == TEST]
+
     def save(self, path: str | Path) -> None:
-        atomic_save_npz(path, **{k: getattr(self, k) for k in self.__dataclass_fields__})
+        atomic_save_npz(path, **{k: getattr(self, k) for k in self.__dataclass_fields__ if getattr(self, k) is not None})
 
     @classmethod
     def load(cls, path: str | Path) -> FederatedData:
         with np.load(path, allow_pickle=False) as z:
-            return cls(**{k: z[k] for k in cls.__dataclass_fields__})
+            return cls(**{k: z[k] for k in cls.__dataclass_fields__ if k in z.files})
 
 
 def build_federated(
@@ -120,7 +127,7 @@ def build_federated(
         if train_share < 1.0:
             for c in range(offset, len(cs)):
                 rows = np.flatnonzero(client == c)
-                drop = rng.permutation(rows)[int(round(len(rows) * train_share)):]
+                drop = rng.permutation(rows)[max(int(round(len(rows) * train_share)), min(MIN_CLIENT_ROWS, len(rows))):]
                 keep[drop] = False
     client = client[keep]
     split = np.where(client < 0, TEST, TRAIN)
@@ -130,7 +137,18 @@ def build_federated(
         X=np.asarray(Z, dtype=np.float32)[keep], y=y[keep].astype(np.int64), client=client,
         split=split.astype(np.int8), client_speaker=np.array(cs, dtype=str),
         client_gender=np.array(cg, dtype=str), client_corpus=np.array(cc, dtype=str),
+        speaker=np.char.add(np.char.add(labels.astype(str), "/"), manifest.speaker.to_numpy().astype(str))[keep],
     )
+
+
+def fold_roles(genders: dict[str, str], fold: int, n_folds: int = 5, seed: int = 0,
+               attacker_share: float = 0.5) -> tuple[set[str], set[str]]:
+    """Of one corpus's speakers (name -> gender): the test speakers of ``fold``, and the training speakers the
+    attacker holds under ``shadow.mode=speakers`` (the split :func:`build_federated` makes)."""
+    folds = speaker_folds(list(genders), list(genders.values()), n_folds, seed)
+    train = [s for s in genders if folds[s] != fold]
+    held = attacker_speakers(train, [genders[s] for s in train], attacker_share, seed * 7919 + fold)
+    return {s for s in genders if folds[s] == fold}, held
 
 
 def corpus_labels(manifest: pd.DataFrame) -> np.ndarray:

@@ -17,6 +17,24 @@ class PartitionError(ValueError):
     """A client would be empty or a fold cannot be formed; the message names the key."""
 
 
+#: The fewest utterances a client may hold: with 20% validating, 3 rows leave 2 to train on and 1 to validate.
+MIN_CLIENT_ROWS = 3
+
+
+def shards_for(utterances: int, shards_per_speaker: int, min_rows: int = MIN_CLIENT_ROWS) -> int:
+    """How many clients a speaker of ``utterances`` is cut into: ``shards_per_speaker``, or as many as give
+    each ``min_rows`` utterances (at least one); 0 when even one client cannot have them."""
+    return 0 if utterances < min_rows else max(1, min(shards_per_speaker, utterances // min_rows))
+
+
+def too_small_speakers(counts: dict[str, int], shards_per_speaker: int, min_rows: int = MIN_CLIENT_ROWS) -> dict[str, int]:
+    """The speakers (name -> utterances) too small for even one client of ``min_rows`` utterances (a training
+    and a validation row): real corpora recorded in the wild hold such speakers, and a client without a
+    training or a validation row breaks the federation. Speakers too small for ``shards_per_speaker``
+    clients but not for one are cut into fewer (:func:`shards_for`)."""
+    return {s: n for s, n in counts.items() if shards_for(n, shards_per_speaker, min_rows) == 0}
+
+
 def speaker_folds(speakers: list[str], genders: list[str], n_folds: int = 5, seed: int = 0) -> dict[str, int]:
     """Assign each speaker a test fold 0..n_folds-1, dealing each gender round-robin.
 
@@ -63,9 +81,10 @@ def attacker_speakers(speakers: list[str], genders: list[str], share: float, see
 def shard_speakers(speakers: np.ndarray, shards_per_speaker: int, seed: int = 0) -> np.ndarray:
     """Client index per row: each speaker's rows split into equal random shards.
 
-    ``shards_per_speaker=1`` gives one client per speaker (CREMA-D). Clients are numbered in
-    sorted speaker order. Raises :class:`PartitionError` naming the speaker if a shard would be
-    empty.
+    ``shards_per_speaker=1`` gives one client per speaker (CREMA-D). A speaker with fewer than
+    :data:`MIN_CLIENT_ROWS` utterances a shard is cut into fewer shards (:func:`shards_for`). Clients
+    are numbered in sorted speaker order. Raises :class:`PartitionError` naming the speaker if it
+    cannot make even one client.
     """
     if shards_per_speaker < 1:
         raise PartitionError(f"dataset.shards_per_speaker must be >= 1, got {shards_per_speaker}")
@@ -74,12 +93,14 @@ def shard_speakers(speakers: np.ndarray, shards_per_speaker: int, seed: int = 0)
     next_id = 0
     for s in sorted(np.unique(speakers).tolist()):
         rows = np.flatnonzero(speakers == s)
-        if len(rows) < shards_per_speaker:
+        k = shards_for(len(rows), shards_per_speaker)
+        if k == 0:
             raise PartitionError(
-                f"speaker {s!r} has {len(rows)} utterances, fewer than dataset.shards_per_speaker={shards_per_speaker}: a shard would be empty"
+                f"speaker {s!r} has {len(rows)} utterances, fewer than the {MIN_CLIENT_ROWS} a client needs for a "
+                "training and a validation row"
             )
         rng.shuffle(rows)
-        for shard in np.array_split(rows, shards_per_speaker):
+        for shard in np.array_split(rows, k):
             client[shard] = next_id
             next_id += 1
     return client
@@ -93,7 +114,8 @@ def validation_mask(client: np.ndarray, val_fraction: float = 0.2, seed: int = 0
         rows = np.flatnonzero(client == c)
         rng.shuffle(rows)
         n_val = int(round(len(rows) * val_fraction))
-        if len(rows) - n_val < 1:
-            raise PartitionError(f"client {c} has {len(rows)} utterances: no training data left after validation split")
+        if len(rows) - n_val < 1 or (val_fraction > 0 and n_val < 1):
+            raise PartitionError(f"client {c} has {len(rows)} utterances: it needs {MIN_CLIENT_ROWS} for a training and "
+                                 "a validation row")
         mask[rows[:n_val]] = True
     return mask

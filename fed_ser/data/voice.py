@@ -18,6 +18,7 @@ resonators per syllable, then radiated (first difference) and enveloped.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,31 +108,6 @@ GENDER_STYLE: dict[str, dict[str, Prosody]] = {
 }
 
 
-# The voice calibrated against real recordings (``data.voice=emodb``; issue 16). Measured on the
-# EmoDB copy beside the project (10 speakers, 339 utterances of the four emotions, openSMILE Emo-Base
-# ``F0env_sma_amean`` in semitones, each speaker's emotion mean against its neutral mean), the
-# designed voice is unlike real speech in two ways, and only those are changed:
-# * F0: EmoDB's speakers raise F0 by ~5-8 semitones in happy and angry speech, both genders
-#   (women +7.7 / +7.4, men +5.3 / +6.1), while the designed voice's men barely move (-0.4 / -1.0
-#   measured: their gender style cancels the shared shift). In sad speech women lower F0 (-1.7),
-#   men slightly raise it (+1.3). These measured shifts are the emodb voice's parameters: the
-#   shared shift is the genders' mean and the style their half difference, in F0 only (EmoDB gives
-#   no clear gender difference in the other parameters at 5 speakers a gender).
-# * Level: the copy's files are level-normalised (each emotion's loudest frame within ~2 dB of
-#   neutral; the designed voice sets the level from the emotion, +5-8 dB for angry), so the
-#   emodb voice normalises each utterance's peak instead (``Voice.peak``).
-EMODB_EMOTION_PROSODY: dict[str, Prosody] = {
-    "neutral": Prosody(),
-    "happy": Prosody(6.5, 1.45, 3.0, 1.08, 0.25, 0.0, 0.03),
-    "sad": Prosody(-0.2, 0.6, -4.5, 0.82, -0.35, 0.06, -0.02),
-    "angry": Prosody(6.75, 1.25, 7.0, 1.12, 0.55, -0.02, 0.01),
-}
-EMODB_GENDER_STYLE: dict[str, dict[str, Prosody]] = {
-    "F": {"neutral": Prosody(), "happy": Prosody(1.2), "sad": Prosody(-1.5), "angry": Prosody(0.6)},
-    "M": {"neutral": Prosody(), "happy": Prosody(-1.2), "sad": Prosody(1.5), "angry": Prosody(-0.6)},
-}
-
-
 @dataclass(frozen=True)
 class Voice:
     """One voice model: the emotions' shared prosody, the genders' styles, and how the level is set."""
@@ -141,16 +117,57 @@ class Voice:
     peak: float | None = None  # None: level from the emotion's energy; else every utterance's peak is this
 
 
-#: ``data.voice``: ``designed`` (fed-ser's first voice) or ``emodb`` (calibrated against EmoDB).
-VOICES: dict[str, Voice] = {"designed": Voice(EMOTION_PROSODY, GENDER_STYLE),
-                            "emodb": Voice(EMODB_EMOTION_PROSODY, EMODB_GENDER_STYLE, peak=0.5)}
+# A voice calibrated against real recordings (``data.voice=emodb``, the spec ``f0:...``). Measured on
+# real EmoDB speakers (openSMILE Emo-Base ``F0env_sma_amean`` in semitones, each speaker's emotion mean
+# against its neutral mean), the designed voice is unlike real speech in two ways, and only those are
+# changed: both genders raise F0 by several semitones in happy and angry speech while the designed
+# voice's men barely move, and the copy's files are level-normalised (the designed voice sets the level
+# from the emotion). A calibrated voice takes the measured F0 changes as its parameters (shared change:
+# the genders' mean; style: their half difference, F0 only) and normalises every utterance's peak.
+# Which speakers it is measured on is the experiment's business, never the speakers it then attacks
+# (:func:`fed_ser.experiments.prepare.resolve_voice`).
+CALIBRATED_EMOTIONS = ("happy", "sad", "angry")
+
+
+def calibrated_spec(f0: dict[str, dict[str, float]]) -> str:
+    """The voice spec string of measured F0 changes ``f0[gender][emotion]`` (semitones against neutral,
+    rounded to 0.1): what ``data.voice`` and a synthetic corpus's stamp hold."""
+    parts = [f"{g}=" + ",".join(f"{e}{f0[g][e]:+.1f}" for e in CALIBRATED_EMOTIONS) for g in ("F", "M")]
+    return "f0:" + ";".join(parts)
+
+
+def _parse_spec(spec: str) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for part in spec[3:].split(";"):
+        g, _, values = part.partition("=")
+        out[g] = {m.group(1): float(m.group(2)) for m in re.finditer(r"([a-z]+)([+-]\d+(?:\.\d+)?)", values)}
+    if set(out) != {"F", "M"} or any(set(v) != set(CALIBRATED_EMOTIONS) for v in out.values()):
+        raise ValueError(f"voice spec {spec!r} is not shaped like 'f0:F=happy+7.7,sad-1.7,angry+7.4;M=happy+5.3,sad+1.3,angry+6.1'")
+    return out
+
+
+def calibrated_voice(f0: dict[str, dict[str, float]]) -> Voice:
+    """The voice whose F0 changes per gender and emotion are the measured ``f0``; the rest is the designed voice's."""
+    emotion, style = dict(EMOTION_PROSODY), {"F": {"neutral": Prosody()}, "M": {"neutral": Prosody()}}
+    for e in CALIBRATED_EMOTIONS:
+        shared, half = (f0["F"][e] + f0["M"][e]) / 2, (f0["F"][e] - f0["M"][e]) / 2
+        p = EMOTION_PROSODY[e]
+        emotion[e] = Prosody(shared, p.f0_range, p.energy_db, p.rate, p.tilt, p.breathiness, p.formant_shift)
+        style["F"][e], style["M"][e] = Prosody(half), Prosody(-half)
+    return Voice(emotion, style, peak=0.5)
+
+
+#: Named voices: ``designed`` (fed-ser's first voice). A calibrated voice is named by its spec (``f0:...``).
+VOICES: dict[str, Voice] = {"designed": Voice(EMOTION_PROSODY, GENDER_STYLE)}
 
 
 def check_voice(voice: str) -> Voice:
-    """The voice named ``voice``; a ValueError naming the choices otherwise."""
-    if voice not in VOICES:
-        raise ValueError(f"voice must be one of {sorted(VOICES)}, got {voice!r}")
-    return VOICES[voice]
+    """The voice named or specified by ``voice``; a ValueError naming the choices otherwise."""
+    if voice in VOICES:
+        return VOICES[voice]
+    if voice.startswith("f0:"):
+        return calibrated_voice(_parse_spec(voice))
+    raise ValueError(f"voice must be one of {sorted(VOICES)} or a calibrated spec 'f0:F=happy+7.7,...;M=...', got {voice!r}")
 
 
 @dataclass(frozen=True)
@@ -204,7 +221,7 @@ def utterance_prosody(speaker: Speaker, emotion: str, intensity: float = 1.0) ->
     if emotion not in EMOTION_PROSODY:
         raise ValueError(f"unknown emotion {emotion!r}; expected one of {sorted(EMOTION_PROSODY)}")
     k = speaker.expressivity * intensity
-    v = VOICES[speaker.voice]
+    v = check_voice(speaker.voice)
     return (v.emotion[emotion] + v.style[speaker.gender][emotion].scaled(speaker.gender_style)).scaled(k)
 
 
@@ -274,7 +291,7 @@ def synthesize(
     wave = np.concatenate(pieces)
     wave /= np.sqrt(np.mean(wave**2)) + 1e-12
     wave *= 0.05 * 10.0 ** (energy_db / 20.0)
-    peak_to = VOICES[speaker.voice].peak
+    peak_to = check_voice(speaker.voice).peak
     if peak_to is not None:  # a level-normalised recording: the loudest sample sets the level, not the emotion
         wave *= peak_to / (np.max(np.abs(wave)) + 1e-12)
     wave += rng.normal(0.0, 3e-4, wave.size)  # room noise: silence is never digital zero

@@ -54,4 +54,4 @@ def run_inprocess(data: FederatedData, s: RunSettings, recorder: UpdateRecorder 
         save_checkpoint(Path(s.out_dir) / CHECKPOINT, s.rounds, s, theta)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in theta.items()})
     X_test, y_test = data.test_rows()
-    return evaluate(model, X_test, y_test)
+    return evaluate(model, X_test, y_test, data.test_speakers())

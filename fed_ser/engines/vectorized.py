@@ -138,8 +138,8 @@ def run_vectorized(data: FederatedData, s: RunSettings, recorder: UpdateRecorder
         history.append({"round": rnd, "sampled": len(clients), "replies": len(clients), "train_loss": float(loss.mean())})
     model.load_state_dict(theta)
     X_test, y_test = data.test_rows()
-    m = evaluate(model, X_test, y_test)
+    m = evaluate(model, X_test, y_test, data.test_speakers())
     history[-1].update(test_acc=m["acc"], test_uar=m["uar"])
     return {"engine": "vectorised", "settings": s.to_run_config(), "num_clients": data.num_clients,
             "wall_seconds": time.perf_counter() - t0, "rounds": history,
-            "final": {"test_acc": m["acc"], "test_uar": m["uar"], "round": s.rounds}}
+            "final": {"test_acc": m["acc"], "test_uar": m["uar"], "test_counts": m.get("counts"), "round": s.rounds}}

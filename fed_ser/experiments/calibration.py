@@ -42,8 +42,16 @@ from attacks.inference.feature_space import emotion_means
 from fed_ser.data.corpora import EMOTIONS
 from fed_ser.data.federated import FederatedData
 from fed_ser.experiments.config import console, load_config
-from fed_ser.experiments.prepare import corpus_manifest, corpus_source, feature_factory, prepare
+from fed_ser.experiments.prepare import (
+    CALIBRATION_CORPUS,
+    calibration_speakers,
+    corpus_manifest,
+    corpus_source,
+    feature_factory,
+    prepare,
+)
 from fed_ser.features.extract import extract_features
+from fed_ser.features.prosody import PROSODY, prosody_changes
 from fed_ser.io import atomic_write_json, atomic_write_text
 from fed_ser.run.settings import ConfigError
 
@@ -164,35 +172,6 @@ def _markdown(real: str, synthetic: list[str], r: dict) -> str:
             f"{fmt(t['balanced_accuracy'])}, AUC {fmt(t['auc'])}.\n")
 
 
-PROSODY = {"f0_semitones": ("F0env_sma_amean", lambda v: 12 * np.log2(np.maximum(v, 1.0))),
-           "peak_db": ("pcm_intensity_sma_max", lambda v: 10 * np.log10(np.maximum(v, 1e-10)))}
-
-
-def prosody_changes(emotion: np.ndarray, speaker: np.ndarray, gender: np.ndarray, X_raw: np.ndarray,
-                    names: list[str]) -> dict:
-    """Per gender and emotion: the mean over speakers of (emotion mean - neutral mean) of each
-    :data:`PROSODY` measure, with its standard error over speakers; raw (un-normalised) Emo-Base rows."""
-    out: dict = {}
-    for measure, (feature, f) in PROSODY.items():
-        v = f(X_raw[:, names.index(feature)])
-        for g in ("F", "M"):
-            per = []
-            for s in np.unique(speaker[gender == g]):
-                r = speaker == s
-                if not (r & (emotion == "neutral")).any():
-                    continue
-                base = v[r & (emotion == "neutral")].mean()
-                per.append([v[r & (emotion == e)].mean() - base if (r & (emotion == e)).any() else np.nan
-                            for e in EMOTIONS])
-            per = np.array(per, dtype=np.float64).reshape(-1, len(EMOTIONS))
-            for i, e in enumerate(EMOTIONS):
-                col = per[:, i][np.isfinite(per[:, i])]
-                out.setdefault(measure, {}).setdefault(g, {})[e] = {
-                    "mean": float(col.mean()) if len(col) else None,
-                    "se": float(col.std() / np.sqrt(len(col))) if len(col) > 1 else None, "speakers": int(len(col))}
-    return out
-
-
 def _raw_prosody(cfg: DictConfig, sources: list) -> dict:
     """:func:`prosody_changes` of these corpora together, from their cached raw Emo-Base features."""
     from fed_ser.features.emobase import feature_names
@@ -232,14 +211,17 @@ def calibrate(cfg: DictConfig) -> dict:
     if src.synthetic:
         raise ConfigError(f"data.roots.{private}: not set; the calibration compares a real corpus with the synthetic ones")
     names = [str(c) for c in cfg.calibration.synthetic]
-    real = FederatedData.load(prepare(cfg, [src], 0))
-    synth = FederatedData.load(prepare(cfg, [corpus_source(cfg, c, synthetic=True) for c in names], 0,
+    calibrated = str(cfg.data.voice) == CALIBRATION_CORPUS and private == CALIBRATION_CORPUS
+    # a voice calibrated on fold 0's attacker speakers is compared on the other (private) speakers only
+    real = FederatedData.load(prepare(cfg, [src], 0, speaker_role="private", tag=f"{private}-private") if calibrated
+                              else prepare(cfg, [src], 0))
+    synth = FederatedData.load(prepare(cfg, [corpus_source(cfg, c, synthetic=True, fold=0) for c in names], 0,
                                        tag="calibration-" + "+".join(names)))
     result = compare(real, synth, int(cfg.seed))
     if str(cfg.features.name) == "emobase":
         result["prosody"] = {"real": _raw_prosody(cfg, [src]),
-                             "synthetic": _raw_prosody(cfg, [corpus_source(cfg, c, synthetic=True) for c in names])}
-    result["voice"] = str(cfg.data.voice)
+                             "synthetic": _raw_prosody(cfg, [corpus_source(cfg, c, synthetic=True, fold=0) for c in names])}
+    result["voice"] = str(cfg.data.voice) if str(cfg.data.voice) != CALIBRATION_CORPUS else calibration_speakers(cfg, 0)[1]
     pr, ps = result.pop("_patterns")
     out = Path(cfg.calibration.out_dir)
     out.mkdir(parents=True, exist_ok=True)

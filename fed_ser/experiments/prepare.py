@@ -7,7 +7,9 @@ label problems) are listed in ``<prepared>.failures.csv`` and on stderr; the res
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -18,13 +20,15 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from fed_ser.data.corpora import LOADERS, load_corpus
-from fed_ser.data.federated import build_federated
+from fed_ser.data.federated import build_federated, corpus_labels, fold_roles
+from fed_ser.data.partition import MIN_CLIENT_ROWS, too_small_speakers
 from fed_ser.data.synthetic import CORPORA as SYNTHETIC_CORPORA
 from fed_ser.data.synthetic import ensure_corpus
-from fed_ser.data.voice import VOICES
+from fed_ser.data.voice import CALIBRATED_EMOTIONS, calibrated_spec, check_voice
 from fed_ser.experiments.config import load_config
 from fed_ser.features.extract import extract_features
-from fed_ser.features.normalize import speaker_znorm
+from fed_ser.features.normalize import check_norm, client_znorm, speaker_znorm
+from fed_ser.features.prosody import prosody_changes
 from fed_ser.io import atomic_write_text
 from fed_ser.run.settings import ConfigError
 
@@ -64,6 +68,7 @@ class CorpusSource:
     corpus: str
     root: Path
     synthetic: bool
+    voice: str = "designed"  # synthetic only: the voice it is generated with (a name or a calibrated spec)
 
     @property
     def label(self) -> str:
@@ -71,12 +76,13 @@ class CorpusSource:
         return f"{self.corpus} (synthetic)" if self.synthetic else self.corpus
 
 
-def corpus_source(cfg: DictConfig, corpus: str, synthetic: bool | None = None) -> CorpusSource:
+def corpus_source(cfg: DictConfig, corpus: str, synthetic: bool | None = None, fold: int | None = None) -> CorpusSource:
     """The source of ``corpus`` in this run: real where ``data.roots.<corpus>`` is set, else synthetic.
 
     ``synthetic=True`` asks for the synthetic corpus whatever the roots say (``shadow.mode=synthetic``:
     the attacker has only the synthetic corpora). With ``data.synthetic=false`` nothing is generated
-    and every corpus needs its root. Problems raise :class:`ConfigError` naming the key.
+    and every corpus needs its root. A synthetic corpus's voice is :func:`resolve_voice`'s for ``fold``.
+    Problems raise :class:`ConfigError` naming the key.
     """
     if corpus not in LOADERS:
         raise ConfigError(f"unknown corpus {corpus!r}; expected one of {sorted(LOADERS)}")
@@ -89,13 +95,71 @@ def corpus_source(cfg: DictConfig, corpus: str, synthetic: bool | None = None) -
                               "(point it at your recordings)")
         if not float(cfg.data.gender_style) >= 0:
             raise ConfigError(f"data.gender_style: must be >= 0, got {cfg.data.gender_style}")
-        if str(cfg.data.voice) not in VOICES:
-            raise ConfigError(f"data.voice: {str(cfg.data.voice)!r} is not one of {sorted(VOICES)}")
-        return CorpusSource(corpus, Path(cfg.data.root) / corpus, True)
+        voice = resolve_voice(cfg, fold)
+        folder = corpus if voice == "designed" else f"{corpus}-{hashlib.sha256(voice.encode()).hexdigest()[:8]}"
+        return CorpusSource(corpus, Path(cfg.data.root) / folder, True, voice)
     root = Path(str(given)).expanduser()
     if not root.exists():
         raise ConfigError(f"data.roots.{corpus}: {root} does not exist")
     return CorpusSource(corpus, root, False)
+
+
+#: ``data.voice=emodb``: the real corpus a calibrated voice is measured on.
+CALIBRATION_CORPUS = "emodb"
+
+
+def resolve_voice(cfg: DictConfig, fold: int | None = None) -> str:
+    """The voice the run's synthetic corpora are generated with: ``data.voice`` as given (``designed``, or a
+    calibrated spec ``f0:...``), or for ``emodb`` a voice calibrated on real EmoDB speakers that are never
+    attacked: the speakers the attacker holds in ``fold`` when the private corpus is EmoDB itself (the
+    split of ``shadow.mode=speakers``), every EmoDB speaker otherwise (another corpus than the private one)."""
+    voice = str(cfg.data.voice)
+    if voice != CALIBRATION_CORPUS:
+        try:
+            check_voice(voice)
+        except ValueError as e:
+            raise ConfigError(f"data.voice: {e}") from None
+        return voice
+    speakers, _ = calibration_speakers(cfg, fold)
+    key = (str(cfg.data.roots[CALIBRATION_CORPUS]), str(cfg.data.cache), tuple(sorted(speakers)) if speakers else None)
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = calibrated_spec(_measured_f0(cfg, speakers))
+    return _CALIBRATED[key]
+
+
+_CALIBRATED: dict[tuple, str] = {}  # the measurement a process already made (it reads the whole corpus's features)
+
+
+def calibration_speakers(cfg: DictConfig, fold: int | None) -> tuple[set[str] | None, str]:
+    """The EmoDB speakers a calibrated voice is measured on (None: all of them) and how a report says so."""
+    given = (cfg.data.get("roots") or {}).get(CALIBRATION_CORPUS)
+    if not given:
+        raise ConfigError(f"data.voice={CALIBRATION_CORPUS}: the voice is measured on real recordings; set "
+                          f"data.roots.{CALIBRATION_CORPUS} to the corpus")
+    if str(cfg.get("private", "")) != CALIBRATION_CORPUS:
+        return None, f"voice calibrated on every {CALIBRATION_CORPUS} speaker (not the private corpus)"
+    if fold is None:
+        raise ConfigError(f"data.voice={CALIBRATION_CORPUS} with private={CALIBRATION_CORPUS}: the voice is measured on "
+                          "the speakers the attacker holds in each fold; this command has no fold")
+    manifest, _ = load_corpus(CALIBRATION_CORPUS, Path(str(given)).expanduser())
+    first = dict(zip(manifest.speaker.astype(str), manifest.gender.astype(str)))
+    _, held = fold_roles(first, fold, int(cfg.n_folds), int(cfg.seed), float(cfg.shadow.speaker_share))
+    return held, f"voice calibrated on the attacker's {CALIBRATION_CORPUS} speakers of fold {fold} ({', '.join(sorted(held))})"
+
+
+def _measured_f0(cfg: DictConfig, speakers: set[str] | None) -> dict[str, dict[str, float]]:
+    """Per gender and emotion, the mean F0 change (semitones against neutral) of ``speakers``' raw Emo-Base rows."""
+    from fed_ser.features.emobase import emobase_factory, feature_names
+
+    src = CorpusSource(CALIBRATION_CORPUS, Path(str(cfg.data.roots[CALIBRATION_CORPUS])).expanduser(), False)
+    manifest, _ = corpus_manifest(cfg, src)
+    raw, ok, _ = extract_features(manifest.path.tolist(), emobase_factory, cfg.data.cache,
+                                  workers=int(cfg.data.workers) or None, desc="voice calibration")
+    keep = ok & (manifest.speaker.astype(str).isin(speakers).to_numpy() if speakers is not None else True)
+    m = manifest[keep]
+    changes = prosody_changes(m.emotion.to_numpy(str), m.speaker.to_numpy(str), m.gender.to_numpy(str), raw[keep],
+                              feature_names())["f0_semitones"]
+    return {g: {e: float(changes[g][e]["mean"]) for e in CALIBRATED_EMOTIONS} for g in ("F", "M")}
 
 
 def _source_key(cfg: DictConfig, src: CorpusSource) -> dict:
@@ -103,8 +167,8 @@ def _source_key(cfg: DictConfig, src: CorpusSource) -> dict:
     if src.synthetic:
         key = {"corpus": src.corpus, "synthetic": True, "scale": float(cfg.data.scale), "data_seed": int(cfg.data.seed),
                "gender_style": float(cfg.data.gender_style)}
-        if str(cfg.data.voice) != "designed":  # the designed voice's keys are those from before there was a choice
-            key["voice"] = str(cfg.data.voice)
+        if src.voice != "designed":  # the designed voice's keys are those from before there was a choice
+            key["voice"] = src.voice
         return key
     key = {"corpus": src.corpus, "root": str(src.root.resolve())}
     if src.corpus == "manifest":
@@ -125,15 +189,19 @@ def corpus_manifest(cfg: DictConfig, src: CorpusSource):
     """
     if src.synthetic:
         ensure_corpus(src.root, src.corpus, scale=float(cfg.data.scale), seed=int(cfg.data.seed),
-                      gender_style=float(cfg.data.gender_style), voice=str(cfg.data.voice))
-    options = {"emotion_map": _emotion_map(cfg)} if src.corpus == "manifest" else {}
+                      gender_style=float(cfg.data.gender_style), voice=src.voice)
+    options = {}
+    if src.corpus == "manifest":
+        options = {"emotion_map": _emotion_map(cfg),
+                   "allow_outside": bool((cfg.data.get("manifest") or {}).get("allow_outside", False))}
     manifest, issues = load_corpus(src.corpus, src.root, **options)
     manifest["source"] = "synthetic" if src.synthetic else "real"
     return manifest, issues
 
 
 def corpus_features(cfg: DictConfig, src: CorpusSource) -> tuple[pd.DataFrame, np.ndarray]:
-    """Manifest and per-speaker z-normalised features of one corpus (rows that failed dropped)."""
+    """Manifest and features of one corpus (rows that failed dropped): z-normalised per speaker under
+    ``features.norm=speaker``, as extracted otherwise (``client`` normalises once the clients exist)."""
     manifest, issues = corpus_manifest(cfg, src)
     problems = [(i.path, i.reason) for i in issues]
     X, ok, failures = extract_features(manifest.path.tolist(), feature_factory(cfg.features), cfg.data.cache,
@@ -148,7 +216,8 @@ def corpus_features(cfg: DictConfig, src: CorpusSource) -> tuple[pd.DataFrame, n
         first = f" (first: {problems[0][0]}: {problems[0][1]})" if problems else ""
         raise RuntimeError(f"{src.label}: no usable utterances under {src.root}{first}")
     manifest.attrs["problems"] = problems
-    return manifest, speaker_znorm(X[ok], manifest.speaker.to_numpy())
+    norm = check_norm(str(cfg.features.get("norm", "speaker")))
+    return manifest, speaker_znorm(X[ok], manifest.speaker.to_numpy()) if norm == "speaker" else X[ok].astype(np.float32)
 
 
 def extract_main(argv: list[str] | None = None) -> None:
@@ -180,11 +249,12 @@ def prepare(cfg: DictConfig, corpora: list[str | CorpusSource], fold: int, train
     set, else synthetic). ``speaker_role`` (``private`` / ``attacker``) keeps one side of the
     ``shadow.mode=speakers`` split (``shadow.speaker_share``).
     """
-    sources = sorted((c if isinstance(c, CorpusSource) else corpus_source(cfg, c) for c in corpora),
+    sources = sorted((c if isinstance(c, CorpusSource) else corpus_source(cfg, c, fold=fold) for c in corpora),
                      key=lambda s: s.label)
     shards = {s.corpus: int(cfg.shards.get(s.corpus, 1)) for s in sources}
     share = float(cfg.shadow.speaker_share) if speaker_role else None
-    key = json.dumps(dict(sources=[_source_key(cfg, s) for s in sources], fold=fold, share=train_share, shards=shards,
+    norm = check_norm(str(cfg.features.get("norm", "speaker")))
+    key = json.dumps(dict(format=2, norm=norm, sources=[_source_key(cfg, s) for s in sources], fold=fold, share=train_share, shards=shards,
                           features=cfg.features.name, **_extractor_version(cfg.features), n_folds=int(cfg.n_folds),
                           seed=int(cfg.seed), speaker_role=speaker_role, speaker_share=share), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -193,13 +263,38 @@ def prepare(cfg: DictConfig, corpora: list[str | CorpusSource], fold: int, train
     if path.exists():
         return path
     parts = [corpus_features(cfg, s) for s in sources]
+    problems = [p for m, _ in parts for p in m.attrs.get("problems", [])]
+    parts = [usable_speakers(m, z, shards.get(src.corpus, 1), problems) for (m, z), src in zip(parts, sources)]
     manifest = pd.concat([m for m, _ in parts], ignore_index=True)
     Z = np.concatenate([z for _, z in parts])
     data = build_federated(manifest, Z, fold, shards, int(cfg.n_folds), train_share, int(cfg.seed),
                            speaker_role=speaker_role, attacker_share=share or 0.5)
+    if norm == "client":  # each client normalises its own shard; the attacker's virtual clients will do the same
+        data.X_raw, data.X = data.X, client_znorm(data.X, data.client, data.speaker)
+    if problems:  # written before the data set, so a data set on disk always has its failures beside it
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["path", "reason"])
+        writer.writerows(problems)
+        atomic_write_text(path.with_suffix(".failures.csv"), buf.getvalue())
     data.save(path)
-    problems = [p for m, _ in parts for p in m.attrs.get("problems", [])]
-    if problems:
-        atomic_write_text(path.with_suffix(".failures.csv"),
-                          "path,reason\n" + "".join(f'"{p}","{r}"\n' for p, r in problems))
     return path
+
+
+def usable_speakers(manifest: pd.DataFrame, Z: np.ndarray, shards: int, problems: list) -> tuple[pd.DataFrame, np.ndarray]:
+    """The corpus without the speakers too small for the split (:func:`fed_ser.data.partition.too_small_speakers`),
+    each named on one line on stderr and appended to ``problems`` (the data set's failures.csv)."""
+    counts = manifest.speaker.astype(str).value_counts().to_dict()
+    small = too_small_speakers(counts, shards)
+    if not small:
+        return manifest, Z
+    label = str(corpus_labels(manifest)[0])
+    for speaker, n in sorted(small.items()):
+        reason = (f"speaker dropped: {n} utterance{'s' * (n != 1)}, fewer than the {MIN_CLIENT_ROWS} a client needs "
+                  "(a training and a validation row)")
+        print(f"[fed-ser] {label}: speaker {speaker}: {reason}", file=sys.stderr)
+        problems.append((f"{label}/{speaker}", reason))
+    keep = ~manifest.speaker.astype(str).isin(list(small)).to_numpy()
+    if not keep.any():
+        raise RuntimeError(f"{label}: every speaker has fewer than {MIN_CLIENT_ROWS} utterances; nothing to federate")
+    return manifest[keep].reset_index(drop=True), Z[keep]

@@ -48,40 +48,70 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-ATTACK_NAMES = {"cnn": "paper's CNN (fused)", "profile": "input profile", "feature-space": "feature-space (inversion)",
-                "feature-space-adaptive": "feature-space, threshold from the attacked clients' score clusters",
-                "aggregate-observer": "observer of aggregates (round-sum inversion + differencing)"}
+def _label(summary: dict, name: str) -> str:
+    """How reports name an evaluation: the label its attack gave, else its name."""
+    return summary.get("attack_labels", {}).get(name, name)
 
 
-def _attack_label(name: str) -> str:
-    base, control = (name[:-8], True) if name.endswith("-control") else (name, False)
-    return ATTACK_NAMES.get(base, base) + (" - control (shuffled genders)" if control else "")
+def _main_attacks(summary: dict) -> dict[str, dict]:
+    """The evaluations reported as attacks (per-layer variants, ``name@layer``, have their own table)."""
+    return {n: m for n, m in summary["attacks"].items() if "@" not in n}
+
+
+def _pp(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def _ci_pp(ci: list | None) -> str:
+    if not ci or ci[0] is None or ci[0] != ci[0]:
+        return ""
+    return f" [{_pp(ci[0])}, {_pp(ci[1])}]"
 
 
 def _ci(m: dict, k: str | None = None) -> str:
-    lo, hi = m["asr_ci"] if k is None else m["asr_pooled_ci"][k]
-    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+    return _ci_pp(m["asr_ci"] if k is None else m["asr_pooled_ci"][k])
 
 
 def _num(x: float | None, pct: bool = False) -> str:
-    if x is None:
+    if x is None or x != x:
         return "n/a"
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def _tpr(m: dict, t: str) -> str:
+    v = m["tpr_at_fpr"].get(t)
+    return (m.get("tpr_note", {}).get(t) or "n/a") if v is None else f"{100 * v:.0f}%"
+
+
+def _population(m: dict) -> str:
+    return f"{m['speakers']} ({m['women_speakers']} F / {m['men_speakers']} M) | {m['clients']} ({m['women_clients']} F / {m['men_clients']} M)"
+
+
+def _control(m: dict) -> str:
+    c = m.get("control")
+    if not c:
+        return "- | -"
+    flag = " **above chance**" if c["above_chance"] else " (one relabelling: cannot tell)" if c["above_chance"] is None else ""
+    p = m.get("p_value")
+    return f"{_pp(c['balanced'])}{_ci_pp(c['balanced_ci'])}{flag} | {'n/a' if p is None else f'{p:.3f}'} ({m['permutations']})"
 
 
 def _fold_rows(summary: dict) -> list[dict]:
     rows = []
     for f in summary["folds"]:
         for name, m in f["attacks"].items():
-            row = {"private": f["private"], "shadow_mode": f["shadow_mode"], "shadow": "+".join(f["shadow"]),
-                   "algorithm": f["algorithm"], "features": f["features"], "fold": f["fold"], "attack": name,
-                   "ser_uar": f["ser"]["test_uar"], "asr": m["asr"], "asr_ci_low": m["asr_ci"][0],
-                   "asr_ci_high": m["asr_ci"][1], "auc": m["auc"], **{f"tpr_at_fpr{t}": v for t, v in m["tpr_at_fpr"].items()},
-                   **{f"asr_pool{k}": v for k, v in m["asr_pooled"].items() if k != "1"},
-                   "clients": m["clients"], "updates": m["updates"]}
-            if name == "cnn":
-                row.update({f"asr_{l}": v for l, v in f["asr_per_layer"].items()})
-            rows.append(row)
+            rows.append({"private": f["private"], "shadow_mode": f["shadow_mode"], "shadow": "+".join(f["shadow"]),
+                         "algorithm": f["algorithm"], "features": f["features"], "fold": f["fold"], "attack": name,
+                         "ser_uar": f["ser"]["test_uar"], "asr": m["asr"], "asr_ci_low": m["asr_ci"][0],
+                         "asr_ci_high": m["asr_ci"][1], "balanced": m["balanced"], "balanced_ci_low": m["balanced_ci"][0],
+                         "balanced_ci_high": m["balanced_ci"][1], "majority": m["majority"], "auc": m["auc"],
+                         "auc_ci_low": m["auc_ci"][0], "auc_ci_high": m["auc_ci"][1],
+                         **{f"tpr_at_fpr{t}": v for t, v in m["tpr_at_fpr"].items()},
+                         **{f"asr_pool{k}": v for k, v in m["asr_pooled"].items() if k != "1"},
+                         **{f"balanced_pool{k}": v for k, v in m["balanced_pooled"].items() if k != "1"},
+                         "control_balanced": (m.get("control") or {}).get("balanced"), "p_value": m.get("p_value"),
+                         "permutations": m.get("permutations"), "speakers": m["speakers"], "clients": m["clients"],
+                         "women_speakers": m["women_speakers"], "men_speakers": m["men_speakers"], "updates": m["updates"]})
     return rows
 
 
@@ -90,94 +120,157 @@ def _cell_name(s: dict) -> str:
 
 
 def _figure(path: Path, summaries: list[dict]) -> None:
-    """ASR with its 95% interval per cell and attack (dashed: chance)."""
+    """Balanced accuracy with its speaker-level 95% interval per cell and attack (hatched: its control;
+    dashed: chance; dotted ticks: the paper's ASR where it has one)."""
     plt = _pyplot()
 
-    names = list(dict.fromkeys(n for s in summaries for n in s["attacks"]))
+    names = list(dict.fromkeys(n for s in summaries for n in _main_attacks(s)))
     fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(summaries) * max(len(names), 1) / 2), 4.0))
-    width = 0.8 / max(len(names), 1)
+    width = 0.8 / max(2 * len(names), 1)
     for j, name in enumerate(names):
-        xs, ys, err = [], [], [[], []]
-        for i, s in enumerate(summaries):
-            m = s["attacks"].get(name)
-            if m is None:
-                continue
-            xs.append(i + j * width)
-            ys.append(m["asr"])
-            err[0].append(m["asr"] - m["asr_ci"][0])
-            err[1].append(m["asr_ci"][1] - m["asr"])
-        ax.bar(xs, ys, width, yerr=err, capsize=3, label=_attack_label(name), hatch="//" if "control" in name else None)
+        for control in (False, True):
+            xs, ys, err = [], [], [[], []]
+            for i, s in enumerate(summaries):
+                m = s["attacks"].get(name)
+                m = (m or {}).get("control") if control else m
+                if not m or m["balanced"] is None:
+                    continue
+                xs.append(i + (2 * j + control) * width)
+                ys.append(m["balanced"])
+                lo, hi = m["balanced_ci"]
+                err[0].append(m["balanced"] - (lo if lo is not None else m["balanced"]))
+                err[1].append((hi if hi is not None else m["balanced"]) - m["balanced"])
+            if xs:
+                ax.bar(xs, ys, width, yerr=err, capsize=3, color=f"C{j}", alpha=0.45 if control else 0.9,
+                       hatch="//" if control else None,
+                       label=_label(summaries[0], name) + (" - control (relabelled speakers)" if control else ""))
     ax.axhline(0.5, color="k", lw=0.8, ls="--")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(summaries))], [_cell_name(s).replace(" (", "\n(") for s in summaries],
                   fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("attack success rate (95% CI)")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.set_ylabel("balanced accuracy (95% CI over speakers)")
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
     ax.set_title("Gender inference from shared updates (dashed: chance)")
     _save_png(fig, path)
 
 
 def _roc_figure(path: Path, summaries: list[dict]) -> None:
-    """ROC curve of every cell's attacks (single updates), log-scaled FPR to show the low-FPR regime."""
+    """ROC curve of every cell's attacks over one score per attacked client, log-scaled FPR too."""
     plt = _pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for s in summaries:
-        for name, m in s["attacks"].items():
+        for name, m in _main_attacks(s).items():
             if not m["roc"]["fpr"]:
                 continue
-            label = f"{_cell_name(s)}: {_attack_label(name)} (AUC {_num(m['auc'])})"
+            label = f"{_cell_name(s)}: {_label(s, name)} (AUC {_num(m['auc'])}, {m['men_speakers']} men)"
             for ax in axes:
-                ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], ls=":" if "control" in name else "-", label=label)
+                ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], label=label)
     for ax, scale in zip(axes, ("linear", "log")):
         ax.plot([1e-3, 1], [1e-3, 1], color="k", lw=0.8, ls="--")
         ax.set_xscale(scale)
         ax.set_xlim(1e-3 if scale == "log" else 0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel(f"false positive rate ({scale})")
+        ax.set_xlabel(f"false positive rate ({scale}; clients)")
         ax.set_ylabel("true positive rate (women found)")
     axes[0].legend(fontsize=6, loc="lower right")
-    fig.suptitle("ROC of the attacks on single updates (dashed: chance)")
+    fig.suptitle("ROC over attacked clients (one score each: its updates averaged; dashed: chance)")
     _save_png(fig, path)
+
+
+STATISTICS_NOTE = (
+    "ASR: the paper's metric, the share of 10 random single updates per client whose gender is inferred right, "
+    "averaged over clients. Balanced: the mean of the women's and the men's ASR (a population unbalanced by gender "
+    "cannot raise it); majority: what always guessing the majority gender scores. Intervals: 95%, a bootstrap over "
+    "speakers (a speaker's clients, and a speaker attacked in several folds, resampled together; balanced accuracy and "
+    "AUC within gender), or Clopper-Pearson over speakers where all agree. AUC and TPR at 10% / 1% FPR: over one score "
+    "per client (its updates' scores averaged), TPR only where at least 10 / 100 men are attacked. Control: the same "
+    "attack fitted on the attacker's speakers relabelled (genders shuffled across speakers, the true labelling and its "
+    "inverse excluded), its balanced accuracy averaged; p: the share of relabellings that do as well as the attack "
+    "(with it counted; the number of relabellings in brackets, so p >= 1/(n+1)).")
+
+
+def _attack_table(summaries: list[dict]) -> list[str]:
+    ks = list(dict.fromkeys(k for s in summaries for m in _main_attacks(s).values() for k in m["asr_pooled"] if k != "1"))
+    lines = ["| private corpus | algorithm | threat model | attack | ASR [95% CI] | balanced [95% CI] | majority | AUC [95% CI] "
+             "| TPR@10%FPR | TPR@1%FPR | " + " | ".join(f"k={k}: balanced [95% CI]" for k in ks)
+             + " | control balanced [95% CI] | p (relabellings) | speakers | clients | paper ASR |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(ks) + "---|---|---|---|---|"]
+    for s in summaries:
+        for name, m in _main_attacks(s).items():
+            pooled = " | ".join(f"{_pp(m['balanced_pooled'].get(k))}{_ci_pp(m['balanced_pooled_ci'].get(k))}"
+                                if k in m["balanced_pooled"] else "-" for k in ks)
+            paper = _pct(PAPER_ASR.get((s["private"], s["algorithm"]))) if name == "cnn" else ""
+            lines.append(f"| {s['private_corpus']} | {s['algorithm']} | {s['shadow_mode']} | {_label(s, name)} | "
+                         f"{_pp(m['asr'])}{_ci(m)} | {_pp(m['balanced'])}{_ci_pp(m['balanced_ci'])} | {_pp(m['majority'])} | "
+                         f"{_num(m['auc'])}{_ci_auc(m)} | {_tpr(m, '0.1')} | {_tpr(m, '0.01')} | "
+                         + (pooled + " | " if ks else "") + f"{_control(m)} | {_population(m)} | {paper} |")
+    return lines
+
+
+def _ci_auc(m: dict) -> str:
+    lo, hi = m.get("auc_ci") or [None, None]
+    return "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
+
+
+def _layer_table(summaries: list[dict]) -> list[str]:
+    layered = [(s, n, m) for s in summaries for n, m in s["attacks"].items() if "@" in n]
+    if not layered:
+        return []
+    lines = ["", "## Per-layer analysis (Table V shape): each layer's attack alone, without fusion", "",
+             "| private corpus | algorithm | threat model | attack @ layer | ASR [95% CI] | balanced [95% CI] | AUC |",
+             "|---|---|---|---|---|---|---|"]
+    for s, n, m in layered:
+        lines.append(f"| {s['private_corpus']} | {s['algorithm']} | {s['shadow_mode']} | {n} | {_pp(m['asr'])}{_ci(m)} | "
+                     f"{_pp(m['balanced'])}{_ci_pp(m['balanced_ci'])} | {_num(m['auc'])} |")
+    return lines
+
+
+def _ser_cell(ser: dict) -> str:
+    ci = ser.get("uar_ci")
+    return f"{_pct(ser['uar'])}" + ("" if not ci else f" [{_pp(ci[0])}, {_pp(ci[1])}] over {ser['test_speakers']} speakers")
 
 
 def _tables(summaries: list[dict]) -> str:
     lines = ["## SER performance (Table III shape): held-out speakers, model chosen by client validation UAR", "",
-             "| private corpus | algorithm | folds | Acc | UAR | paper UAR |", "|---|---|---|---|---|---|"]
+             "UAR interval: a bootstrap over the held-out speakers of the folds pooled; chance is 25% (4 emotions).", "",
+             "| private corpus | algorithm | folds | Acc | UAR [95% CI] | paper UAR |", "|---|---|---|---|---|---|"]
     for s in summaries:
         lines.append(f"| {s['private_corpus']} | {s['algorithm']} | {len(s['folds'])} | {_pct(s['ser']['acc'])} | "
-                     f"{_pct(s['ser']['uar'])} | {_pct(PAPER_UAR.get((s['private'], s['algorithm'])))} |")
-    ks = list(dict.fromkeys(k for s in summaries for m in s["attacks"].values() for k in m["asr_pooled"] if k != "1"))
-    lines += ["", "## Attack success rate (Table IV shape), pooled over the folds' attacked clients", "",
-              "ASR: share of 10 random single updates per client whose gender is inferred right, averaged over "
-              "clients; 95% interval: bootstrap over attacked clients. AUC and TPR at 10% / 1% FPR: the "
-              "attack's score on single updates. k rounds: k updates of a client pooled.", "",
-              "| private corpus | algorithm | threat model | attack | ASR [95% CI] | AUC | TPR@10%FPR | TPR@1%FPR | "
-              + " | ".join(f"k={k} [95% CI]" for k in ks) + " | clients | paper ASR |",
-              "|---|---|---|---|---|---|---|---|" + "---|" * len(ks) + "---|---|"]
-    for s in summaries:
-        for name, m in s["attacks"].items():
-            t = m["tpr_at_fpr"]
-            lines.append(f"| {s['private_corpus']} | {s['algorithm']} | {s['shadow_mode']} | {_attack_label(name)} | "
-                         f"{_num(m['asr'], True)} {_ci(m)} | {_num(m['auc'])} | {_num(t.get('0.1'), True)} | "
-                         f"{_num(t.get('0.01'), True)} | "
-                         + " | ".join(f"{_num(m['asr_pooled'].get(k), True)} {_ci(m, k) if k in m['asr_pooled'] else ''}"
-                                      for k in ks)
-                         + f" | {m['clients']} | {_pct(PAPER_ASR.get((s['private'], s['algorithm']))) if name == 'cnn' else ''} |")
-    layer_names = list(summaries[0]["asr_per_layer"])
-    lines += ["", "## Per-layer ASR of the paper's CNN without fusion (Table V shape), mean over folds", "",
-              "| private corpus | algorithm | threat model | " + " | ".join(layer_names) + " |",
-              "|---|---|---|" + "---|" * len(layer_names)]
-    for s in summaries:
-        lines.append(f"| {s['private_corpus']} | {s['algorithm']} | {s['shadow_mode']} | "
-                     + " | ".join(_num(v, True) for v in s["asr_per_layer"].values()) + " |")
+                     f"{_ser_cell(s['ser'])} | {_pct(PAPER_UAR.get((s['private'], s['algorithm'])))} |")
+    lines += ["", "## Attacks, pooled over the folds' attacked clients (Table IV shape, with balanced accuracy)", "",
+              STATISTICS_NOTE, ""] + _attack_table(summaries) + _layer_table(summaries)
     lines += ["", "## Threat models", ""] + [f"- {_cell_name(s)}: {s['threat_model']}." for s in summaries]
     return "\n".join(lines) + "\n"
 
 
-def write_run_report(out: Path, summary: dict, suffix: str = "") -> None:
-    """``results<suffix>.csv``, ``report<suffix>.md``, ``asr<suffix>.png`` and ``roc<suffix>.png`` for one cell."""
-    atomic_write_text(out / f"results{suffix}.csv", _csv(_fold_rows(summary)))
+SYNTHETIC_NOTE = ("**Synthetic corpora.** At least one corpus of this cell is synthetic: generated by fed-ser with a "
+                  "chosen gender style (`data.gender_style`, `data.voice`), the same generator for the private and the "
+                  "attacker's corpora. Its figures check the pipeline; they are not evidence of how real speech leaks.")
+
+
+def warnings(summary: dict) -> list[str]:
+    """What a reader must know before any figure of a cell: synthetic data, SER at chance, controls above chance."""
+    out = []
+    if summary.get("synthetic"):
+        out.append(SYNTHETIC_NOTE)
+    ser = summary.get("ser") or {}
+    if ser.get("above_chance") is False:
+        lo, hi = ser["uar_ci"]
+        out.append(f"**SER at chance.** The SER model's UAR, {_pp(ser['uar_pooled'])}% [{_pp(lo)}, {_pp(hi)}] over "
+                   f"{ser['test_speakers']} held-out speakers, is not above chance (25%): the federation did not learn "
+                   "the task, and the attacks below read a model that recognises no emotion.")
+    for name, m in _main_attacks(summary).items():
+        if (m.get("control") or {}).get("above_chance"):
+            out.append(f"**Control above chance: {_label(summary, name)}.** Fitted on relabelled speakers it still scores "
+                       f"{_pp(m['control']['balanced'])}% balanced accuracy (lower bound {_pp(m['control']['balanced_ci'][0])}%): "
+                       "the attack reads something other than what it was trained on.")
+    return out
+
+
+def write_run_report(out: Path, summary: dict) -> None:
+    """``results.csv``, ``report.md``, ``asr.png`` and ``roc.png`` for one cell."""
+    atomic_write_text(out / "results.csv", _csv(_fold_rows(summary)))
     folds = ", ".join(str(f["fold"]) for f in summary["folds"])
     shadow_folds = sorted({f.get("shadow_fold", f["fold"]) for f in summary["folds"]})
     if summary["shadow_mode"] == "speakers" or len(summary["folds"]) == 1:
@@ -187,11 +280,12 @@ def write_run_report(out: Path, summary: dict, suffix: str = "") -> None:
     else:
         shared = " Each fold trains its own shadow federation and attack (`shadow.per_fold=true`)."
     head = (f"# fed-ser attack report: private {summary['private_corpus']}, {summary['algorithm']}, "
-            f"{summary['features']}\n\n{summary['threat_model']}.\n\nFolds: {folds}.{shared} Wall time "
-            f"{summary['wall_seconds']:.0f} s.\n\n![ASR](asr{suffix}.png)\n\n![ROC](roc{suffix}.png)\n\n")
-    atomic_write_text(out / f"report{suffix}.md", head + _tables([summary]) + _signal_section(summary))
-    _figure(out / f"asr{suffix}.png", [summary])
-    _roc_figure(out / f"roc{suffix}.png", [summary])
+            f"{summary['features']}\n\n" + "".join(f"{w}\n\n" for w in warnings(summary))
+            + f"{summary['threat_model']}.\n\nFolds: {folds}.{shared} Wall time "
+            f"{summary['wall_seconds']:.0f} s.\n\n![balanced accuracy](asr.png)\n\n![ROC](roc.png)\n\n")
+    atomic_write_text(out / "report.md", head + _tables([summary]) + _signal_section(summary) + _threshold_section(summary))
+    _figure(out / "asr.png", [summary])
+    _roc_figure(out / "roc.png", [summary])
 
 
 def _signal_section(summary: dict) -> str:
@@ -203,23 +297,46 @@ def _signal_section(summary: dict) -> str:
     ad = summary["attacks"].get("feature-space-adaptive") or {}
     rows = [("linear probe on the clients' true emotion-conditional means", f"{sig['probe_true']:.3f}"),
             ("the same probe on the statistics the inversion recovered", f"{sig['probe_recovered']:.3f}"),
-            ("the probe on true means, genders shuffled across speakers (chance)", f"{sig['probe_true_shuffled']:.3f}"),
-            ("feature-space attack, classifier trained on the attacker's data (ASR, AUC)",
-             f"{fs['asr']:.3f} [{fs['asr_ci'][0]:.3f}, {fs['asr_ci'][1]:.3f}], AUC {_num(fs.get('auc'))}")]
+            ("the probe on true means, speakers relabelled (chance)", f"{sig['probe_true_shuffled']:.3f}"),
+            ("feature-space attack, classifier trained on the attacker's data (balanced, AUC)",
+             f"{_num(fs['balanced'])}{_ci_pp(fs['balanced_ci'])}, AUC {_num(fs.get('auc'))}")]
     if ad:
-        rows.append(("the same, threshold from the attacked clients' score clusters (ASR)",
-                     f"{ad['asr']:.3f} [{ad['asr_ci'][0]:.3f}, {ad['asr_ci'][1]:.3f}]"))
+        rows.append(("the same, threshold from the attacked clients' score clusters (balanced)",
+                     f"{_num(ad['balanced'])}{_ci_pp(ad['balanced_ci'])}"))
     return (f"\n## Where the signal is\n\nProbes cross-validated over the {sig['clients']} attacked clients "
-            f"({sig['speakers']} speakers, each in one fold only; balanced accuracy), beside the attack:\n\n"
-            "| stage | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows))
+            f"({sig['speakers']} speakers, each in one fold only; balanced accuracy), beside the attack "
+            f"(its interval in %):\n\n| stage | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows))
+
+
+def _threshold_section(summary: dict) -> str:
+    """The adaptive threshold against the attacker's own on attacked populations of other gender mixes."""
+    study = summary.get("threshold_study")
+    if not study:
+        return ""
+    lines = ["", "## The adaptive threshold on unbalanced populations", "",
+             f"Attacked populations drawn from this cell's clients ({study['draws']} draws each, {study['clients']} "
+             "clients a draw); balanced accuracy, mean [2.5%, 97.5%] over the draws, of the feature-space attack at the "
+             "attacker's own threshold and at the threshold set between the two clusters of the drawn population's scores. "
+             "The headline figure is the attacker's own threshold.", "",
+             "| women : men | own threshold | adaptive threshold |", "|---|---|---|"]
+    for r in study["rows"]:
+        lines.append(f"| {r['mix']} | {_threshold_cell(r['own'])} | {_threshold_cell(r['adaptive'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _threshold_cell(c: dict) -> str:
+    if c.get("asr_only"):
+        return f"ASR {_pp(c['mean'])} [{_pp(c['low'])}, {_pp(c['high'])}] (one gender)"
+    return f"{_pp(c['mean'])} [{_pp(c['low'])}, {_pp(c['high'])}]"
 
 
 def write_grid_report(grid_dir: Path, summaries: list[dict]) -> None:
     """``grid.csv``, ``grid_report.md``, ``grid_asr.png`` and ``grid_roc.png`` over a multirun."""
     grid_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(grid_dir / "grid.csv", _csv([r for s in summaries for r in _fold_rows(s)]))
-    atomic_write_text(grid_dir / "grid_report.md", "# fed-ser grid report\n\n![ASR](grid_asr.png)\n\n"
-                      "![ROC](grid_roc.png)\n\n" + _tables(summaries))
+    notes = "".join(f"- {_cell_name(s)}: {w}\n" for s in summaries for w in warnings(s))
+    atomic_write_text(grid_dir / "grid_report.md", "# fed-ser grid report\n\n" + (notes + "\n" if notes else "")
+                      + "![balanced accuracy](grid_asr.png)\n\n![ROC](grid_roc.png)\n\n" + _tables(summaries))
     _figure(grid_dir / "grid_asr.png", summaries)
     _roc_figure(grid_dir / "grid_roc.png", summaries)
 
@@ -227,16 +344,18 @@ def write_grid_report(grid_dir: Path, summaries: list[dict]) -> None:
 def _defence_rows(summaries: list[dict]) -> list[dict]:
     rows = []
     for s in summaries:
-        d, cnn, profile = s["defence"], s["attacks"]["cnn"], s["attacks"].get("profile") or {}
+        d, cnn, profile = s["defence"], s["attacks"].get("cnn") or {}, s["attacks"].get("profile") or {}
         fs = s["attacks"].get("feature-space") or {}
         dp = d["dp_mode"] != "none"
+        # balanced accuracies (the tables' figures); the paper's ASR beside them in the CSV
         rows.append({"private": s["private_corpus"], "algorithm": s["algorithm"], "dp_mode": d["dp_mode"],
                      "epsilon": d["dp_epsilon"] if dp else None, "clip": d.get("dp_clip") if dp else None,
                      "spent_epsilon_max": d.get("spent_epsilon_max"), "dropout": d["dropout"], "ser_uar": s["ser"]["uar"],
-                     "asr": cnn["asr"], "asr_ci_low": cnn["asr_ci"][0], "asr_ci_high": cnn["asr_ci"][1],
-                     **{f"asr_pool{k}": v for k, v in cnn["asr_pooled"].items() if k != "1"},
-                     **{f"profile_asr_pool{k}": v for k, v in profile.get("asr_pooled", {}).items()},
-                     "fs_asr": fs.get("asr"), "fs_auc": fs.get("auc")})
+                     "asr": cnn.get("balanced"), "asr_ci_low": (cnn.get("balanced_ci") or [None])[0],
+                     "asr_ci_high": (cnn.get("balanced_ci") or [None, None])[1], "cnn_paper_asr": cnn.get("asr"),
+                     **{f"asr_pool{k}": v for k, v in cnn.get("balanced_pooled", {}).items() if k != "1"},
+                     **{f"profile_asr_pool{k}": v for k, v in profile.get("balanced_pooled", {}).items()},
+                     "fs_asr": fs.get("balanced"), "fs_auc": fs.get("auc")})
     return rows
 
 
@@ -304,10 +423,11 @@ def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))  # cells written by older versions lack some
     pools = [k for k in keys if k.startswith("asr_pool")]
     profile = [k for k in keys if k.startswith("profile_asr_pool")]
-    head = "| private | algorithm | DP | epsilon (spent) | clip | dropout | SER UAR | CNN ASR | " + " | ".join(
+    head = "| private | algorithm | DP | epsilon (spent) | clip | dropout | SER UAR | CNN balanced | " + " | ".join(
         f"CNN {k[8:]} rounds" for k in pools) + "".join(f" | profile {k[16:]} round{'s' * (k[16:] != '1')}"
-                                                         for k in profile) + " | feature-space ASR (AUC) |"
-    lines = ["# Defences: DP and dropout", "", "Attacks on the first layer (dense1) updates, from one round and "
+                                                         for k in profile) + " | feature-space balanced (AUC) |"
+    lines = ["# Defences: DP and dropout", "", "Every attack figure is a balanced accuracy (the mean of the women's and "
+             "the men's ASR; the CSV also has the CNN's paper ASR). Attacks on the first layer (dense1) updates, from one round and "
              "pooled over several rounds of the same client: the paper's CNN (k rounds: mean prediction) and the "
              "input-profile attack (attacks/inference/profile.py; k rounds: mean profile, which averages DP noise away); "
              "the feature-space attack (attacks/inference/feature_space.py: each update inverted, the client's recovered "
@@ -325,7 +445,7 @@ def write_defense_report(grid_dir: Path, summaries: list[dict]) -> None:
     nodp = [r for r in rows if r["dp_mode"] == "none"]
     if len({r["dropout"] for r in nodp}) > 1:
         lines += ["", "## Dropout (shaped like the paper's Table VI)", "",
-                  "| private | algorithm | dropout | SER UAR | CNN ASR | feature-space ASR (AUC) |", "|---|---|---|---|---|---|"]
+                  "| private | algorithm | dropout | SER UAR | CNN balanced | feature-space balanced (AUC) |", "|---|---|---|---|---|---|"]
         for r in sorted(nodp, key=lambda r: (r["private"], r["algorithm"], r["dropout"])):
             lines.append(f"| {r['private']} | {r['algorithm']} | {r['dropout']:g} | {_pct(r['ser_uar'])} | {_pct(r['asr'])} | "
                          f"{_fs_cell(r)} |")
@@ -396,7 +516,8 @@ def _threat_row(name: str, s: dict) -> dict:
                         ("profile", "server_profile"), ("aggregate-observer", "aggregate")):
         m = a.get(attack)
         if m is not None:
-            row.update({f"{col}_asr": m["asr"], f"{col}_lo": m["asr_ci"][0], f"{col}_hi": m["asr_ci"][1],
+            row.update({f"{col}_asr": m["balanced"], f"{col}_lo": m["balanced_ci"][0], f"{col}_hi": m["balanced_ci"][1],
+                        f"{col}_paper_asr": m["asr"], f"{col}_speakers": m["speakers"], f"{col}_p": m.get("p_value"),
                         f"{col}_auc": m["auc"], f"{col}_tpr1": m.get("tpr_at_fpr", {}).get("0.01")})
     return row
 
@@ -408,14 +529,15 @@ def write_threat_report(out: Path, cells: dict[str, dict], title: str) -> None:
     def cell(r: dict, col: str) -> str:
         if f"{col}_asr" not in r:
             return "n/a"
-        tpr = r.get(f"{col}_tpr1")
-        return (f"{100 * r[f'{col}_asr']:.1f} [{100 * r[f'{col}_lo']:.0f}, {100 * r[f'{col}_hi']:.0f}], AUC {_num(r[f'{col}_auc'])}"
-                + ("" if tpr is None else f", {100 * tpr:.0f}%"))
+        p = r.get(f"{col}_p")
+        return (f"{_pp(r[f'{col}_asr'])}{_ci_pp([r[f'{col}_lo'], r[f'{col}_hi']])}, AUC {_num(r[f'{col}_auc'])}"
+                + ("" if p is None else f", p {p:.2f}"))
 
     lines = [f"# Threat-model matrix: {title}", "",
              "Rows: defences. Observers: the server (the paper's attacker: every update as received) and an observer of the "
              "round sums only (what SecAgg+ reveals to the server, and what the global models reveal to anyone; central DP "
-             "noise included). Cells: ASR % [95% CI], ROC AUC, TPR at 1% FPR. Epsilon: at the run's delta, "
+             "noise included). Cells: balanced accuracy % [95% CI over speakers], ROC AUC over one score per client, "
+             "permutation p-value of the control. Epsilon: at the run's delta, "
              "max over clients, against that observer (none: no guarantee). SecAgg+ rows: the server sees the round sums "
              "only; its feature-space cell is the differencing attack on the sums it unmasks, before any noise it adds, "
              "and the aggregates column reads the global models.", "",
@@ -434,7 +556,7 @@ def write_threat_report(out: Path, cells: dict[str, dict], title: str) -> None:
     colours = {r["defence"]: f"C{i % 10}" for i, r in enumerate(rows)}  # one colour per defence, one marker per observer
     for col, marker, label in (("server_fs", "o", "server, feature-space"), ("aggregate", "s", "aggregates, differencing")):
         for r in rows:
-            if f"{col}_asr" not in r:
+            if f"{col}_asr" not in r or r[f"{col}_asr"] is None or r[f"{col}_lo"] is None:
                 continue
             eps = r["epsilon_server"] if col.startswith("server") else r["epsilon_aggregate"]
             x = 1e4 if eps is None else eps
@@ -443,7 +565,7 @@ def write_threat_report(out: Path, cells: dict[str, dict], title: str) -> None:
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon against that observer (1e4: no guarantee)")
-    ax.set_ylabel("ASR %")
+    ax.set_ylabel("balanced accuracy % (95% CI over speakers)")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     _save_png(fig, out / "asr_vs_epsilon.png")

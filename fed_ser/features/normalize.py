@@ -1,4 +1,10 @@
-"""Per-speaker z-normalisation, as in the paper: (x - mean_s) / (std_s + 1e-5)."""
+"""Z-normalisation of the features: (x - mean) / (std + 1e-5) with whose statistics ``features.norm`` says.
+
+``speaker`` (the paper's): each speaker's statistics over all of its utterances, every shard and
+validation row included: a step no single device could take when a speaker's utterances are cut
+into several clients, and one the attacker's virtual clients then reproduce exactly. ``client``:
+each client's own shard, as a device would. ``none``: the features as extracted.
+"""
 
 from __future__ import annotations
 
@@ -22,3 +28,24 @@ def speaker_znorm(X: np.ndarray, speakers: np.ndarray) -> np.ndarray:
         rows = speakers == s
         out[rows] = (X[rows] - X[rows].mean(axis=0)) / (X[rows].std(axis=0) + EPS)
     return out.astype(np.float32)
+
+
+#: ``features.norm``: whose statistics z-normalise a row.
+NORMS = ("speaker", "client", "none")
+
+
+def check_norm(norm: str) -> str:
+    """``norm`` if it is one of :data:`NORMS`; a ValueError naming the key otherwise."""
+    if norm not in NORMS:
+        raise ValueError(f"features.norm: {norm!r} is not one of {NORMS}")
+    return norm
+
+
+def client_znorm(X: np.ndarray, client: np.ndarray, speaker: np.ndarray) -> np.ndarray:
+    """``features.norm=client``: every client z-normalises its own shard (all its rows, training and
+    validation) with its own mean and std, as a device holding only its shard would; rows of no client
+    (held-out test speakers) are normalised per speaker, as a device of that speaker would."""
+    X = np.asarray(X, dtype=np.float64)
+    group = np.where(np.asarray(client) >= 0, np.char.add("client:", np.asarray(client).astype(str)),
+                     np.char.add("speaker:", np.asarray(speaker).astype(str)))
+    return speaker_znorm(X, group)

@@ -105,6 +105,7 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
             print(f"[fed-ser] resumed at round {start_round}: dropped {dropped} recorded updates of unfinished rounds")
         recorder = UpdateRecorder(store, s.algorithm, s.lr, s.layers(), s.recorder_float16, model_replies=s.model_replies)
     X_test, y_test = data.test_rows()
+    test_speakers = data.test_speakers()  # per-speaker counts: the SER UAR's interval over held-out speakers
     eval_model = build_model(data.X.shape[1], s.dropout, s.seed)
     t0 = time.perf_counter()
     n_clients = federation_size(s.min_available, data.num_clients)
@@ -139,8 +140,8 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
             metrics = None
             if strategy.is_eval_round(rnd):
                 eval_model.load_state_dict(arrays.to_torch_state_dict())
-                m = evaluate(eval_model, X_test, y_test)
-                row.update(test_acc=m["acc"], test_uar=m["uar"])
+                m = evaluate(eval_model, X_test, y_test, test_speakers)
+                row.update(test_acc=m["acc"], test_uar=m["uar"], test_counts=m.get("counts"))
                 line += f", test acc {m['acc']:.3f} UAR {m['uar']:.3f}"
                 metrics = MetricRecord({"test-acc": m["acc"], "test-uar": m["uar"]})
             if rnd == 1 or "test_uar" in row or row["replies"] < row["sampled"]:  # started / progress / a node lost
@@ -168,8 +169,10 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
     results = {
         "settings": s.to_run_config(), "num_clients": n_clients,
         "wall_seconds": time.perf_counter() - t0, "discover_seconds": t_discover, "rounds_run": remaining, "rounds": history,
-        "final": {"test_acc": last.get("test_acc"), "test_uar": last.get("test_uar"), "round": last.get("round")},
-        "selected": {"round": best.get("round"), "val_uar": best.get("val_uar"), "test_acc": best.get("test_acc"), "test_uar": best.get("test_uar")},
+        "final": {"test_acc": last.get("test_acc"), "test_uar": last.get("test_uar"), "test_counts": last.get("test_counts"),
+                  "round": last.get("round")},
+        "selected": {"round": best.get("round"), "val_uar": best.get("val_uar"), "test_acc": best.get("test_acc"),
+                     "test_uar": best.get("test_uar"), "test_counts": best.get("test_counts")},
         "short_rounds": [r["round"] for r in history if r["replies"] < r["sampled"]],
     }
     took_part = [sum(p in r.get("clients", ()) for r in history) for p in range(n_clients)]

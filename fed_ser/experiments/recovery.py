@@ -1,0 +1,119 @@
+"""The inversion stage of the feature-space attacks: the batch behind every recorded update and
+every round sum, recovered at the global model of its round (:mod:`attacks.inference.inversion`),
+and how much of the truth that is (checked against the private clients' rows: evaluation only,
+never an input of an attack's score).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from attacks.inference.aggregate import round_aggregates
+from attacks.inference.inversion import InversionJob, Recovered, inversion_workers, invert_all
+from fed_ser.data.federated import TRAIN, FederatedData
+from fed_ser.recording.store import UpdateStore
+from fed_ser.run.settings import ConfigError
+
+
+def _stall(cfg: DictConfig) -> int:
+    stall = int(cfg.attack.feature_space.ransac_stall)
+    if stall < 0:
+        raise ConfigError(f"attack.feature_space.ransac_stall: must be >= 0 (0: every pass draws its whole budget), got {stall}")
+    return stall
+
+
+def _give_up(cfg: DictConfig) -> int:
+    give_up = int(cfg.attack.feature_space.ransac_give_up)
+    if give_up < 0:
+        raise ConfigError(f"attack.feature_space.ransac_give_up: must be >= 0 (0: a fruitless pass draws its whole budget), "
+                          f"got {give_up}")
+    return give_up
+
+
+def _workers(cfg: DictConfig, jobs: int) -> int:
+    try:
+        return inversion_workers(int(cfg.attack.feature_space.workers), jobs)
+    except ValueError as e:
+        raise ConfigError(f"attack.feature_space.workers: {e}") from None
+
+
+def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: int) -> list[Recovered]:
+    """The feature-space attack's first step on every update: the batch behind it (see
+    :mod:`attacks.inference.inversion`), at the global model of its round. FedAvg updates are inverted as
+    pseudo-gradients (one local epoch: one error per sample); what survives is reported. Each update's
+    RANSAC draws come from ``(seed, round, client)``: the same batch is recovered whatever else is
+    inverted, on however many processes (``attack.feature_space.workers``)."""
+    def jobs():
+        at, params = None, None  # one global model held at a time (updates are in round order; any other only re-reads)
+        for u in updates:
+            if u.round != at:
+                rec = store.global_record(u.round)
+                if rec is None:
+                    raise ValueError(f"{store.path}: round {u.round} has no recorded global model (recorded before "
+                                     "fed-ser stored it for FedSGD); run the FL again to use the feature-space attack")
+                at, params = u.round, store.read(rec)
+            batch = min(int(cfg.fl.batch_size), u.num_examples) if u.kind == "gradient" else u.num_examples
+            yield InversionJob(store.attack_input(u), params, batch, (seed, u.round, u.client))
+
+    out = invert_all(jobs(), float(cfg.model.dropout), ransac_draws=int(cfg.attack.feature_space.ransac_draws),
+                     stall=_stall(cfg), give_up=_give_up(cfg), workers=_workers(cfg, len(updates)))
+    return list(tqdm(out, total=len(updates), desc="inverting updates", unit="update", mininterval=5))
+
+
+def recovery_report(recovered: list[Recovered], updates: list, data: FederatedData) -> dict:
+    """How much of the private batches was recovered, checked against the clients' true rows."""
+    exact = found = total = 0
+    for rec, u in zip(recovered, updates):
+        total += rec.batch_size
+        found += len(rec.inputs)
+        if len(rec.inputs):
+            X, _ = data.client_rows(u.client, TRAIN)
+            dist = np.abs(rec.inputs[:, None, :] - X[None]).max(2).min(1) / (np.abs(X).max() + 1e-12)
+            exact += int((dist < 1e-3).sum())
+    return {"updates": len(recovered), "complete_updates": int(sum(r.complete for r in recovered)),
+            "utterances_in_batches": total, "recovered": found, "recovered_exactly": exact,
+            "share_recovered": found / max(total, 1), "share_exact": exact / max(found, 1)}
+
+
+
+def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, seed: int,
+                      members: dict[int, tuple[int, ...]] | None = None, server_view: bool = False) -> tuple[list, dict]:
+    """The observer of aggregates' first step: the batch behind each round's sum, inverted at the round's
+    global model; reported with what was recovered and each round's true share of female clients.
+    ``members`` and ``server_view``: see :func:`attacks.inference.aggregate.round_aggregates` (SecAgg+)."""
+    t0 = time.perf_counter()
+    aggs = round_aggregates(store, int(cfg.fl.batch_size), members, server_view)
+    fs = cfg.attack.feature_space
+    draws = int(fs.ransac_draws if fs.get("aggregate_ransac_draws") is None else fs.aggregate_ransac_draws)
+    inverted = invert_all((InversionJob(a.update, a.params, a.batch_size, (seed + 7, a.round)) for a in aggs),
+                          float(cfg.model.dropout), ransac_draws=draws, stall=_stall(cfg), give_up=_give_up(cfg),
+                          workers=_workers(cfg, len(aggs)))
+    out = list(zip(aggs, tqdm(inverted, total=len(aggs), desc="inverting round aggregates", unit="round", mininterval=5)))
+    female = {p: data.client_gender[p] == "F" for a in aggs for p in a.clients}
+    found = sum(len(r.inputs) for _, r in out)
+    near = {1e-3: 0, 1e-2: 0}  # recovered inputs within this (relative, max-abs) of a true input of the round
+    for a, r in out:
+        if len(r.inputs):
+            X = np.concatenate([data.client_rows(p, TRAIN)[0] for p in a.clients])
+            dist = np.array([np.abs(X - x).max(1).min() for x in r.inputs]) / (np.abs(X).max() + 1e-12)
+            for tol in near:
+                near[tol] += int((dist < tol).sum())
+    # the truth, from the evaluator's data (under SecAgg+ the attacker only bounds it by batch size x members)
+    n = {p: len(data.client_rows(p, TRAIN)[1]) for a in aggs for p in a.clients}
+    batch = lambda p: min(int(cfg.fl.batch_size), n[p]) if cfg.fl.algorithm == "fedsgd" else n[p]
+    return out, {"rounds": len(out), "utterances_in_rounds": int(sum(batch(p) for a in aggs for p in a.clients)),
+                 "recovered": int(found), "recovered_exactly": near[1e-3], "recovered_within_1e-2": near[1e-2],
+                 "female_share": [float(np.mean([female[p] for p in a.clients])) for a in aggs],
+                 "ransac_draws": draws, "seconds": time.perf_counter() - t0}
+
+
+
+def check_inversion_settings(cfg: DictConfig) -> None:
+    """Stop on a wrong ``attack.feature_space`` inversion value before any federation runs."""
+    _workers(cfg, 0)
+    _stall(cfg)
+    _give_up(cfg)
