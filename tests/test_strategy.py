@@ -174,3 +174,25 @@ def test_the_strategy_moves_the_global_model_as_flower_s_fedavg_does_bit_for_bit
     wrong = [_reply(msgs[0], {"w": models[0]["w"]}, 10, 0)]  # a reply without the bias
     with pytest.raises(ValueError, match="holds arrays"):
         ours.aggregate_train(1, wrong)
+
+
+def test_under_central_dp_every_reply_weighs_the_same():
+    """Flower's central DP noise is calibrated for the unweighted mean of the clipped replies: with FedAvg's
+    example weights a client of many examples would move the mean by more than C/m (fed-ser-audit's
+    example-weighted row). With uniform weights, as the server app sets them under a central DP wrapper,
+    the wrapped round moves the model by the plain mean of the (clipped) replies."""
+    from fed_ser.flower.privacy import CENTRAL_DP_MODES, wrap_strategy
+    from fed_ser.run.settings import RunSettings
+
+    t1 = {"w": THETA["w"] + 1.0, "b": THETA["b"]}
+    t2 = {"w": THETA["w"] + 4.0, "b": THETA["b"]}
+    settings = RunSettings(prepared="x.npz", algorithm="fedavg", flower_dp_mode="central-fixed", flower_dp_noise=1e-9,
+                           flower_dp_clip=100.0)
+    moved = {}
+    for uniform in (False, True):
+        inner = FedSerStrategy(algorithm="fedavg", lr=5e-4, uniform_weights=uniform, fraction_train=1.0,
+                               min_available_nodes=2, min_train_nodes=2)
+        new, _ = _round(wrap_strategy(inner, settings, 2), 1, FakeGrid([1, 2]), [(t1, 10), (t2, 40)])
+        moved[uniform] = float((new["w"] - THETA["w"]).mean())
+    assert moved[True] == pytest.approx(2.5, abs=1e-4) and moved[False] == pytest.approx((10 + 160) / 50, abs=1e-4)
+    assert "central-fixed" in CENTRAL_DP_MODES and "local" not in CENTRAL_DP_MODES

@@ -32,6 +32,11 @@ from flwr.serverapp.strategy import (
 from fed_ser.run.settings import RunSettings
 
 
+#: The modes whose wrapper adds noise to the mean of clipped replies (the inner strategy must then weigh
+#: the replies alike, see :class:`fed_ser.flower.strategy.FedSerStrategy`).
+CENTRAL_DP_MODES = ("central-fixed", "central-adaptive", "client-fixed")
+
+
 def wrap_strategy(strategy: Strategy, s: RunSettings, clients_per_round: int) -> Strategy:
     """``strategy`` inside the server-side wrapper of ``s.flower_dp_mode`` (as is for none / local)."""
     mode = s.flower_dp_mode

@@ -20,7 +20,7 @@ from fed_ser.core.schedule import clients_per_round, federation_size
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.flower.eavesdropper import Eavesdropper, arrays_to_numpy, numpy_to_arrays
 from fed_ser.flower.grid import PromptGrid
-from fed_ser.flower.privacy import wrap_strategy
+from fed_ser.flower.privacy import CENTRAL_DP_MODES, wrap_strategy
 from fed_ser.flower.secagg import ScheduledSecAgg, run_secagg
 from fed_ser.flower.strategy import FedSerStrategy
 from fed_ser.io import atomic_write_json
@@ -123,6 +123,7 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
             strategy = FedSerStrategy(
                 algorithm=s.algorithm, lr=s.lr, model_replies=s.model_replies, eval_every=s.eval_every, num_rounds=s.rounds,
                 round_offset=start_round, client_nodes=client_nodes, num_clients=n_clients, seed=s.seed,
+                uniform_weights=s.flower_dp_mode in CENTRAL_DP_MODES,  # what the wrappers' noise is calibrated for
                 fraction_train=s.fraction, fraction_evaluate=s.eval_fraction,
                 min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,  # all were awaited once; later rounds go on with whoever is left
             )

@@ -43,11 +43,17 @@ class FedSerStrategy(FedAvg):
 
     Per round it keeps what the run's history needs (``rounds[rnd]``: clients sampled, replies,
     the clients that replied, training loss, client validation UAR).
+
+    ``uniform_weights``: every reply weighs the same instead of its ``num-examples``. Flower's central DP
+    wrappers calibrate their noise (``sigma C / m``) for the unweighted mean of ``m`` clipped replies; under
+    FedAvg's example weights a client holding more than the average share moves the mean by more than
+    ``C / m`` and its epsilon does not hold (``fed-ser-audit``'s example-weighted row: >= 29 against a
+    claimed 10). The server app sets it whenever a central DP wrapper is on.
     """
 
     def __init__(self, *, algorithm: str, lr: float, model_replies: bool | None = None, eval_every: int = 1,
                  num_rounds: int = 1, round_offset: int = 0, client_nodes: dict[int, int] | None = None,
-                 num_clients: int = 0, seed: int = 0, **kwargs):
+                 num_clients: int = 0, seed: int = 0, uniform_weights: bool = False, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", _train_metrics)
         super().__init__(**kwargs)
         if algorithm not in ("fedsgd", "fedavg"):
@@ -61,6 +67,7 @@ class FedSerStrategy(FedAvg):
         self.client_nodes = dict(client_nodes or {})
         self.num_clients = num_clients or len(self.client_nodes)
         self.seed = seed
+        self.uniform_weights = uniform_weights
         self._global: dict[str, np.ndarray] = {}
         self.rounds: dict[int, dict] = {}
 
@@ -96,7 +103,7 @@ class FedSerStrategy(FedAvg):
                 if set(u) != set(self._global):
                     raise ValueError(f"round {rnd}: the reply of node {m.metadata.src_node_id} holds arrays {sorted(u)}, "
                                      f"the global model {sorted(self._global)}")
-            weights = [reply_metrics(m)[self.weighted_by_key] for m in valid]
+            weights = [1.0 if self.uniform_weights else reply_metrics(m)[self.weighted_by_key] for m in valid]
             algorithm = "fedavg" if self.model_replies else "fedsgd"
             agg = numpy_to_arrays(aggregate(self._global, updates, weights, algorithm, self.lr))
             metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
