@@ -18,17 +18,14 @@ import numpy as np
 from attacks.inference.base import AttackerData, ServerView
 from attacks.inference.data import UpdateDataset
 from attacks.inference.evaluate import Scores
+from attacks.inference.settings import AttackSettings
 from attacks.inference.train import AttackConfig, TrainedAttack, predict, train_attack
 
 
 def attack_config(a: Mapping) -> AttackConfig:
-    """The CNN's hyper-parameters from the ``attack`` settings (conf/attack/)."""
-    return AttackConfig(layers=[str(l) for l in a["layers"]], lr=float(a["lr"]), weight_decay=float(a["weight_decay"]),
-                        batch_size=int(a["batch_size"]), max_epochs=int(a["max_epochs"]), patience=int(a["patience"]),
-                        val_share=float(a["val_share"]), channels=tuple(int(c) for c in a["channels"]),
-                        kernel=int(a["kernel"]), pools=tuple(int(p) for p in a["pools"]), first_stride=int(a["first_stride"]),
-                        dropout=float(a["dropout"]), max_updates=int(a["max_updates"]), seed=int(a["seed"]),
-                        precision=str(a["precision"]))
+    """The CNN's hyper-parameters from the ``attack`` settings (conf/attack/): the :class:`AttackConfig`
+    part of their declaration, :class:`~attacks.inference.settings.AttackSettings`."""
+    return AttackSettings.from_mapping(a).cnn()
 
 
 class PaperCNN:

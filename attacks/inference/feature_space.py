@@ -46,6 +46,7 @@ from sklearn.preprocessing import StandardScaler
 from attacks.inference.base import AttackerData, ServerView
 from attacks.inference.evaluate import Scores
 from attacks.inference.inversion import Recovered
+from attacks.inference.settings import DRAWS_FROM
 
 
 def emotion_means(X: np.ndarray, y: np.ndarray, n_classes: int = 4) -> np.ndarray:
@@ -180,9 +181,6 @@ def virtual_clients(X: np.ndarray, y: np.ndarray, speaker: np.ndarray, female: d
                 feats.append(emotion_means(Xo[pick], y[pick], n_classes))
                 labels.append(int(female[s]))
     return np.array(feats), np.array(labels)
-
-
-DRAWS_FROM = ("speakers", "clients")
 
 
 def train_feature_space_attack(X: np.ndarray, y: np.ndarray, client: np.ndarray, gender: np.ndarray, *,

@@ -1,16 +1,15 @@
 """Training the attack model on shadow updates, streamed from disk with a progress bar.
 
-On a CPU with native bfloat16 (AVX-512 BF16 / AMX, where oneDNN has bf16 convolution kernels)
-``precision=auto`` trains and predicts under bfloat16 autocast with channels-last feature maps:
-about 3x the updates a second of float32 on the same CPU (``benchmarks/attack_training.py``
-measures it with the ASR of both). Elsewhere, and with ``precision=float32``, the arithmetic is
-float32 throughout, on channels-last maps as well (1.3-1.6x on a CPU without bf16, so since
-2026-12-03 the benchmark's float32 reference is that much faster than before).
+``attack.precision`` picks the arithmetic. ``auto`` trains and predicts under bfloat16 autocast on a
+CPU that computes bfloat16 natively (AVX-512 BF16 / AMX, where oneDNN has bf16 convolution kernels),
+in float32 elsewhere; ``float32`` and ``bfloat16`` ask for one. Either way the feature maps are
+channels-last, the layout oneDNN's convolution kernels prefer. ``benchmarks/attack_training.py``
+measures the updates trained a second under each, with the ASR of both (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,31 +19,8 @@ from tqdm.auto import tqdm
 
 from attacks.inference.data import LayerStats, UpdateDataset, shadow_stats
 from attacks.inference.model import AttackModel
+from attacks.inference.settings import PRECISIONS, AttackConfig
 from fed_ser.recording.store import UpdateInfo, UpdateStore
-
-
-@dataclass
-class AttackConfig:
-    """Attack hyper-parameters (the paper's: Adam lr 1e-4, wd 1e-4, batch 20, <= 50 epochs)."""
-
-    layers: list[str] = field(default_factory=lambda: ["dense1", "dense2", "out"])
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    batch_size: int = 20
-    max_epochs: int = 50
-    patience: int = 6
-    val_share: float = 0.2  # shadow clients held out for early stopping
-    channels: tuple[int, ...] = (16, 32, 64)
-    kernel: int = 5
-    pools: tuple[int, ...] = (2, 4, 8)
-    first_stride: int = 1
-    dropout: float = 0.2
-    max_updates: int = 0  # 0: all shadow updates; else a random subset of that many
-    seed: int = 0
-    precision: str = "auto"  # auto (bfloat16 where the CPU has it natively, else float32) | float32 | bfloat16
-
-
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def native_bfloat16() -> bool:
@@ -68,10 +44,8 @@ def resolve_precision(precision: str) -> torch.dtype:
 
 def _for_compute(model: AttackModel, dtype: torch.dtype) -> AttackModel:
     """The model set to compute in ``dtype`` (:attr:`AttackModel.compute_dtype`, which :func:`predict` uses),
-    with channels-last convolution weights (and so feature maps), which oneDNN's kernels prefer: in bf16,
-    and in float32 too (2026-12-03, a CPU without bf16, the main job's threat model on the synthetic
-    corpora, 6 epochs: 15.3-17.7 -> 11.1-12.1 ms an update-epoch; ASR on the 80 synthetic IEMOCAP
-    clients 78.9% [72.5, 84.9] -> 78.5% [72.0, 84.5], AUC 0.902 -> 0.901)."""
+    with channels-last convolution weights (and so feature maps), which oneDNN's kernels prefer in
+    bfloat16 and in float32 alike (benchmarks/README.md: the same ASR, fewer milliseconds an update-epoch)."""
     model.compute_dtype = dtype
     return model.to(memory_format=torch.channels_last)
 

@@ -2,13 +2,18 @@
 
 Every console script goes through :func:`load_config` (Hydra's compose API: ``@hydra.main`` cannot
 wrap Flower's app entry points) and :func:`console` (a configuration or input error is one line on
-stderr naming the key or file, exit code 2, no traceback).
+stderr naming the key or file, exit code 2, no traceback). ``--cfg job`` among a script's arguments
+prints the composed config instead of running (``--resolve`` too: with its interpolations resolved),
+as Hydra's own ``--cfg job`` does.
 
-The run-config groups of ``conf/`` (``fl``, ``model``, ``recorder``, ``dp``, ``flower_dp``, ``adv``)
-extend a structured schema, ``<group>/schema``, built here from :class:`~fed_ser.run.settings.RunSettings`:
-its fields' keys, types and defaults. So a group option's yaml says only what makes it that option
-(``fl/fedavg.yaml``: FedAvg's learning rate and optimiser), every default lives in the dataclass,
-and Hydra rejects an override of the wrong type or an unknown key, naming it.
+Every group of ``conf/`` extends a structured schema, ``<group>/schema``, registered here: for the
+run-config groups (``fl``, ``model``, ``recorder``, ``dp``, ``flower_dp``, ``adv``) one built from
+:class:`~fed_ser.run.settings.RunSettings` (its fields' keys, types and defaults); for ``attack``,
+``shadow``, ``data`` and ``features`` their declarations themselves
+(:mod:`fed_ser.experiments.settings`, :mod:`attacks.inference.settings`). So a group option's yaml
+says only what makes it that option (``fl/fedavg.yaml``: FedAvg's learning rate and optimiser),
+every default lives in a dataclass, Hydra rejects an override of the wrong type or an unknown key,
+naming it, and :func:`load_config` checks the values of every declared group before returning.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fed_ser.data.corpora import CorpusError
 from fed_ser.data.partition import PartitionError
+from fed_ser.experiments.settings import SCHEMAS, check_groups
 from fed_ser.run.settings import ConfigError, RunSettings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -71,20 +77,46 @@ def group_schema(group: str) -> type:
 
 for _group in RUN_CONFIG_GROUPS:
     ConfigStore.instance().store(group=_group, name="schema", node=group_schema(_group))
+for _group, _schemas in SCHEMAS.items():  # attack, shadow, data, features: their declarations are their schemas
+    for _name, _schema in _schemas.items():
+        ConfigStore.instance().store(group=_group, name=_name, node=_schema)
+
+
+def _inspection(overrides: list[str]) -> tuple[list[str], bool | None]:
+    """``overrides`` without Hydra's inspection flags, and whether they asked to print the config
+    (``--cfg job``, ``--cfg=job``, ``-c job``; ``all`` prints the same here: no ``hydra`` node is composed),
+    resolved (``--resolve``) or not; None: run."""
+    rest, show, resolve, i = [], False, False, 0
+    while i < len(overrides):
+        o = overrides[i]
+        if o in ("--cfg", "-c") and i + 1 < len(overrides) and overrides[i + 1] in ("job", "all"):
+            show, i = True, i + 2
+            continue
+        if o in ("--cfg=job", "--cfg=all"):
+            show = True
+        elif o == "--resolve":
+            resolve = True
+        else:
+            rest.append(o)
+        i += 1
+    return rest, (resolve if show else None)
 
 
 def load_config(overrides: list[str], config_name: str = "config") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with Hydra overrides.
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides, and check every declared group's values.
 
-    A wrong override raises :class:`ConfigError` with one line naming the key and what it could be.
+    A wrong override or value raises :class:`ConfigError` with one line naming the key and what it could be.
+    With ``--cfg job`` among the overrides it prints the composed config (``--resolve``: resolved) and
+    exits (code 0) instead of returning.
     """
+    overrides, show = _inspection(list(overrides))
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
     except MissingConfigException as exc:  # a group option that does not exist (dataset=timit)
         group = next((o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].lstrip("+~") and
                       f"'{o.split('=', 1)[0].lstrip('+~')}/" in str(exc)), None)
-        options = [o for o in re.findall(r"^\t(\S+)$", str(exc), re.M) if o != "schema"]
+        options = [o for o in re.findall(r"^\t(\S+)$", str(exc), re.M) if not o.endswith("schema")]
         what = f"{group}: no such option" if group else str(exc).splitlines()[0]
         raise ConfigError(f"{what} (available: {', '.join(options)})" if options else what) from None
     except HydraException as exc:
@@ -104,7 +136,11 @@ def load_config(overrides: list[str], config_name: str = "config") -> DictConfig
         node = OmegaConf.select(base, parent) if parent else base
         known = sorted(f"{parent + '.' if parent else ''}{k}" for k in node) if isinstance(node, DictConfig) else []
         raise ConfigError(f"{key}: no such setting" + (f" (known: {', '.join(known)})" if known else "")) from None
+    if show is not None:
+        print(OmegaConf.to_yaml(cfg, resolve=show), end="", flush=True)
+        raise SystemExit(0)
     check_fold(cfg)
+    check_groups(cfg)
     return cfg
 
 

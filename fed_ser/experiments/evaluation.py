@@ -29,8 +29,8 @@ from attacks.inference.evaluate import Evaluation, Population, Scores, average_e
 from attacks.inference.registry import build_attacks, make_attack
 from fed_ser.core.statistics import Interval, balanced_accuracy, cluster_resamples, permutation_p_value, speaker_labellings
 from fed_ser.data.federated import TRAIN, FederatedData
+from fed_ser.experiments.settings import attack_settings
 from fed_ser.recording.store import UpdateInfo, UpdateStore
-from fed_ser.run.settings import ConfigError
 
 FOLD_KEY = 100_000  # client key = fold * FOLD_KEY + client id: clients of all folds pooled in one interval
 
@@ -66,15 +66,6 @@ def population(data: FederatedData, clients: Iterable[int], fold: int) -> Popula
                       {fold * FOLD_KEY + c: str(speakers[c]) for c in clients})
 
 
-def _permutations(cfg: DictConfig) -> tuple[int, int]:
-    n, cnn = int(cfg.attack.control_permutations), int(cfg.attack.cnn_control_permutations)
-    if n < 1:
-        raise ConfigError(f"attack.control_permutations: must be >= 1, got {n}")
-    if cnn < 0:
-        raise ConfigError(f"attack.cnn_control_permutations: must be >= 0 (0: no control for the CNN), got {cnn}")
-    return n, cnn
-
-
 @dataclass
 class FoldAttacks:
     """One fold's attacks: what they read (no truth in it), their evaluations and their controls'."""
@@ -99,9 +90,9 @@ class AttackStage:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.trials, self.seed = int(cfg.attack.trials), int(cfg.attack.seed)
-        self.pools = [int(k) for k in cfg.attack.pool_rounds]
-        self.permutations, self.cnn_permutations = _permutations(cfg)
+        settings = attack_settings(cfg)  # attack.control_permutations, attack.cnn_control_permutations, ... checked
+        self.trials, self.seed, self.pools = settings.trials, settings.seed, list(settings.pool_rounds)
+        self.permutations, self.cnn_permutations = settings.control_permutations, settings.cnn_control_permutations
         self.fitted: dict[tuple[str, str], Attack] = {}
 
     def _fit(self, name: str, attacker: AttackerData, view: ServerView) -> Attack:

@@ -15,30 +15,12 @@ from tqdm import tqdm
 from attacks.inference.aggregate import round_aggregates
 from attacks.inference.inversion import InversionJob, Recovered, inversion_workers, invert_all
 from fed_ser.data.federated import TRAIN, FederatedData
+from fed_ser.experiments.settings import attack_settings
 from fed_ser.recording.store import UpdateStore
-from fed_ser.run.settings import ConfigError
-
-
-def _stall(cfg: DictConfig) -> int:
-    stall = int(cfg.attack.feature_space.ransac_stall)
-    if stall < 0:
-        raise ConfigError(f"attack.feature_space.ransac_stall: must be >= 0 (0: every pass draws its whole budget), got {stall}")
-    return stall
-
-
-def _give_up(cfg: DictConfig) -> int:
-    give_up = int(cfg.attack.feature_space.ransac_give_up)
-    if give_up < 0:
-        raise ConfigError(f"attack.feature_space.ransac_give_up: must be >= 0 (0: a fruitless pass draws its whole budget), "
-                          f"got {give_up}")
-    return give_up
 
 
 def _workers(cfg: DictConfig, jobs: int) -> int:
-    try:
-        return inversion_workers(int(cfg.attack.feature_space.workers), jobs)
-    except ValueError as e:
-        raise ConfigError(f"attack.feature_space.workers: {e}") from None
+    return inversion_workers(attack_settings(cfg).feature_space.workers, jobs)
 
 
 def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: int) -> list[Recovered]:
@@ -59,8 +41,9 @@ def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: in
             batch = min(int(cfg.fl.batch_size), u.num_examples) if u.kind == "gradient" else u.num_examples
             yield InversionJob(store.attack_input(u), params, batch, (seed, u.round, u.client))
 
-    out = invert_all(jobs(), float(cfg.model.dropout), ransac_draws=int(cfg.attack.feature_space.ransac_draws),
-                     stall=_stall(cfg), give_up=_give_up(cfg), workers=_workers(cfg, len(updates)))
+    fs = attack_settings(cfg).feature_space
+    out = invert_all(jobs(), float(cfg.model.dropout), ransac_draws=fs.ransac_draws,
+                     stall=fs.ransac_stall, give_up=fs.ransac_give_up, workers=_workers(cfg, len(updates)))
     return list(tqdm(out, total=len(updates), desc="inverting updates", unit="update", mininterval=5))
 
 
@@ -87,10 +70,10 @@ def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, 
     ``members`` and ``server_view``: see :func:`attacks.inference.aggregate.round_aggregates` (SecAgg+)."""
     t0 = time.perf_counter()
     aggs = round_aggregates(store, int(cfg.fl.batch_size), members, server_view)
-    fs = cfg.attack.feature_space
-    draws = int(fs.ransac_draws if fs.get("aggregate_ransac_draws") is None else fs.aggregate_ransac_draws)
+    fs = attack_settings(cfg).feature_space
+    draws = fs.aggregate_draws
     inverted = invert_all((InversionJob(a.update, a.params, a.batch_size, (seed + 7, a.round)) for a in aggs),
-                          float(cfg.model.dropout), ransac_draws=draws, stall=_stall(cfg), give_up=_give_up(cfg),
+                          float(cfg.model.dropout), ransac_draws=draws, stall=fs.ransac_stall, give_up=fs.ransac_give_up,
                           workers=_workers(cfg, len(aggs)))
     out = list(zip(aggs, tqdm(inverted, total=len(aggs), desc="inverting round aggregates", unit="round", mininterval=5)))
     female = {p: data.client_gender[p] == "F" for a in aggs for p in a.clients}
@@ -113,7 +96,6 @@ def invert_aggregates(cfg: DictConfig, store: UpdateStore, data: FederatedData, 
 
 
 def check_inversion_settings(cfg: DictConfig) -> None:
-    """Stop on a wrong ``attack.feature_space`` inversion value before any federation runs."""
-    _workers(cfg, 0)
-    _stall(cfg)
-    _give_up(cfg)
+    """Stop on a wrong ``attack.feature_space`` inversion value before any federation runs (checked by
+    its declaration, :class:`attacks.inference.settings.FeatureSpaceSettings`)."""
+    attack_settings(cfg)

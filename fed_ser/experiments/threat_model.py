@@ -26,10 +26,9 @@ from omegaconf import DictConfig
 from fed_ser.data.synthetic import PAPER_CORPORA
 from fed_ser.experiments.cli import run_fl, run_settings, run_vectorized_fl
 from fed_ser.experiments.prepare import CALIBRATION_CORPUS, CorpusSource, calibration_speakers, corpus_source, prepare
+from fed_ser.experiments.settings import shadow_settings
 from fed_ser.recording.checkpoint import fingerprint
 from fed_ser.run.settings import ConfigError
-
-SHADOW_MODES = ("corpora", "speakers", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -58,14 +57,10 @@ def fold_calibrated(cfg: DictConfig) -> bool:
 
 
 def check_threat_model(cfg: DictConfig) -> CorpusSource:
-    """Stop on a wrong ``shadow.*`` value or private root before anything is prepared or written;
-    return where the private corpus comes from."""
-    if str(cfg.shadow.mode) not in SHADOW_MODES:
-        raise ConfigError(f"shadow.mode: {str(cfg.shadow.mode)!r} is not one of {SHADOW_MODES}")
-    if not 0.0 < float(cfg.shadow.share) <= 1.0:
-        raise ConfigError(f"shadow.share: must be in (0, 1], got {float(cfg.shadow.share)}")
-    if not isinstance(cfg.shadow.get("per_fold"), bool):
-        raise ConfigError(f"shadow.per_fold: must be true or false, got {cfg.shadow.get('per_fold')!r}")
+    """Stop on a wrong ``shadow.*`` value (checked by its declaration,
+    :class:`~fed_ser.experiments.settings.ShadowSettings`) or private
+    root before anything is prepared or written; return where the private corpus comes from."""
+    shadow_settings(cfg)
     return corpus_source(cfg, str(cfg.private))
 
 
