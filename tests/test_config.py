@@ -212,3 +212,139 @@ def test_fed_ser_train_over_a_checkpoint_of_other_settings_is_one_line(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("[fed-ser] error: resume: ") and "model.dropout: 0.4 there, 0.2 now" in err[0]
+
+
+def test_declared_groups_extend_their_declarations_and_repeat_no_default():
+    """attack, shadow, data and features: each option's yaml extends its group's declaration (a dataclass,
+    also the Hydra schema) and says only what makes it that option; the composed group holds every
+    declared key, and nothing the declaration lacks."""
+    from dataclasses import fields
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from fed_ser.experiments.settings import SCHEMAS
+
+    for group, schemas in SCHEMAS.items():
+        for name, schema in schemas.items():
+            defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+            for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+                doc = yaml.safe_load(path.read_text()) or {}
+                if doc.get("defaults") != [name, "_self_"]:
+                    continue
+                again = {k: v for k, v in doc.items() if k not in ("defaults", "name") and defaults.get(k, object()) == v}
+                assert not again, f"{path.relative_to(ROOT)} repeats the defaults {again}"
+                composed = load_config([f"{group}={path.stem}"], "experiment")[group]
+                assert set(composed) == {f.name for f in fields(schema)}, path
+    experiment = load_config([], "experiment")
+    assert set(experiment.shadow) == {f.name for f in fields(SCHEMAS["shadow"]["schema"])}
+    assert set(experiment.data) == {f.name for f in fields(SCHEMAS["data"]["schema"])}
+    for option in ("default", "paper"):  # every option of attack/ goes through the schema
+        assert OmegaConf.get_type(load_config([f"attack={option}"], "experiment").attack).__name__ == "AttackSettings"
+
+
+def test_every_corpus_has_a_declared_root():
+    from dataclasses import fields
+
+    from fed_ser.data.corpora import LOADERS
+    from fed_ser.experiments.settings import DataRoots
+
+    assert {f.name for f in fields(DataRoots)} == set(LOADERS)
+
+
+def test_the_cnn_is_built_from_the_attack_settings_not_a_copy():
+    """AttackConfig is the CNN's part of the attack group's declaration: every field comes from the
+    composed config, the paper's layout under attack=paper, the CPU-sized one by default."""
+    from dataclasses import fields
+
+    from attacks.inference.cnn import attack_config
+    from attacks.inference.settings import AttackConfig, AttackSettings
+
+    assert issubclass(AttackSettings, AttackConfig)
+    for overrides, pools, stride in [([], (1, 4, 4), 4), (["attack=paper"], (2, 4, 8), 1),
+                                     (["attack.pools=[4,4,4]", "attack.max_epochs=3"], (4, 4, 4), 4)]:
+        attack = load_config(overrides, "experiment").attack
+        cnn = attack_config(attack)
+        assert type(cnn) is AttackConfig and (cnn.pools, cnn.first_stride) == (pools, stride)
+        assert {f.name: getattr(cnn, f.name) for f in fields(AttackConfig)} == {
+            f.name: (tuple(attack[f.name]) if isinstance(getattr(cnn, f.name), tuple) else
+                     list(attack[f.name]) if isinstance(getattr(cnn, f.name), list) else attack[f.name]) for f in fields(AttackConfig)}
+    assert attack_config(load_config(["attack.max_epochs=3"], "experiment").attack).max_epochs == 3
+    assert attack_config(load_config(["size=paper"], "experiment").attack).max_epochs == 50  # size=quick's 6 otherwise
+    assert attack_config(load_config([], "experiment").attack).max_epochs == 6
+
+
+@pytest.mark.parametrize("override,match", [
+    # Hydra, against the declarations: a wrong type or an unknown key
+    ("attack.max_epochs=abc", r"^attack\.max_epochs: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("attack.nope=1", r"^attack\.nope: no such setting \(known: attack\.aggregate_observer"),
+    ("attack.feature_space.ransac_draws=many", r"^attack\.feature_space\.ransac_draws: Value 'many'"),
+    ("attack.feature_space.nope=1", r"^attack\.feature_space\.nope: no such setting"),
+    ("attack.with_control=maybe", r"^attack\.with_control: Value 'maybe' is not a valid bool"),
+    ("shadow.share=most", r"^shadow\.share: Value 'most'"),
+    ("shadow.nope=1", r"^shadow\.nope: no such setting \(known: shadow\.corpora"),
+    ("data.scale=big", r"^data\.scale: Value 'big'"),
+    ("data.nope=1", r"^data\.nope: no such setting"),
+    ("data.manifest.nope=1", r"^data\.manifest\.nope: no such setting"),
+    ("features.nope=1", r"^features\.nope: no such setting"),
+    ("features.ckpt=/m.ckpt", r"^features\.ckpt: no such setting"),  # emobase has no checkpoint
+    # the declarations' own checks: the right type, a value that makes no sense
+    ("attack.precision=float16", r"^attack\.precision: 'float16' is not one of \('auto', 'float32', 'bfloat16'\)$"),
+    ("attack.pools=[4,4]", r"^attack\.pools: one pool size >= 1 per convolution of attack\.channels \[16, 32, 64\], got \[4, 4\]$"),
+    ("attack.layers=[dense9]", r"^attack\.layers: \['dense9'\] not among the model's layers"),
+    ("attack.lr=0", r"^attack\.lr: must be a finite number > 0, got 0\.0$"),
+    ("attack.control_permutations=0", r"^attack\.control_permutations: must be >= 1, got 0$"),
+    ("attack.cnn_control_permutations=-1", r"^attack\.cnn_control_permutations: must be >= 0"),
+    ("attack.pool_rounds=[0]", r"^attack\.pool_rounds: "),
+    ("attack.profile.layer=conv", r"^attack\.profile\.layer: 'conv' is not one of the model's layers"),
+    ("attack.feature_space.draws_from=guess", r"^attack\.feature_space\.draws_from: 'guess' is not one of"),
+    ("attack.feature_space.aggregate_ransac_draws=-5", r"^attack\.feature_space\.aggregate_ransac_draws: must be >= 0 or null"),
+    ("shadow.mode=guess", r"^shadow\.mode: 'guess' is not one of \('corpora', 'speakers', 'synthetic'\)$"),
+    ("shadow.share=0", r"^shadow\.share: must be in \(0, 1\], got 0\.0$"),
+    ("shadow.speaker_share=1", r"^shadow\.speaker_share: must be in \(0, 1\)"),
+    ("shadow.engine=ray", r"^shadow\.engine: 'ray' is not one of \('flower', 'vectorised'\)$"),
+    ("shadow.corpora=[timit]", r"^shadow\.corpora: \['timit'\] not among the corpora"),
+    ("data.scale=0", r"^data\.scale: must be a finite number > 0"),
+    ("data.workers=-1", r"^data\.workers: must be >= 0"),
+    ("data.voice=robot", r"^data\.voice: voice must be one of"),
+    ("data.manifest.emotion_map=[joy]", r"^data\.manifest\.emotion_map: a mapping of manifest labels"),
+    ("features.norm=global", r"^features\.norm: 'global' is not one of \('speaker', 'client', 'none'\)$"),
+    ("folds=[0,7]", r"^folds: distinct folds in 0\.\.4 \(n_folds=5\), got \[0, 7\]$"),
+    ("private=timit", r"^private: 'timit' is not one of the corpora"),
+    ("private_engine=ray", r"^private_engine: 'ray' is not one of"),
+])
+def test_a_wrong_value_in_a_declared_group_is_one_line_naming_the_key(override, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config([override], "experiment")
+    assert "\n" not in str(err.value)
+
+
+def test_declared_values_are_read_typed():
+    from fed_ser.experiments.settings import attack_settings, data_settings, features_settings, shadow_settings
+
+    cfg = load_config(["features=apc", "features.ckpt=/m/apc.ckpt", "shadow.corpora=[crema_d]", "data.scale=1",
+                       "data.manifest.emotion_map={joy: happy, fear: null}", "attack.feature_space.aggregate_ransac_draws=7"],
+                      "experiment")
+    attack = attack_settings(cfg)
+    assert attack.pools == (1, 4, 4) and attack.pool_rounds == [1, 5] and attack.feature_space.aggregate_draws == 7
+    assert attack_settings(load_config([], "experiment")).feature_space.aggregate_draws == 20_000  # null: ransac_draws
+    assert shadow_settings(cfg).corpora == ["crema_d"] and features_settings(cfg).ckpt == "/m/apc.ckpt"
+    data = data_settings(cfg)
+    assert data.scale == 1.0 and isinstance(data.scale, float) and data.manifest.emotion_map == {"joy": "happy", "fear": None}
+    assert data.root == "data/synthetic/scale1.0-seed0-style2.0"  # interpolations resolved
+
+
+def test_cfg_job_prints_the_composed_config_and_runs_nothing(capsys, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        _script("fed-ser-experiment")(["--cfg", "job", "size=paper", "private=crema_d"])
+    assert stop.value.code == 0 and not any(tmp_path.iterdir())
+    out = capsys.readouterr().out
+    assert OmegaConf.create(out) == load_config(["size=paper", "private=crema_d"], "experiment")
+    assert "  max_epochs: 50\n" in out and "out_dir: runs/experiment/${private}-" in out  # as composed, unresolved
+    with pytest.raises(SystemExit):
+        _script("fed-ser-train")(["--cfg", "job", "--resolve", "fl=fedavg"])
+    resolved = OmegaConf.create(capsys.readouterr().out)
+    assert resolved.out_dir == "runs/train/crema_d-emobase-fedavg-fold0" and resolved.fl.lr == 0.0005
