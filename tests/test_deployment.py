@@ -87,13 +87,19 @@ def _outsider(folder: Path, ca: Path, address: str) -> tuple[dict, Path, Path]:
     return {"PATH": os.environ["PATH"], "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}, pub, app
 
 
-def _attempt(fed: LocalFederation, folder: Path, address: str, inside: bool) -> list[subprocess.CompletedProcess]:
-    """The outsider registers a node and starts a run: from the host (``inside=False``), or from within the
-    federation's network at ``address`` (a party that reaches the nodes' gateway)."""
+def _attempt(fed: LocalFederation, folder: Path, address: str, inside: bool) -> list[subprocess.Popen]:
+    """The outsider registers a node and starts a run (both at once), from the host (``inside=False``), or from
+    within the federation's network at ``address`` (a party that reaches the nodes' gateway)."""
     env, pub, app = _outsider(folder, fed.certs["ca"], address)
     wrap = fed._wrap if inside else (lambda cmd: cmd)
-    return [subprocess.run(wrap([_bin("flwr"), *args]), env=env, capture_output=True, text=True, timeout=120)
+    return [subprocess.Popen(wrap([_bin("flwr"), *args]), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for args in (["supernode", "register", str(pub), "fedser"], ["run", str(app), "fedser"])]
+
+
+def _outcome(attempts: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    """Each attempt's exit code and output, once it ended."""
+    outputs = [p.communicate(timeout=120)[0] for p in attempts]
+    return [(p.returncode, out) for p, out in zip(attempts, outputs)]
 
 
 def test_tls_authenticated_federation_keeps_outsiders_out_runs_secagg_then_trains_records_and_outlives_a_killed_node(prepared, tmp_path):
@@ -110,8 +116,10 @@ def test_tls_authenticated_federation_keeps_outsiders_out_runs_secagg_then_train
     s = _settings(prepared, tmp_path / "run", rounds=2, nodes=3, round_timeout=30.0)
     with LocalFederation(tmp_path / "fed", 4, registered=[0, 1, 2], gateway_nodes=(1,)) as fed:
         assert fed.certs is not None and fed.keys is not None and fed.isolation == "netns"  # secure unless asked otherwise
-        on_host = _attempt(fed, tmp_path / "outsider", f"127.0.0.1:{fed.port}", inside=False)
-        at_gateway = _attempt(fed, tmp_path / "node-side", f"127.0.0.1:{fed.gateway_port}", inside=True)
+        attempts = _attempt(fed, tmp_path / "outsider", f"127.0.0.1:{fed.port}", inside=False)
+        attempts += _attempt(fed, tmp_path / "node-side", f"127.0.0.1:{fed.gateway_port}", inside=True)
+        outcomes = _outcome(attempts)
+        on_host, at_gateway = outcomes[:2], outcomes[2:]
         listed = fed.flwr("supernode", "list", "fedser").stdout
         out_secagg = fed.run(secure.to_run_config(), timeout=400).stdout
         run = fed.start_run(s.to_run_config())
@@ -129,12 +137,13 @@ def test_tls_authenticated_federation_keeps_outsiders_out_runs_secagg_then_train
         deadline = time.monotonic() + 120
         while stranger.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
-    for attempt in on_host:  # the SuperLink's port is not on the host's loopback: nothing to connect to
-        assert attempt.returncode != 0 and "Connection to the SuperLink is unavailable" in attempt.stdout + attempt.stderr
-    for attempt in at_gateway:  # the gateway forwards the Fleet API only: the Control API is refused there
-        assert attempt.returncode != 0 and "403 Forbidden" in attempt.stdout + attempt.stderr
+    for code, output in on_host:  # the SuperLink's port is not on the host's loopback: nothing to connect to
+        assert code != 0 and "Connection to the SuperLink is unavailable" in output, output
+    for code, output in at_gateway:  # the gateway forwards the Fleet API only: the Control API is refused there
+        assert code != 0 and "403 Forbidden" in output, output
     assert not (tmp_path / "outsider" / "PWNED").exists() and not (tmp_path / "node-side" / "PWNED").exists()
     assert len(runs) == 2 and len(nodes) == 3  # the deployer's two runs and three nodes, nobody else's
+    _assert_none_left(str(tmp_path / "fed"))  # closed: no SuperExec, app process, fork server or holder outlives it
     assert stranger.returncode not in (None, 0)  # node 3's key was never registered
     assert "Failed to activate SuperNode" in (tmp_path / "fed" / "supernode3.log").read_text()
     assert listed  # the CLI reached the SuperLink over TLS
@@ -184,8 +193,9 @@ def _processes_marked(value: str) -> list[int]:
 
 def test_fed_ser_deploy_stopped_by_sigterm_leaves_no_process(prepared, tmp_path):
     """fed-ser-deploy as its console script runs it (the data prepared beforehand): stopped mid-run by SIGTERM, it
-    stops every process it started, as Ctrl-C does: fork server, SuperLink, SuperNode, SuperExecs, app processes
-    and the private network's holder; and it releases its workdir."""
+    stops every process it started, as Ctrl-C does: fork server, SuperLink, SuperNode, SuperExecs, the ServerApp's
+    launcher and forked process, and the private network's holder (before, all but the holder stayed); and it
+    releases its workdir."""
     workdir = tmp_path / "fed"
     code = ("import sys; from pathlib import Path; import fed_ser.experiments.deploy as d; "
             f"d.prepare = lambda cfg, corpora, fold: Path({str(prepared)!r}); d.main(sys.argv[1:])")
@@ -193,7 +203,7 @@ def test_fed_ser_deploy_stopped_by_sigterm_leaves_no_process(prepared, tmp_path)
                              f"out_dir={tmp_path / 'out'}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     log = workdir / "forkserver.log"
-    while not (log.exists() and "flwr-clientapp as pid" in log.read_text()):  # a ClientApp process is working
+    while not (log.exists() and "flwr-serverapp as pid" in log.read_text()):  # the run's ServerApp process is working
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:] if proc.poll() is not None else "slow"
         time.sleep(0.5)
     assert len(_processes_marked(str(workdir))) >= 5
