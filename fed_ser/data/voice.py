@@ -193,7 +193,7 @@ def sample_speaker(speaker_id: str, gender: str, rng: np.random.Generator, gende
 
     ``gender_style`` scales the explicit gender-by-emotion interaction. At 0 a weaker cue remains
     after z-normalisation: a higher F0 changes how an emotion moves the higher MFCCs' dynamics
-    (measured in the README: client-level linear probe 0.90-0.98, the paper's attack 59%).
+    (docs/synthetic.md and docs/results.md say how much a linear probe and the paper's attack read of it).
     """
     if gender not in ("F", "M"):
         raise ValueError(f"speaker {speaker_id!r}: gender must be 'F' or 'M', got {gender!r}")

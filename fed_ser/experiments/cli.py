@@ -44,8 +44,8 @@ def run_fl(cfg: DictConfig, prepared: Path, out_dir: str, recorder_dir: str = ""
 
 def seconds_per_round(results: dict) -> float | None:
     """A run's seconds a round from its results.json: the rounds' own time, without the nodes' discovery
-    (Ray's actors or the SuperNodes starting, and each client's first message: once a run, ~5 s for 80
-    simulated clients), so that a 20-round measurement scales to 200 rounds; over the rounds this
+    (Ray's actors or the SuperNodes starting, and each client's first message: a cost paid once a run),
+    so that a 20-round measurement scales to 200 rounds; over the rounds this
     process ran (a resumed run's earlier rounds are in its history, not in its wall time)."""
     if "wall_seconds" not in results:
         return None

@@ -138,8 +138,8 @@ class S3prlUpstream:
 
 
 def _fast_sinusoid_table() -> None:
-    """Swap s3prl's TERA position table (built with 18 M Python calls: ~60 s per process, once per
-    extraction worker) for the same table computed with numpy (well under a second)."""
+    """Swap s3prl's TERA position table (built with 18 M Python calls, once per extraction worker) for
+    the same table computed with numpy (benchmarks/README.md: what each costs)."""
     import torch
     from s3prl.upstream.mockingjay import builder
 

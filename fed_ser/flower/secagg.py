@@ -20,8 +20,8 @@ adds the noise to the sum, ``fixedclipping_mod`` clips inside ``secaggplus_mod``
 
 Each client sends ``n_k / max_weight`` times its parameters, quantised over ``[-8, 8]`` in ``2^22``
 steps; Flower's default ``max_weight`` of 1000 against a few dozen utterances a client multiplies
-the quantisation error of the mean by ``1000 / sum n_k`` (measured: 5e-4 on first-layer weights of
-a few 1e-2), so fed-ser sets it to the largest client's sample count.
+the quantisation error of the mean by ``1000 / sum n_k`` (benchmarks/README.md: how large against
+first-layer weights), so fed-ser sets it to the largest client's sample count.
 """
 
 from __future__ import annotations

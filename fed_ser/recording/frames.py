@@ -2,8 +2,8 @@
 
     MAGIC (4 bytes) | header length (uint32) | payload length (uint64) | checksum (uint32) | header (JSON) | payload
 
-The checksum covers header and payload: CRC32C for ``FSU2`` frames, zlib's CRC32 for ``FSU1`` (stores
-written before 2026-11-29). A frame is valid only if its magic is known, it ends within the file and its
+The checksum covers header and payload: CRC32C for ``FSU2`` frames, zlib's CRC32 for ``FSU1`` (the
+stores of fed-ser's first frame format, still read). A frame is valid only if its magic is known, it ends within the file and its
 checksum matches; :func:`next_frame` finds the next valid frame after a damaged one.
 """
 

@@ -16,8 +16,8 @@ Each record holds what an observer of the traffic learns from one client reply:
   round's sample-weighted mean reply (a model), unmasked, before any noise the server adds.
 
 Appends go to the disk at its own speed: the arrays' buffers are handed to one ``writev`` as they
-are (no copies, no conversions of float32 data), the checksum is CRC32C (hardware-accelerated,
-~16 GB/s, so it is not the bottleneck; zlib's CRC32 at ~1.9 GB/s was), and the writer keeps its
+are (no copies, no conversions of float32 data), the checksum is CRC32C (hardware-accelerated, far
+faster than the disk, where zlib's CRC32 was the bottleneck: benchmarks/README.md), and the writer keeps its
 files open. Durability is per round (group commit): engines and the strategy append a round's
 updates with ``sync=False`` and call :meth:`UpdateStore.sync` once, which fsyncs the data and then
 writes the round's index lines; a crash loses at most the unfinished round, which a resumed run
@@ -121,7 +121,7 @@ class UpdateStore:
         if found is None:
             return None
         meta, hlen, end = found
-        if "partition" in meta:  # stores written before 2026-12-01 called the client id partition
+        if "partition" in meta:  # older stores called the client id partition
             meta["client"] = meta.pop("partition")
             self._old_names = True
         try:

@@ -3,8 +3,7 @@
 :func:`client_update` is the single entry point of the Flower ClientApp and the in-process engine.
 It reads the run settings, builds the defence they name (:mod:`defenses`) and hands it to
 :func:`fed_ser.core.training.local_update`, the one local loop. The defence mechanisms are imported
-when a run uses them: Opacus alone takes about a second to import, which every ClientApp process
-would pay.
+when a run uses them: Opacus's import is slow, and every ClientApp process would pay it.
 """
 
 from __future__ import annotations
