@@ -295,17 +295,17 @@ def _signal_section(summary: dict) -> str:
     if not sig or not fs:
         return ""
     ad = summary["attacks"].get("feature-space-adaptive") or {}
-    rows = [("linear probe on the clients' true emotion-conditional means", f"{sig['probe_true']:.3f}"),
-            ("the same probe on the statistics the inversion recovered", f"{sig['probe_recovered']:.3f}"),
-            ("the probe on true means, speakers relabelled (chance)", f"{sig['probe_true_shuffled']:.3f}"),
-            ("feature-space attack, classifier trained on the attacker's data (balanced, AUC)",
-             f"{_num(fs['balanced'])}{_ci_pp(fs['balanced_ci'])}, AUC {_num(fs.get('auc'))}")]
+    rows = [("linear probe on the clients' true emotion-conditional means", _pp(sig["probe_true"])),
+            ("the same probe on the statistics the inversion recovered", _pp(sig["probe_recovered"])),
+            ("the probe on true means, speakers relabelled (chance)", _pp(sig["probe_true_shuffled"])),
+            ("feature-space attack, classifier trained on the attacker's data (balanced [95% CI], AUC)",
+             f"{_pp(fs['balanced'])}{_ci_pp(fs['balanced_ci'])}, AUC {_num(fs.get('auc'))}")]
     if ad:
-        rows.append(("the same, threshold from the attacked clients' score clusters (balanced)",
-                     f"{_num(ad['balanced'])}{_ci_pp(ad['balanced_ci'])}"))
+        rows.append(("the same, threshold from the attacked clients' score clusters (balanced [95% CI])",
+                     f"{_pp(ad['balanced'])}{_ci_pp(ad['balanced_ci'])}"))
     return (f"\n## Where the signal is\n\nProbes cross-validated over the {sig['clients']} attacked clients "
-            f"({sig['speakers']} speakers, each in one fold only; balanced accuracy), beside the attack "
-            f"(its interval in %):\n\n| stage | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows))
+            f"({sig['speakers']} speakers, each in one fold only; balanced accuracy in %), beside the attack:\n\n"
+            "| stage | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows))
 
 
 def _threshold_section(summary: dict) -> str:
