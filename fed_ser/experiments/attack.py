@@ -153,7 +153,7 @@ def fold_result(cfg: DictConfig, fold: int, tm: ThreatModel, priv_fl: dict, shad
         "shadow_ser_uar": shadow_fl["final"]["test_uar"] if shadow_fl else None, "secagg": bool(cfg.fl.secagg),
         "private_clients": len({c for e in attacks.evaluations.values() for c in e.client_score}),
         "private_updates": attacks.updates, "shadow_updates": attacks.shadow_updates,
-        "attacks": pooled_summary([attacks], int(cfg.attack.control_permutations), int(cfg.attack.seed)),
+        "attacks": pooled_summary([attacks], seed=int(cfg.attack.seed)),
         "attack_labels": attacks.labels, "attack_fits": attacks.described,
         "defence": defence_summary(cfg, priv_fl),
         "seconds_per_round": seconds_per_round(priv_fl),
@@ -223,7 +223,7 @@ def run_experiment(cfg: DictConfig) -> dict:
         "shadow_mode": first["shadow_mode"], "threat_model": first["threat_model"], "algorithm": cfg.fl.algorithm,
         "features": cfg.features.name, "synthetic": synthetic_cell(first), "folds": folds,
         "wall_seconds": time.perf_counter() - t0, "defence": first["defence"], "ser": ser_summary(private_runs),
-        "attacks": pooled_summary(fold_attacks, int(cfg.attack.control_permutations), int(cfg.attack.seed)),
+        "attacks": pooled_summary(fold_attacks, seed=int(cfg.attack.seed)),
         "attack_labels": labels,
     }
     signals = [f.signal for f in fold_attacks if f.signal is not None]
