@@ -147,8 +147,8 @@ def _thin_svd(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``np.linalg.svd(A, full_matrices=False)`` of a wide ``A`` (m < n) through the QR of ``A^T``.
 
     The SVD then runs on an ``m x m`` triangle instead of the ``m x n`` gradient (256 x 989 for the
-    first layer): ~2x less work with LAPACK's divide and conquer, and just as accurate (QR is
-    backward stable; the singular values agree to ~1e-15 of the largest).
+    first layer), less work for LAPACK's divide and conquer, and just as accurate (QR is backward
+    stable; the singular values agree to ~1e-15 of the largest).
     """
     if A.shape[0] >= A.shape[1]:
         return np.linalg.svd(A, full_matrices=False)
@@ -159,7 +159,7 @@ def _thin_svd(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _right_vectors(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Singular values and right singular vectors of a stack of tall ``A`` (..., m, r): the SVD of
-    each ``r x r`` triangle of its QR (the same values and vectors, ~1.5x cheaper at 256 x 20)."""
+    each ``r x r`` triangle of its QR (the same values and vectors, for less work than the SVD of each tall matrix)."""
     tri = np.linalg.qr(A, mode="r")
     _, s, vt = np.linalg.svd(tri)
     return s, vt
@@ -184,9 +184,9 @@ def _normals_worth_certifying(frame: _Frame, layers: _Layers, W: np.ndarray, row
     """:func:`_normals_of` ``(W, rows)``, but None also where the plane's sample would certainly fail
     the certificate in ``frame`` (``C``: ``W``'s coordinates in ``frame``'s, for the rescue's projection).
 
-    Most candidate planes are no sample's (late in training, ~97%). Their normals are first taken
+    Most candidate planes are no sample's, late in training nearly all. Their normals are first taken
     from each mask's ``r x r`` Gram matrix (one matrix product for every mask, then its smallest
-    eigenvector: ~4x cheaper than the stacked QR + SVD, and equal to it to ~1e-14 where the rows are
+    eigenvector: cheaper than the stacked QR + SVD, and equal to it to ~1e-14 where the rows are
     coplanar), and screened (:func:`_may_certify`) with the units they keep; only the planes that pass
     get their normals exactly, by :func:`_normals_of`, and are certified.
     """
@@ -233,13 +233,13 @@ def _may_certify(frame: _Frame, kept: np.ndarray) -> np.ndarray:
     the masked pre-activation (units x r). Its squares are the extreme eigenvalues of the ``r x r``
     Gram matrix ``O^T O = K^T K - (R2^T K)^T (R2^T K)``, and ``K^T K`` and ``R2^T K`` are linear in the
     mask: for every mask at once they are two matrix products with the units' outer products, with no
-    ``units x r`` matrix formed and factorised per mask. Of the ~164,000 masks certified in 80
-    paper-size IEMOCAP updates (most of them spurious planes, late in training), 3% pass. The Gram matrix loses the
-    digits the exact certificate keeps (float64 rounding of ``K^T K`` is ~1e-16 of its trace, which
-    the subtraction does not shrink); so a mask is rejected only where the largest eigenvalue is above
-    1e-6 of that trace (the rounding then moves the ratio by ~1e-10) and the ratio of the squares
-    above ``SCREEN^2``: its certificate is then above ~1e-2, 10x the threshold. The rest are
-    certified exactly (:func:`_certify_exact`), with the same arithmetic as without the screen.
+    ``units x r`` matrix formed and factorised per mask; most masks are spurious planes, and few pass
+    (benchmarks/README.md says how few). The Gram matrix loses the digits the exact certificate keeps
+    (float64 rounding of ``K^T K`` is ~1e-16 of its trace, which the subtraction does not shrink); so
+    a mask is rejected only where the largest eigenvalue is above 1e-6 of that trace (the rounding
+    then moves the ratio by ~1e-10) and the ratio of the squares above ``SCREEN^2``: its certificate
+    is then above ~1e-2, 10x the threshold. The rest are certified exactly (:func:`_certify_exact`),
+    with the same arithmetic as without the screen.
     """
     W1V, R2, r = frame.W1V, frame.R2, frame.r
     m = kept.astype(np.float64)
@@ -277,8 +277,7 @@ def _null_vectors(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unit null vector of each ``(r - 1) x r`` matrix of the stack ``A``, the last column of the
     complete QR of ``A^T``, and the smallest diagonal entry of its triangle in magnitude: an upper
     bound of the smallest singular value that vanishes with it (rows that do not span ``r - 1``
-    dimensions leave no unique normal). At 500 x 19 x 20 the singular values themselves had cost
-    1.7x the QR."""
+    dimensions leave no unique normal): cheaper than the singular values themselves."""
     q, tri = np.linalg.qr(np.swapaxes(A, 1, 2), mode="complete")
     return np.abs(np.diagonal(tri[:, : A.shape[1], :], axis1=1, axis2=2)).min(1), q[:, :, -1]
 
@@ -357,86 +356,113 @@ def _is_new(cert: float, x: np.ndarray | None, others: list[_Sample]) -> bool:
     return not any(np.abs(x - o.x).max() <= 1e-4 * scale for o in others)
 
 
-def _search(frame: _Frame, layers: _Layers, known: list[_Sample], rng: np.random.Generator,
-            ransac_draws: int, stall: int = 0, give_up: int = 0) -> tuple[list[_Sample], int]:
-    """Certified samples of the (residual) gradient in ``frame``, and the RANSAC draws spent. With
-    ``stall``, a search that has found a sample stops after ``stall`` draws without another: the
-    caller deflates what it found, and the samples left then dominate rows of the residual. With
-    ``give_up``, a search of a residual (``known`` samples already subtracted) that has found nothing
-    stops after ``give_up`` draws: the caller then searches the undeflated gradient (:func:`_rescue`)."""
-    found: list[_Sample] = []
-    r = frame.r
-    normals = _Rows(r)  # of the found samples, in order
+class _Search:
+    """One pass over a (residual) gradient in ``frame``: the samples found so far (beside ``known``, found
+    in earlier passes), their normals, and the activation cells and planes' rows already tried (each
+    is tried once). Its two phases are :meth:`dominated_rows` and :meth:`planes`."""
 
-    def seen(q: np.ndarray, tol: float = 1e-6) -> bool:
+    def __init__(self, frame: _Frame, layers: _Layers, known: list[_Sample]):
+        self.frame, self.layers, self.known = frame, layers, known
+        self.found: list[_Sample] = []
+        self.normals = _Rows(frame.r)  # of the found samples, in order
+        self.tried: set[bytes] = set()
+
+    @property
+    def done(self) -> bool:
+        return len(self.found) == self.frame.r
+
+    def seen(self, q: np.ndarray, tol: float = 1e-6) -> bool:
         """Known already: within ``tol`` of a found normal."""
-        return normals.near(q, tol)
+        return self.normals.near(q, tol)
 
-    def accept(q: np.ndarray | None, certified: tuple | None = None) -> None:
-        if q is None or seen(q):
+    def accept(self, q: np.ndarray | None, certified: tuple | None = None) -> None:
+        """Keep the sample behind normal ``q`` (certified here unless ``certified`` is given) if it is a new exact one."""
+        if q is None or self.seen(q):
             return
-        cert, x, kept = certified or _certify(frame, layers, q)
-        if _is_new(cert, x, known + found):
-            found.append(_Sample(cert, x, kept, frame.P @ q))
-            normals.append(q)
+        cert, x, kept = certified or _certify(self.frame, self.layers, q)
+        if _is_new(cert, x, self.known + self.found):
+            self.found.append(_Sample(cert, x, kept, self.frame.P @ q))
+            self.normals.append(q)
 
-    if r == 1:  # one sample left: the residual is its rank-1 term
-        accept(np.ones(1))
-        return found, 0
-    # 1. rows a sample dominates: the row over its bias entry lands in that sample's activation
-    #    cell, whose inactive units give the sample's normal (tried by decreasing bias entry)
-    bias = np.abs(frame.P @ frame.V[-1])
-    order = np.argsort(-bias, kind="stable")
-    order = order[(bias[order] > 1e-6 * bias.max()) & frame.live[order]]
-    tried: set[bytes] = set()
-    for start in range(0, len(order), CHUNK):
-        if len(found) == r:
-            break
-        X = frame.P[order[start:start + CHUNK]] @ frame.V.T
-        with np.errstate(divide="ignore", invalid="ignore"):  # a row without bias entry has an empty cell
-            inactive = ((X / X[:, -1:]) @ layers.W1.T < 0) & frame.live
-        cells = []
-        for cell in inactive:
-            if (key := np.packbits(cell).tobytes()) not in tried:  # one activation cell, one try
-                tried.add(key)
-                cells.append(cell)
-        if not cells:
-            continue
-        qs = _normals_worth_certifying(frame, layers, frame.W, np.array(cells))
-        fresh = [k for k, q in enumerate(qs) if q is not None and not seen(q)]
-        certified = dict(zip(fresh, _certify_many(frame, layers, np.array([qs[k] for k in fresh])))) if fresh else {}
-        for k, q in enumerate(qs):
-            if len(found) == r:
+    def _untried(self, masks: Iterable[np.ndarray]) -> list[int]:
+        """The indices of ``masks`` (rows of units) not tried before, now marked tried."""
+        out = []
+        for k, mask in enumerate(masks):
+            if (key := np.packbits(mask).tobytes()) not in self.tried:
+                self.tried.add(key)
+                out.append(k)
+        return out
+
+    def dominated_rows(self) -> None:
+        """Phase 1: rows a sample dominates. The row over its bias entry lands in that sample's activation
+        cell, whose inactive units give the sample's normal; rows are tried by decreasing bias entry,
+        :data:`CHUNK` at a time, and accepted in that order."""
+        frame, layers = self.frame, self.layers
+        bias = np.abs(frame.P @ frame.V[-1])
+        order = np.argsort(-bias, kind="stable")
+        order = order[(bias[order] > 1e-6 * bias.max()) & frame.live[order]]
+        for start in range(0, len(order), CHUNK):
+            if self.done:
                 break
-            if k in certified:
-                accept(q, certified[k])
-    # 2. the rest: hyperplanes that many rows lie on. Each batch's planes are refined and certified
-    #    in stacked factorisations, then accepted in the draws' order (late in training a batch holds
-    #    hundreds of spurious planes, each certified and rejected); a set of rows is tried once
-    draws = last = 0
-    if len(found) < r and ransac_draws > 0:
-        for spent, Q, on in _ransac_planes(frame.W, frame.tol, rng, ransac_draws, list(normals.rows)):
-            draws, before = spent, len(found)
-            todo = []
-            for b in np.flatnonzero(~normals.near_many(Q, 1e-3)):
-                if (key := np.packbits(on[b]).tobytes()) not in tried:
-                    tried.add(key)
-                    todo.append(b)
+            X = frame.P[order[start:start + CHUNK]] @ frame.V.T
+            with np.errstate(divide="ignore", invalid="ignore"):  # a row without bias entry has an empty cell
+                inactive = ((X / X[:, -1:]) @ layers.W1.T < 0) & frame.live
+            cells = [inactive[k] for k in self._untried(inactive)]  # one activation cell, one try
+            if not cells:
+                continue
+            qs = _normals_worth_certifying(frame, layers, frame.W, np.array(cells))
+            fresh = [k for k, q in enumerate(qs) if q is not None and not self.seen(q)]
+            certified = dict(zip(fresh, _certify_many(frame, layers, np.array([qs[k] for k in fresh])))) if fresh else {}
+            for k, q in enumerate(qs):
+                if self.done:
+                    break
+                if k in certified:
+                    self.accept(q, certified[k])
+
+    def planes(self, rng: np.random.Generator, ransac_draws: int, stall: int, give_up: int) -> int:
+        """Phase 2: the rest, as hyperplanes that many rows lie on (RANSAC, :func:`_ransac_planes`); the draws
+        spent. Each batch's planes are refined and certified in stacked factorisations, then accepted in
+        the draws' order (late in training a batch holds hundreds of spurious planes, each certified and
+        rejected). ``stall`` and ``give_up``: see :func:`_search`."""
+        frame, layers = self.frame, self.layers
+        draws = last = 0
+        for spent, Q, on in _ransac_planes(frame.W, frame.tol, rng, ransac_draws, list(self.normals.rows)):
+            draws, before = spent, len(self.found)
+            new_planes = np.flatnonzero(~self.normals.near_many(Q, 1e-3))
+            todo = [new_planes[k] for k in self._untried(on[new_planes])]
             refined = _normals_worth_certifying(frame, layers, frame.W, on[todo])
-            fresh = [k for k, q in enumerate(refined) if q is not None and not seen(q)]
+            fresh = [k for k, q in enumerate(refined) if q is not None and not self.seen(q)]
             if fresh:
                 for k, cert in zip(fresh, _certify_many(frame, layers, np.array([refined[k] for k in fresh]))):
-                    accept(refined[k], cert)
-                    if len(found) == r:
+                    self.accept(refined[k], cert)
+                    if self.done:
                         break
-            if len(found) == r:
+            if self.done:
                 break
-            last = spent if len(found) > before else last
-            if stall and found and spent - last >= stall:
+            last = spent if len(self.found) > before else last
+            if stall and self.found and spent - last >= stall:
                 break
-            if give_up and known and not found and spent >= give_up:
+            if give_up and self.known and not self.found and spent >= give_up:
                 break
-    return found, draws
+        return draws
+
+
+def _search(frame: _Frame, layers: _Layers, known: list[_Sample], rng: np.random.Generator,
+            ransac_draws: int, stall: int = 0, give_up: int = 0) -> tuple[list[_Sample], int]:
+    """Certified samples of the (residual) gradient in ``frame``, and the RANSAC draws spent: the rows a
+    sample dominates first (:meth:`_Search.dominated_rows`), then RANSAC for the rest
+    (:meth:`_Search.planes`). With ``stall``, a search that has found a sample stops after ``stall``
+    draws without another: the caller deflates what it found, and the samples left then dominate rows
+    of the residual. With ``give_up``, a search of a residual (``known`` samples already subtracted)
+    that has found nothing stops after ``give_up`` draws: the caller then searches the undeflated
+    gradient (:func:`_rescue`)."""
+    search = _Search(frame, layers, known)
+    if frame.r == 1:  # one sample left: the residual is its rank-1 term
+        search.accept(np.ones(1))
+        return search.found, 0
+    search.dominated_rows()
+    draws = search.planes(rng, ransac_draws, stall, give_up) if not search.done and ransac_draws > 0 else 0
+    return search.found, draws
 
 
 def _rescue(whole: _Frame, layers: _Layers, samples: list[_Sample], rng: np.random.Generator, ransac_draws: int,
@@ -527,19 +553,13 @@ def invert_fedsgd(update: dict[str, np.ndarray], params: dict[str, np.ndarray], 
     another (0: never); a pass over a residual that has found nothing stops after ``give_up`` draws
     (0: never). What is left is searched in the undeflated gradient (see the module's notes).
 
-    On 40 paper-size updates of each synthetic corpus, drawn evenly from 200 FedSGD rounds (B = 20),
-    ``stall=1000`` with that last search recovered 748, 770 and 773 of the 800 utterances (IEMOCAP,
-    CREMA-D, MSP-Improv) in 0.59, 0.40 and 0.45 s an update on one core, where every pass drawing
-    its whole budget, without the last search, recovered 668, 747 and 741 in 1.69, 1.40 and 1.48 s
-    (``stall=0`` with it: 760 on IEMOCAP in 1.35 s). On 80 updates of each corpus (2026-12-03, one
-    process, a 2-core Intel Xeon, two runs), ``give_up=5000`` and the screens in front of the
-    certificate (:func:`_may_certify`, :func:`_normals_worth_certifying`) took 0.64-0.68 -> 0.28-0.38,
-    0.40-0.52 -> 0.25-0.26 and 0.47-0.52 -> 0.25-0.26 s an update, with 1,508, 1,578 and 1,552 exact
-    utterances recovered against 1,509, 1,576 and 1,553 (the screens alone change nothing: the same
-    samples, bit for bit).
+    ``stall`` and ``give_up`` trade draws for recovered utterances, and the screens in front of the
+    certificate (:func:`_may_certify`, :func:`_normals_worth_certifying`) change nothing recovered
+    (the same samples, bit for bit) while sparing most exact certificates; benchmarks/README.md holds
+    what they recovered and cost on paper-size updates.
     """
     # every matrix here is small (256 x r, r <= B): BLAS threads only contend with each other and with
-    # whatever runs beside (on 2 busy cores a 256 x 989 SVD took 5x longer with OpenBLAS's threads)
+    # whatever runs beside (benchmarks/README.md: a 256 x 989 SVD on two busy cores with OpenBLAS's threads)
     with threadpool_limits(limits=1, user_api="blas"):
         return _invert(update, params, batch_size, dropout, rng or np.random.default_rng(0), ransac_draws, stall, give_up)
 
@@ -642,7 +662,7 @@ def invert_all(jobs: Iterable[InversionJob], dropout: float, *, ransac_draws: in
 def inversion_workers(requested: int, jobs: int) -> int:
     """Processes for :func:`invert_all`: ``requested`` (0: every core this process may use), never more
     than one per 4 jobs (on fewer, a fork and the ~2 MB of arrays each job sends cost about what the
-    second core saves: 4 jobs of ~27 ms took 0.16 s on 2 workers, 0.11 s on one)."""
+    second core saves: benchmarks/README.md)."""
     if requested < 0:
         raise ValueError(f"inversion workers: must be >= 0 (0: all cores), got {requested}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
