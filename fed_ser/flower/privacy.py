@@ -31,7 +31,6 @@ from flwr.serverapp.strategy import (
 
 from fed_ser.run.settings import RunSettings
 
-
 #: The modes whose wrapper adds noise to the mean of clipped replies (the inner strategy must then weigh
 #: the replies alike, see :class:`fed_ser.flower.strategy.FedSerStrategy`).
 CENTRAL_DP_MODES = ("central-fixed", "central-adaptive", "client-fixed")
