@@ -239,13 +239,16 @@ def _cell(mode: str, eps: float, clip: float, uar: float, asr: float, dropout: f
             "defence": {"dp_mode": mode, "dp_epsilon": eps, "dp_clip": clip, "dropout": dropout,
                         "spent_epsilon_max": eps if mode != "none" else None},
             "ser": {"uar": uar},
-            "attacks": {"cnn": {"asr": asr, "asr_ci": [asr - 0.1, asr + 0.1], "asr_pooled": {"1": asr, "5": asr + 0.01}},
-                        "profile": {"asr_pooled": {"1": 0.5, "10": 0.6}},
-                        **({"feature-space": {"asr": 0.9 if mode == "none" else 0.5, "auc": 0.95}} if clip == 1.0 else {})}}
+            "attacks": {"cnn": {"asr": asr, "asr_ci": [asr - 0.1, asr + 0.1], "asr_pooled": {"1": asr, "5": asr + 0.01},
+                                "balanced": asr, "balanced_ci": [asr - 0.1, asr + 0.1],
+                                "balanced_pooled": {"1": asr, "5": asr + 0.01}},
+                        "profile": {"asr_pooled": {"1": 0.5, "10": 0.6}, "balanced_pooled": {"1": 0.5, "10": 0.6}},
+                        **({"feature-space": {"asr": 0.9 if mode == "none" else 0.5, "balanced": 0.9 if mode == "none" else 0.5,
+                                              "auc": 0.95}} if clip == 1.0 else {})}}
 
 
 def test_defence_report_keeps_cells_that_differ_only_in_clip_apart(tmp_path):
-    from fed_ser.experiments.report import write_defense_report
+    from fed_ser.experiments.defence_report import write_defense_report
 
     cells = [_cell("sample", 10.0, 5.0, 0.71, 0.52), _cell("none", 10.0, 1.0, 0.81, 0.77),
              _cell("sample", 10.0, 1.0, 0.64, 0.51), _cell("sample", 1.0, 1.0, 0.55, 0.50)]

@@ -32,6 +32,7 @@ from attacks.inference.base import ServerView
 from fed_ser.core.statistics import uar_interval
 from fed_ser.data.federated import FederatedData
 from fed_ser.experiments.cli import console, expand_overrides, load_config, seconds_per_round
+from fed_ser.experiments.defence_report import write_defense_report
 from fed_ser.experiments.evaluation import (
     FOLD_KEY,
     AttackStage,
@@ -42,7 +43,7 @@ from fed_ser.experiments.evaluation import (
     population,
 )
 from fed_ser.experiments.recovery import check_inversion_settings, invert_aggregates, recover_batches, recovery_report
-from fed_ser.experiments.report import write_defense_report, write_grid_report, write_run_report
+from fed_ser.experiments.report import write_grid_report, write_run_report
 from fed_ser.experiments.signal import client_signal, signal_probes
 from fed_ser.experiments.threat_model import ThreatModel, check_threat_model, shadow_fold, threat_model, train_recorded
 from fed_ser.experiments.threshold_study import threshold_study

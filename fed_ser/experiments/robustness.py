@@ -25,8 +25,8 @@ from defenses.evasion.randomization import RandomizationConfig, RandomizedModel
 from fed_ser.core.metrics import evaluate
 from fed_ser.data.federated import FederatedData
 from fed_ser.experiments.cli import expand_overrides, load_config, run_fl, run_settings
+from fed_ser.experiments.defence_report import write_robust_report
 from fed_ser.experiments.prepare import prepare
-from fed_ser.experiments.report import write_robust_report
 from fed_ser.io import atomic_write_json, atomic_write_text
 from fed_ser.recording.checkpoint import NAME as CHECKPOINT
 from fed_ser.recording.checkpoint import load_checkpoint, load_model

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fed_ser.data.synthetic import PAPER_CORPORA
 from fed_ser.experiments.cli import run_fl, run_settings, run_vectorized_fl
@@ -125,5 +125,9 @@ def train_recorded(cfg: DictConfig, prepared: Path, fold_dir: Path, role: str, e
         if res.get("final", {}).get("round") == int(cfg.fl.rounds):
             res["dir"] = str(out)
             return res
-    run = run_fl if engine == "flower" else run_vectorized_fl
-    return {**run(cfg, prepared, str(out), str(out / "updates")), "dir": str(out)}
+    if engine == "flower":  # resumes after its last finished round: drops no finished round's records
+        return {**run_fl(cfg, prepared, str(out), str(out / "updates")), "dir": str(out)}
+    # the in-process engine starts over: the folder is this settings' own (run_key), what it drops is an
+    # unfinished or shorter run of the very same settings
+    cfg = OmegaConf.merge(cfg, {"recorder": {"overwrite": True}})
+    return {**run_vectorized_fl(cfg, prepared, str(out), str(out / "updates")), "dir": str(out)}

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fed_ser.experiments.attack import run_experiment
 from fed_ser.experiments.config import console, load_config
-from fed_ser.experiments.report import write_threat_report
+from fed_ser.experiments.defence_report import write_threat_report
 from fed_ser.io import atomic_write_json
 from fed_ser.run.settings import ConfigError
 

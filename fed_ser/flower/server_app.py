@@ -76,6 +76,107 @@ def discover_clients(grid: Grid, expected: int, prepared: str = "", timeout: flo
     return found
 
 
+def _resume(s: RunSettings, model) -> tuple[int, list[dict]]:
+    """The round a run starts after and its history so far (a finished round's checkpoint under ``resume``)."""
+    ckpt = Path(s.out_dir) / CHECKPOINT if s.out_dir else None
+    if not (s.resume and ckpt is not None and ckpt.exists()):
+        return 0, []
+    start_round, params = load_checkpoint(ckpt, s)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
+    return start_round, [r for r in checkpoint_history(ckpt) if r["round"] <= start_round]
+
+
+def _recorder(s: RunSettings, start_round: int) -> UpdateRecorder | None:
+    """The eavesdropper's recorder, its store cut back to the last finished round."""
+    if not s.recorder_dir:
+        return None
+    check_overwrite(s, start_round)  # records of finished rounds are dropped only under recorder.overwrite=true
+    store = UpdateStore(s.recorder_dir, mode="a")
+    dropped = store.truncate_after_round(start_round)
+    if dropped:
+        print(f"[fed-ser] resumed at round {start_round}: dropped {dropped} recorded updates of unfinished rounds")
+    return UpdateRecorder(store, s.algorithm, s.lr, s.layers(), s.recorder_float16, model_replies=s.model_replies)
+
+
+class _RoundLog:
+    """Flower's ``evaluate_fn``: after every round, the round's row in the history, the held-out speakers'
+    evaluation on evaluation rounds (with per-speaker counts for the UAR's interval), and the checkpoint."""
+
+    def __init__(self, s: RunSettings, data: FederatedData, start_round: int, history: list[dict]):
+        self.s, self.start_round, self.history = s, start_round, history
+        self.X, self.y = data.test_rows()
+        self.speakers = data.test_speakers()
+        self.model = build_model(data.X.shape[1], s.dropout, s.seed)
+        self.ckpt = Path(s.out_dir) / CHECKPOINT if s.out_dir else None
+        self.strategy = None  # set once built: its per-round bookkeeping
+        self.t0 = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        rnd = server_round + self.start_round
+        row = {"sampled": 0, "replies": 0, "train_loss": None, **self.strategy.rounds.get(rnd, {"round": rnd})}
+        line = f"[fed-ser] round {rnd}/{self.s.rounds}: {row['replies']}/{row['sampled']} replies"
+        metrics = None
+        if self.strategy.is_eval_round(rnd):
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            m = evaluate(self.model, self.X, self.y, self.speakers)
+            row.update(test_acc=m["acc"], test_uar=m["uar"], test_counts=m.get("counts"))
+            line += f", test acc {m['acc']:.3f} UAR {m['uar']:.3f}"
+            metrics = MetricRecord({"test-acc": m["acc"], "test-uar": m["uar"]})
+        if rnd == 1 or "test_uar" in row or row["replies"] < row["sampled"]:  # started / progress / a node lost
+            print(f"{line} ({time.perf_counter() - self.t0:.1f} s)", flush=True)
+        self.history.append(row)
+        if self.ckpt is not None:
+            save_checkpoint(self.ckpt, rnd, self.s, arrays_to_numpy(arrays), self.history)
+        return metrics
+
+
+def _strategies(s: RunSettings, model, n_clients: int, client_nodes: dict[int, int], start_round: int,
+                recorder: UpdateRecorder | None, log: _RoundLog):
+    """The round's strategy and what the server runs: Flower's DP wrapper around it if configured, the
+    eavesdropper outermost (it records what the server receives); under SecAgg+ the scheduled workflow."""
+    if s.secagg:  # the server's recorder gets what SecAgg+ gives it: global models and unmasked sums
+        strategy = ScheduledSecAgg(s, n_clients, client_nodes, {k: v.numpy() for k, v in model.state_dict().items()},
+                                   on_round=lambda rnd, params: log(rnd - start_round, numpy_to_arrays(params)),
+                                   recorder=recorder, round_offset=start_round)
+        return strategy, strategy
+    strategy = FedSerStrategy(
+        algorithm=s.algorithm, lr=s.lr, model_replies=s.model_replies, eval_every=s.eval_every, num_rounds=s.rounds,
+        round_offset=start_round, client_nodes=client_nodes, num_clients=n_clients, seed=s.seed,
+        uniform_weights=s.flower_dp_mode in CENTRAL_DP_MODES,  # what the wrappers' noise is calibrated for
+        fraction_train=s.fraction, fraction_evaluate=s.eval_fraction,
+        min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,  # all were awaited once; later rounds go on with whoever is left
+    )
+    server = wrap_strategy(strategy, s, clients_per_round(n_clients, s.fraction))
+    return strategy, (Eavesdropper(server, recorder, round_offset=start_round) if recorder is not None else server)
+
+
+def _results(s: RunSettings, history: list[dict], n_train: list[int], seconds: dict, recorder: UpdateRecorder | None) -> dict:
+    """results.json: the history, the last and the model-selected evaluations (best client validation UAR
+    in the run's second half), short rounds, what DP spent and what was recorded."""
+    evaluated = [r for r in history if "test_uar" in r]
+    last = evaluated[-1] if evaluated else {}
+    half = [r for r in evaluated if r["round"] > s.rounds // 2 and "val_uar" in r]
+    best = max(half, key=lambda r: r["val_uar"]) if half else last
+    pick = lambda r, *keys: {k: r.get(k) for k in keys}
+    results = {
+        "settings": s.to_run_config(), "num_clients": len(n_train), **seconds, "rounds": history,
+        "final": pick(last, "test_acc", "test_uar", "test_counts", "round"),
+        "selected": pick(best, "round", "val_uar", "test_acc", "test_uar", "test_counts"),
+        "short_rounds": [r["round"] for r in history if r["replies"] < r["sampled"]],
+    }
+    took_part = [sum(p in r.get("clients", ()) for r in history) for p in range(len(n_train))]
+    privacy = privacy_report(s, n_train, took_part)
+    if privacy is not None:
+        results["privacy"] = privacy
+        print(f"[fed-ser] privacy ({privacy['mode']}): spent max {privacy['spent_epsilon_max']:.2f} "
+              f"mean {privacy['spent_epsilon_mean']:.2f} at delta {privacy['delta']}: {privacy['guarantee']}")
+    if recorder is not None:
+        results["recorder"] = {"dir": s.recorder_dir, "updates": len(recorder.store), "bytes_per_update": recorder.store.bytes_per_update()}
+    return results
+
+
 def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) -> dict:
     """Train for ``s.rounds`` rounds on the nodes of ``grid``; return the results dict.
 
@@ -84,108 +185,37 @@ def run_federated(grid: Grid, s: RunSettings, context: Context | None = None) ->
 
     After every round (Flower's ``evaluate_fn``: training and client evaluation done) the round's
     row is added to the history, the global model is evaluated on the held-out speakers when it is
-    an evaluation round, and the checkpoint is written with the history so far.
+    an evaluation round, and the checkpoint is written with the history so far (:class:`_RoundLog`).
     """
     grid = PromptGrid(grid, s.poll_interval)  # replies every fl.poll_interval s, not Flower's deployed grid's 3 s
     data = FederatedData.load(s.prepared)
-    out = Path(s.out_dir) if s.out_dir else None
     model = build_model(data.X.shape[1], s.dropout, s.seed)
-    start_round, history = 0, []
-    ckpt = out / CHECKPOINT if out else None
-    if s.resume and ckpt is not None and ckpt.exists():
-        start_round, params = load_checkpoint(ckpt, s)
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
-        history = [r for r in checkpoint_history(ckpt) if r["round"] <= start_round]
-    recorder = None
-    if s.recorder_dir:
-        check_overwrite(s, start_round)  # records of finished rounds are dropped only under recorder.overwrite=true
-        store = UpdateStore(s.recorder_dir, mode="a")
-        dropped = store.truncate_after_round(start_round)
-        if dropped:
-            print(f"[fed-ser] resumed at round {start_round}: dropped {dropped} recorded updates of unfinished rounds")
-        recorder = UpdateRecorder(store, s.algorithm, s.lr, s.layers(), s.recorder_float16, model_replies=s.model_replies)
-    X_test, y_test = data.test_rows()
-    test_speakers = data.test_speakers()  # per-speaker counts: the SER UAR's interval over held-out speakers
-    eval_model = build_model(data.X.shape[1], s.dropout, s.seed)
-    t0 = time.perf_counter()
+    start_round, history = _resume(s, model)
+    recorder = _recorder(s, start_round)
+    log = _RoundLog(s, data, start_round, history)
     n_clients = federation_size(s.min_available, data.num_clients)
     n_train = [len(data.client_rows(p, TRAIN)[1]) for p in range(n_clients)]
     check_privacy(s, n_clients)
+    remaining = s.rounds - start_round
     try:
-        remaining = s.rounds - start_round
         client_nodes = discover_clients(grid, n_clients, Path(s.prepared).name) if remaining > 0 else {}
-        t_discover = time.perf_counter() - t0  # the nodes' start and first message: once a run, not a round's cost
-        if s.secagg:  # the server's recorder gets what SecAgg+ gives it: global models and unmasked sums
-            strategy = ScheduledSecAgg(s, n_clients, client_nodes, {k: v.numpy() for k, v in model.state_dict().items()},
-                                       on_round=lambda rnd, params: evaluate_fn(rnd - start_round, numpy_to_arrays(params)),
-                                       recorder=recorder, round_offset=start_round)
-        else:
-            strategy = FedSerStrategy(
-                algorithm=s.algorithm, lr=s.lr, model_replies=s.model_replies, eval_every=s.eval_every, num_rounds=s.rounds,
-                round_offset=start_round, client_nodes=client_nodes, num_clients=n_clients, seed=s.seed,
-                uniform_weights=s.flower_dp_mode in CENTRAL_DP_MODES,  # what the wrappers' noise is calibrated for
-                fraction_train=s.fraction, fraction_evaluate=s.eval_fraction,
-                min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,  # all were awaited once; later rounds go on with whoever is left
-            )
-            # Flower's DP wraps the strategy; the eavesdropper wraps both: it records what the server receives
-            server = wrap_strategy(strategy, s, clients_per_round(n_clients, s.fraction))
-            if recorder is not None:
-                server = Eavesdropper(server, recorder, round_offset=start_round)
-
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_round == 0:
-                return None
-            rnd = server_round + start_round
-            row = {"sampled": 0, "replies": 0, "train_loss": None, **strategy.rounds.get(rnd, {"round": rnd})}
-            line = f"[fed-ser] round {rnd}/{s.rounds}: {row['replies']}/{row['sampled']} replies"
-            metrics = None
-            if strategy.is_eval_round(rnd):
-                eval_model.load_state_dict(arrays.to_torch_state_dict())
-                m = evaluate(eval_model, X_test, y_test, test_speakers)
-                row.update(test_acc=m["acc"], test_uar=m["uar"], test_counts=m.get("counts"))
-                line += f", test acc {m['acc']:.3f} UAR {m['uar']:.3f}"
-                metrics = MetricRecord({"test-acc": m["acc"], "test-uar": m["uar"]})
-            if rnd == 1 or "test_uar" in row or row["replies"] < row["sampled"]:  # started / progress / a node lost
-                print(f"{line} ({time.perf_counter() - t0:.1f} s)", flush=True)
-            history.append(row)
-            if ckpt is not None:
-                save_checkpoint(ckpt, rnd, s, arrays_to_numpy(arrays), history)
-            return metrics
-
+        t_discover = time.perf_counter() - log.t0  # the nodes' start and first message: once a run, not a round's cost
+        log.strategy, server = _strategies(s, model, n_clients, client_nodes, start_round, recorder, log)
         if remaining > 0 and s.secagg:
             if context is None:
                 raise ValueError("fl.secagg=true: run_federated needs the ServerApp's context (Flower's legacy workflow)")
-            run_secagg(grid, context, s, strategy, remaining, max_weight=float(max(n_train)))
+            run_secagg(grid, context, s, log.strategy, remaining, max_weight=float(max(n_train)))
         elif remaining > 0:
             server.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
-                           timeout=s.round_timeout, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
-                           evaluate_fn=evaluate_fn)
+                         timeout=s.round_timeout, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
+                         evaluate_fn=log)
     finally:
         if recorder is not None:
             recorder.store.close()
-    evaluated = [r for r in history if "test_uar" in r]
-    last = evaluated[-1] if evaluated else {}
-    half = [r for r in evaluated if r["round"] > s.rounds // 2 and "val_uar" in r]
-    best = max(half, key=lambda r: r["val_uar"]) if half else last
-    results = {
-        "settings": s.to_run_config(), "num_clients": n_clients,
-        "wall_seconds": time.perf_counter() - t0, "discover_seconds": t_discover, "rounds_run": remaining, "rounds": history,
-        "final": {"test_acc": last.get("test_acc"), "test_uar": last.get("test_uar"), "test_counts": last.get("test_counts"),
-                  "round": last.get("round")},
-        "selected": {"round": best.get("round"), "val_uar": best.get("val_uar"), "test_acc": best.get("test_acc"),
-                     "test_uar": best.get("test_uar"), "test_counts": best.get("test_counts")},
-        "short_rounds": [r["round"] for r in history if r["replies"] < r["sampled"]],
-    }
-    took_part = [sum(p in r.get("clients", ()) for r in history) for p in range(n_clients)]
-    privacy = privacy_report(s, n_train, took_part)
-    if privacy is not None:
-        results["privacy"] = privacy
-        print(f"[fed-ser] privacy ({privacy['mode']}): spent max {privacy['spent_epsilon_max']:.2f} "
-              f"mean {privacy['spent_epsilon_mean']:.2f} at delta {privacy['delta']}: {privacy['guarantee']}")
-    if recorder is not None:
-        results["recorder"] = {"dir": s.recorder_dir, "updates": len(recorder.store), "bytes_per_update": recorder.store.bytes_per_update()}
-    if out is not None:
-        atomic_write_json(out / "results.json", results)
+    seconds = {"wall_seconds": time.perf_counter() - log.t0, "discover_seconds": t_discover, "rounds_run": remaining}
+    results = _results(s, history, n_train, seconds, recorder)
+    if s.out_dir:
+        atomic_write_json(Path(s.out_dir) / "results.json", results)
     return results
 
 
