@@ -312,13 +312,13 @@ def _threshold_section(summary: dict) -> str:
     if not study:
         return ""
     lines = ["", "## The adaptive threshold on unbalanced populations", "",
-             f"Attacked populations drawn from this cell's clients ({study['draws']} draws each, {study['clients']} "
-             "clients a draw); balanced accuracy, mean [2.5%, 97.5%] over the draws, of the feature-space attack at the "
+             f"Attacked populations drawn from this cell's {study['women']} women's and {study['men']} men's clients "
+             f"({study['draws']} draws each); balanced accuracy, mean [2.5%, 97.5%] over the draws, of the feature-space attack at the "
              "attacker's own threshold and at the threshold set between the two clusters of the drawn population's scores. "
              "The headline figure is the attacker's own threshold.", "",
-             "| women : men | own threshold | adaptive threshold |", "|---|---|---|"]
+             "| women : men | clients | own threshold | adaptive threshold |", "|---|---|---|---|"]
     for r in study["rows"]:
-        lines.append(f"| {r['mix']} | {_threshold_cell(r['own'])} | {_threshold_cell(r['adaptive'])} |")
+        lines.append(f"| {r['mix']} | {r.get('clients', '')} | {_threshold_cell(r['own'])} | {_threshold_cell(r['adaptive'])} |")
     return "\n".join(lines) + "\n"
 
 

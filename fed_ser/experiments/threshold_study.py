@@ -60,7 +60,7 @@ def threshold_study(scores: list[Scores], female: list[dict[int, int]], keys: li
             pop = _draw(women, men, mix, rng)
             if pop is None:
                 break
-            size = max(size, len(pop))
+            size = len(pop)
             sel = np.isin(clients, pop)
             labels = np.array([truth[c] for c in clients[sel]])
             t = two_means_threshold(z[sel])
@@ -72,5 +72,5 @@ def threshold_study(scores: list[Scores], female: list[dict[int, int]], keys: li
                 out.append(balanced_accuracy(values, fem) if fem.any() and not fem.all() else float(values.mean()))
         if own:
             one = not (mix[0] and mix[1])
-            rows.append({"mix": f"{mix[0]} : {mix[1]}", "own": _spread(own, one), "adaptive": _spread(adaptive, one)})
-    return {"rows": rows, "draws": draws, "clients": size, "women": len(women), "men": len(men)}
+            rows.append({"mix": f"{mix[0]} : {mix[1]}", "clients": size, "own": _spread(own, one), "adaptive": _spread(adaptive, one)})
+    return {"rows": rows, "draws": draws, "women": len(women), "men": len(men)}
