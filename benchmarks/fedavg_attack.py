@@ -16,7 +16,7 @@ Printed per setting: balanced accuracy over the attacked clients (one score per 
 pooled; and k=1, single updates) with a speaker-level bootstrap interval (speakers resampled within each
 gender, each speaker's clients and folds together), the majority baseline, AUC on one score per client,
 the control (the same attack fitted on the attacker's speakers relabelled: every balanced relabelling but
-the identity and its inverse) with its permutation p-value, the seconds per attacked update, the
+the identity and its inverse, one per fold's attacker, combined over the folds) with its permutation p-value, the seconds per attacked update, the
 inversion's recovery (share of the clients' utterances recovered within 10% / 25% relative error of a
 true one, and their labels), and the stage probes (a linear probe cross-validated over the attacked
 clients, speakers grouped: their true emotion-conditional means, the means of what was recovered, the
@@ -104,8 +104,30 @@ def speaker_interval(correct: np.ndarray, labels: np.ndarray, speakers: np.ndarr
     return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
 
 
-def summarise(name: str, per_client: dict, controls: list[dict], k1: dict | None, seconds: float, updates: int) -> dict:
-    """Metrics of one attack over the attacked clients of every fold (``per_client[key] = (score, label, speaker)``)."""
+def control_runs(controls: dict, keys: list, most: int = 999, seed: int = 0) -> list[dict]:
+    """The control's relabellings of every fold combined: each fold's attacker is relabelled on its own (its
+    relabellings, :func:`relabellings`), so a run of the pooled control picks one relabelling per fold; all
+    combinations, or ``most`` drawn at random."""
+    folds = sorted(controls)
+    if not folds or any(not controls[f] for f in folds):
+        return []
+    sizes = [len(controls[f]) for f in folds]
+    total = int(np.prod(sizes))
+    rng = np.random.default_rng(seed)
+    combos = list(itertools.product(*[range(n) for n in sizes])) if total <= most else \
+        [tuple(int(rng.integers(n)) for n in sizes) for _ in range(most)]
+    out = []
+    for combo in combos:
+        run = {}
+        for f, i in zip(folds, combo):
+            run.update(controls[f][i])
+        out.append(run)
+    return out
+
+
+def summarise(name: str, per_client: dict, controls: dict, k1: dict | None, seconds: float, updates: int) -> dict:
+    """Metrics of one attack over the attacked clients of every fold (``per_client[key] = (score, label, speaker)``;
+    ``controls[fold][i]``: the scores of that fold's clients under its attacker's i-th relabelling)."""
     keys = sorted(per_client)
     s = np.array([per_client[k][0] for k in keys])
     y = np.array([per_client[k][1] for k in keys])
@@ -113,11 +135,13 @@ def summarise(name: str, per_client: dict, controls: list[dict], k1: dict | None
     bal = balanced(s, y)
     lo, hi = speaker_interval(((s > 0.5) == y).astype(float), y, spk)
     auc = float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
-    ctl = [balanced(np.array([c[k] for k in keys]), y) for c in controls]
+    ctl = [balanced(np.array([c[k] for k in keys]), y) for c in control_runs(controls, keys)]
     out = {"attack": name, "balanced": bal, "ci": [lo, hi], "auc": auc, "clients": len(keys), "speakers": len(np.unique(spk)),
            "women": int(y.sum()), "majority": float(max(y.mean(), 1 - y.mean())), "control": float(np.mean(ctl)) if ctl else None,
            "control_runs": len(ctl), "p": float((1 + sum(c >= bal for c in ctl)) / (1 + len(ctl))) if ctl else None,
-           "seconds_per_update": seconds / max(updates, 1)}
+           "seconds_per_update": seconds / max(updates, 1),
+           "per_client": [[int(k[0]), int(k[1]), str(sp), int(lab), float(sc)] for k, sp, lab, sc in zip(keys, spk, y, s)],
+           "controls": {str(f): [[float(c[k]) for k in sorted(c)] for c in runs] for f, runs in controls.items()}}
     if k1 is not None:
         c1 = np.array([k1[k] for k in keys])
         out["k1_balanced"] = float(np.mean([c1[y == g].mean() for g in (0, 1)]))
@@ -125,7 +149,7 @@ def summarise(name: str, per_client: dict, controls: list[dict], k1: dict | None
 
 
 def run_cell(cell: Path, folds: list[int], per_update: int, invert: int, n_controls: int, attacks: list[str]) -> dict:
-    rm_client, rm_k1, rm_controls, inv_client, inv_controls = {}, {}, [], {}, []
+    rm_client, rm_k1, rm_controls, inv_client, inv_controls = {}, {}, {}, {}, {}
     rm_seconds = inv_seconds = 0.0
     rm_updates = inv_updates = 0
     # utterances in the inverted updates, returned, within 10%, within 25%, labels right (of 25%), sign pattern >= 95%,
@@ -133,6 +157,7 @@ def run_cell(cell: Path, folds: list[int], per_update: int, invert: int, n_contr
     recovery = np.zeros(7)
     signal = {"true": [], "true_signs": [], "recovered": [], "summary": [], "label": [], "speaker": []}
     settings_row = None
+    ser: list[float] = []
     for fold in folds:
         store, priv, att, st = fold_inputs(cell, fold)
         settings = LocalSettings(algorithm=st["fl.algorithm"], local_epochs=int(st["fl.local_epochs"]),
@@ -140,8 +165,9 @@ def run_cell(cell: Path, folds: list[int], per_update: int, invert: int, n_contr
                                  dropout=float(st["model.dropout"]))
         ups = store.updates()
         sizes = np.array([u.num_examples for u in ups])
+        ser.append(st["ser_uar"])
         settings_row = {**settings.__dict__, "client_size": float(sizes.mean()), "steps": float(np.mean([u.steps for u in ups])),
-                        "ser_uar": st["ser_uar"]}
+                        "ser_uar": float(np.mean(ser))}
         rows = att.client >= 0
         akeys = speaker_keys(att)
         female = {str(s): g == "F" for s, g in zip(akeys, att.client_gender)}
@@ -164,11 +190,10 @@ def run_cell(cell: Path, folds: list[int], per_update: int, invert: int, n_contr
                 rm_client[(fold, c)] = (float(rm.p_female(Z[idx].mean(0))[0]), *truth[c])
                 rm_k1[(fold, c)] = float(np.mean((p_up[idx] > 0.5) == truth[c][0]))
             chosen = dict(rm.chosen)
-            for i, fem in enumerate(perms):
+            rm_controls[fold] = []
+            for fem in perms:
                 rm.fit_classifier(fem)
-                if len(rm_controls) <= i:
-                    rm_controls.append({})
-                rm_controls[i].update({(fold, c): float(rm.p_female(Z[np.flatnonzero(clients == c)].mean(0))[0]) for c in truth})
+                rm_controls[fold].append({(fold, c): float(rm.p_female(Z[np.flatnonzero(clients == c)].mean(0))[0]) for c in truth})
             print(f"  fold {fold}: round-matched chose {chosen}", flush=True)
         if "inversion" in attacks:
             t0 = time.perf_counter()
@@ -187,12 +212,11 @@ def run_cell(cell: Path, folds: list[int], per_update: int, invert: int, n_contr
                 inv_client[(fold, c)] = (fs.p_female(*pooled(by_client[c])), *truth[c])
             inv_seconds += time.perf_counter() - t0
             inv_updates += len(picked)
+            inv_controls[fold] = []
             for i, fem in enumerate(perms):
                 gender = np.array(["F" if fem[str(k)] else "M" for k in akeys])
                 ctl = train_feature_space_attack(Xa, att.y[rows], att.client[rows], gender, seed=i + 1, **fs_kwargs)
-                if len(inv_controls) <= i:
-                    inv_controls.append({})
-                inv_controls[i].update({(fold, c): ctl.p_female(*pooled(by_client[c])) for c in truth})
+                inv_controls[fold].append({(fold, c): ctl.p_female(*pooled(by_client[c])) for c in truth})
             for u, rec in zip(picked, recs):  # recovery against the truth
                 X, y = priv.client_rows(u.client, TRAIN)
                 recovery[0] += len(X)
@@ -235,12 +259,64 @@ def run_cell(cell: Path, folds: list[int], per_update: int, invert: int, n_contr
 
 
 def fmt(r: dict) -> str:
-    ctl = "" if r["control"] is None else f"; control {r['control']:.3f} (p = {r['p']:.2f}, {r['control_runs']} relabellings)"
+    ctl = "" if r["control"] is None else f"; control {r['control']:.3f} (p = {r['p']:.3f}, {r['control_runs']} relabellings)"
     k1 = f"; k=1 {r['k1_balanced']:.3f}" if "k1_balanced" in r else ""
     auc = "n/a" if r["auc"] is None else f"{r['auc']:.2f}"
     return (f"{r['attack']:>14}: balanced {r['balanced']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]{k1}, AUC {auc}, "
             f"majority {r['majority']:.3f}, {r['clients']} clients / {r['speakers']} speakers{ctl}; "
             f"{r['seconds_per_update']:.2f} s/update")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Balanced accuracy (speaker-level interval) against local epochs, per attack and optimiser, on the cells
+    of one client size and corpus (EmoDB, 4 clients a speaker)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    rows = [r for r in results if r["cell"].startswith("emodb-fedavg-speakers-") and r["cell"].endswith("-s4")]
+    for (attack, opt), style in zip(itertools.product(("round-matched", "inversion"), ("adam", "sgd")), ("o-", "s-", "o--", "s--")):
+        pts = sorted((r["settings"]["local_epochs"], a) for r in rows if r["settings"]["optimizer"] == opt
+                     for a in r["results"] if a["attack"] == attack)
+        if not pts:
+            continue
+        e = np.array([p[0] for p in pts], dtype=float) + (0.06 if attack == "inversion" else -0.06)
+        b = np.array([p[1]["balanced"] for p in pts])
+        lo, hi = np.array([p[1]["ci"][0] for p in pts]), np.array([p[1]["ci"][1] for p in pts])
+        ax.errorbar(e, b, yerr=[b - lo, hi - b], fmt=style, capsize=3, label=f"{attack}, {opt}")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("local epochs (EmoDB, ~7 rows a client)")
+    ax.set_ylabel("balanced accuracy over clients")
+    ax.set_xticks([1, 2, 5])
+    ax.set_ylim(0.3, 1.0)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("FedAvg attacks on EmoDB (shadow.mode=speakers, 5 folds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def table(results: list[dict]) -> str:
+    """The measured cells as one markdown table (attack x optimiser x local epochs x client size)."""
+    lines = ["| cell | optimiser, lr | local epochs | rows a client (steps) | SER UAR | attack | balanced accuracy [95% speaker CI] | "
+             "AUC | control (p) | s / update | recovered (within 10% / 25% / sign pattern) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        st = dict(r["settings"])
+        uars = [json.loads(f.read_text())["final"]["test_uar"] for f in sorted(Path("runs/experiment", r["cell"]).glob("fold*/private-*/results.json"))]
+        if uars:  # the private runs' SER UAR, mean over the folds
+            st["ser_uar"] = float(np.mean(uars))
+        for a in r["results"]:
+            rec = a.get("recovery")
+            recov = "-" if rec is None else (f"{rec['within_10pct'] / rec['utterances']:.0%} / {rec['within_25pct'] / rec['utterances']:.0%} / "
+                                             f"{rec['sign_95pct'] / rec['utterances']:.0%} of {rec['utterances']}")
+            auc = "n/a" if a["auc"] is None else f"{a['auc']:.2f}"
+            ctl = "-" if a["control"] is None else f"{a['control']:.3f} ({a['p']:.3f})"
+            lines.append(f"| {r['cell']} | {st['optimizer']}, {st['lr']:g} | {st['local_epochs']} | {st['client_size']:.1f} ({st['steps']:.1f}) | "
+                         f"{st['ser_uar']:.3f} | {a['attack']} | {a['balanced']:.3f} [{a['ci'][0]:.2f}, {a['ci'][1]:.2f}] | {auc} | {ctl} | "
+                         f"{a['seconds_per_update']:.2f} | {recov} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,7 +329,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--attacks", default="round-matched,inversion")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="append each cell's results as a JSON line")
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="with cells given as JSON-lines files written by --out: plot them to this path instead of measuring")
+    ap.add_argument("--table", action="store_true", help="with cells given as JSON-lines files: print the markdown table")
     args = ap.parse_args(argv)
+    if args.figure is not None or args.table:
+        latest = {}
+        for f in args.cells:
+            for line in f.read_text().splitlines():
+                r = json.loads(line)
+                if all("per_client" in a for a in r["results"]):  # the current format (controls combined over folds)
+                    latest[r["cell"]] = r
+        if args.figure is not None:
+            plot(list(latest.values()), args.figure)
+        if args.table:
+            print(table(list(latest.values())))
+        return
     torch.set_num_threads(args.threads)
     folds = [int(f) for f in args.folds.split(",")]
     for cell in args.cells:
@@ -264,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_cell(cell, folds, args.per_update, args.invert, args.controls, args.attacks.split(","))
         s = res["settings"]
         print(f"   {s['optimizer']} lr {s['lr']}, {s['local_epochs']} local epochs, batch {s['batch_size']}, "
-              f"{s['client_size']:.1f} rows a client ({s['steps']:.1f} steps), SER UAR {s['ser_uar']:.3f} (last fold)")
+              f"{s['client_size']:.1f} rows a client ({s['steps']:.1f} steps), SER UAR {s['ser_uar']:.3f} (mean over the folds)")
         for r in res["results"]:
             print("   " + fmt(r))
             if "recovery" in r:
