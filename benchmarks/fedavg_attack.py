@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -63,17 +64,20 @@ def fold_inputs(cell: Path, fold: int) -> tuple[UpdateStore, FederatedData, Fede
             FederatedData.load(rs["settings"]["data.prepared"]), {**rp["settings"], "ser_uar": rp["final"]["test_uar"]})
 
 
-def relabellings(speakers: list[str], female: dict, limit: int) -> list[dict]:
-    """Every labelling of ``speakers`` with as many women as ``female`` has, but the true one and its inverse."""
+def relabellings(speakers: list[str], female: dict, limit: int, seed: int = 0) -> list[dict]:
+    """Labellings of ``speakers`` with as many women as ``female`` has, but the true one and its inverse: every
+    one where there are at most ``limit``, else ``limit`` distinct ones drawn at random."""
     k = sum(female[s] for s in speakers)
     truth = frozenset(s for s in speakers if female[s])
     inverse = frozenset(s for s in speakers if not female[s])
-    out = []
-    for women in itertools.combinations(speakers, k):
-        if frozenset(women) in (truth, inverse):
-            continue
-        out.append({s: s in women for s in speakers})
-    return out[:limit]
+    if math.comb(len(speakers), k) - 2 <= limit:
+        sets = [frozenset(w) for w in itertools.combinations(speakers, k)]
+    else:
+        rng, seen = np.random.default_rng(seed), set()
+        while len(seen) < limit:
+            seen.add(frozenset(rng.choice(speakers, k, replace=False).tolist()))
+        sets = sorted(seen, key=sorted)
+    return [{s: s in women for s in speakers} for women in sets if women not in (truth, inverse)][:limit]
 
 
 def balanced(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:
