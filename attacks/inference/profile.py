@@ -73,7 +73,8 @@ def train_profile_attack(profiles: np.ndarray, labels: np.ndarray, layer: str = 
     if len(set(np.asarray(labels).tolist())) < 2:
         raise ValueError("attack training data holds one gender only")
     if not np.isfinite(profiles).all():
-        raise ValueError("shadow input profiles contain NaN/inf: the recorded updates are corrupt")
+        raise ValueError("shadow input profiles contain NaN/inf: the shadow federation's recorded updates are not finite "
+                         "(its training diverged, e.g. on un-normalised features)")
     if l2 <= 0:
         raise ValueError(f"attack.profile.l2 must be > 0, got {l2}")
     mean, std = profiles.mean(0), profiles.std(0) + 1e-12

@@ -117,7 +117,12 @@ class AttackStage:
                                                "nothing inverted)"}
                 print(f"[attack] {name}: {described[name]['not_run']}", flush=True)
                 continue
-            fitted = self._fit(name, attacker, view)
+            try:
+                fitted = self._fit(name, attacker, view)
+            except ValueError as e:  # e.g. a diverged shadow federation: the other attacks still run, the report says why
+                described[name] = {"not_run": str(e)}
+                print(f"[attack] {name}: not run: {e}", flush=True)
+                continue
             scores.update(fitted.score(view))
             described[name] = fitted.describe()
             labels.update(getattr(fitted, "labels", {}))
@@ -138,8 +143,8 @@ class AttackStage:
                 n = self.cnn_permutations if attack.costly else self.permutations
                 for j, female in enumerate(relabellings[:n]):
                     relabelled = attacker.relabelled(female)
-                    if not attack.applies(relabelled, view):  # e.g. the relabelled shadow updates hold one gender
-                        continue
+                    if (name in described and "not_run" in described[name]) or not attack.applies(relabelled, view):
+                        continue  # not run on the true labels; or e.g. the relabelled shadow updates hold one gender
                     print(f"[attack] fold {fold}: control {j + 1}/{min(n, len(relabellings))} of {name}", flush=True)
                     for ev_name, s in self._fit(name, relabelled, view).score(view).items():
                         controls.setdefault(ev_name, []).append(evaluate(s))

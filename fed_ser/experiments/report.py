@@ -281,9 +281,17 @@ def write_run_report(out: Path, summary: dict) -> None:
             f"{summary['features']}\n\n" + "".join(f"{w}\n\n" for w in warnings(summary))
             + f"{summary['threat_model']}.\n\nFolds: {folds}.{shared} Wall time "
             f"{summary['wall_seconds']:.0f} s.\n\n![balanced accuracy](asr.png)\n\n![ROC](roc.png)\n\n")
-    atomic_write_text(out / "report.md", head + _tables([summary]) + _signal_section(summary) + _threshold_section(summary))
+    atomic_write_text(out / "report.md", head + _tables([summary]) + _not_run(summary) + _signal_section(summary)
+                      + _threshold_section(summary))
     _figure(out / "asr.png", [summary])
     _roc_figure(out / "roc.png", [summary])
+
+
+def _not_run(summary: dict) -> str:
+    """The attacks that could not run on some fold, and why (a diverged shadow federation, nothing inverted...)."""
+    lines = [f"- fold {f['fold']}: {name}: {d['not_run']}" for f in summary["folds"]
+             for name, d in (f.get("attack_fits") or {}).items() if "not_run" in d]
+    return "\n## Attacks not run\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def _signal_section(summary: dict) -> str:
