@@ -338,12 +338,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--table", action="store_true", help="with cells given as JSON-lines files: print the markdown table")
     args = ap.parse_args(argv)
     if args.figure is not None or args.table:
-        latest = {}
+        latest: dict[str, dict] = {}  # per cell, the latest measurement of each attack (runs of one attack add up)
         for f in args.cells:
             for line in f.read_text().splitlines():
                 r = json.loads(line)
-                if all("per_client" in a for a in r["results"]):  # the current format (controls combined over folds)
-                    latest[r["cell"]] = r
+                if not all("per_client" in a for a in r["results"]):  # an earlier format (controls per fold)
+                    continue
+                cell = latest.setdefault(r["cell"], {"cell": r["cell"], "settings": r["settings"], "results": [], "probes": {}})
+                names = {a["attack"] for a in r["results"]}
+                cell["results"] = [a for a in cell["results"] if a["attack"] not in names] + r["results"]
+                cell["probes"].update(r.get("probes", {}))
         if args.figure is not None:
             plot(list(latest.values()), args.figure)
         if args.table:

@@ -55,6 +55,10 @@ SAME_SAMPLE = 0.05
 #: A group is a sample's when the input it gives activates at least this share of its rows at the global model.
 ACTIVE_SHARE = 0.9
 SIGN_ACTIVE_SHARE = 0.75  # the same with only the sign pattern read (its pre-activations are rough)
+#: A sample needs at least this many rows of its own.
+MIN_ROWS = 3
+#: The protocol z-normalises each speaker's features: an input whose root mean square exceeds this is not one.
+MAX_RMS = 4.0
 
 
 @dataclass
@@ -240,7 +244,11 @@ def invert_fedavg(delta: dict[str, np.ndarray], params: dict[str, np.ndarray], n
     xs: list[np.ndarray] = []
     rows_of: list[np.ndarray] = []
     for rows in groups:
+        if len(rows) < MIN_ROWS:  # two rows agree by chance too often (measured on EmoDB: most such samples are wrong)
+            continue
         x = sample(rows)
+        if not np.isfinite(x).all() or np.sqrt(np.mean(x ** 2)) > MAX_RMS:
+            continue  # a near-zero bias entry's ratio: not a z-normalised utterance
         if np.mean(W1[rows] @ x + b1[rows] > 0) < least_active:
             continue
         same = [i for i, o in enumerate(xs) if np.dot(x, o) / (np.linalg.norm(x) * np.linalg.norm(o) + 1e-30) > 0.95]
