@@ -209,7 +209,9 @@ class RoundMatchedAttack:
         for rnd, n in groups:
             params = {k: np.asarray(v, dtype=np.float32) for k, v in globals_of(rnd).items()}
             A = emotion_directions(params, attacker.X, attacker.y, self.n_classes)
-            who = [speakers[i % len(speakers)] for i in rng.permutation(self.per_update)]
+            # the attacker's speakers in turn (each as often), or a fresh draw of them where it has more than per_update
+            order = rng.permutation(max(self.per_update, len(speakers)))[: self.per_update]
+            who = [speakers[i % len(speakers)] for i in order]
             clients = [virtual_client(attacker, s, n, rng) for s in who]
             deltas = simulate_deltas(params, clients, self.settings, rng.integers(0, 2**31, len(clients)))
             for k in kinds:
@@ -241,9 +243,11 @@ class RoundMatchedAttack:
                 accs = []
                 for train, held in splits:
                     tr, te = np.isin(spk, train), np.isin(spk, held)
+                    if not te.any() or len(np.unique(labels[tr])) < 2:
+                        continue  # held-out speakers with no simulated client (many speakers, few simulations)
                     clf = LogisticRegression(C=c, max_iter=2000).fit(Z[tr], labels[tr])
                     accs.append(_balanced_accuracy(clf.predict_proba(Z[te])[:, 1], labels[te]))
-                scores[(k, c)] = float(np.mean(accs))
+                scores[(k, c)] = float(np.mean(accs)) if accs else 0.5
         (kind, c), best = max(scores.items(), key=lambda kv: (kv[1], -kinds.index(kv[0][0]), -kv[0][1]))
         self._clf = LogisticRegression(C=c, max_iter=5000).fit(self._sims["features"][kind], labels)
         self.chosen = {"transform": kind, "l2": c, "cv_balanced_accuracy": best}
