@@ -206,12 +206,21 @@ def test_fed_ser_deploy_stopped_by_sigterm_leaves_no_process(prepared, tmp_path)
     while not (log.exists() and "flwr-serverapp as pid" in log.read_text()):  # the run's ServerApp process is working
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:] if proc.poll() is not None else "slow"
         time.sleep(0.5)
-    assert len(_processes_marked(str(workdir))) >= 5
+    assert len(_wait_marked(str(workdir), 5)) >= 5
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out, out[-3000:]
     _assert_none_left(str(workdir))
     LocalFederation(workdir, 1, insecure=True, warm_apps=False).close()  # the workdir lock was released
+
+
+def _wait_marked(marker: str, at_least: int) -> list[int]:
+    """The marked processes once ``at_least`` are seen (10 s at most): a process caught mid-``exec`` (``nsenter``
+    replacing itself by the command it wraps) shows an empty environment for an instant."""
+    deadline = time.monotonic() + 10
+    while len(found := _processes_marked(marker)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
 
 
 def _assert_none_left(marker: str) -> None:
@@ -245,7 +254,7 @@ def test_sighup_stops_a_federation_as_ctrl_c_does(tmp_path):
     """
     proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout.readline().strip() == "up"
-    assert len(_processes_marked(str(workdir))) >= 3  # the two stand-ins and the network's holder
+    assert len(_wait_marked(str(workdir), 3)) >= 3  # the two stand-ins and the network's holder
     proc.send_signal(signal.SIGHUP)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 3 and "stopped by SIGHUP" in out, out

@@ -258,5 +258,7 @@ def summarize(evaluations: list[Evaluation], n_boot: int = 2000, seed: int = 0) 
         "speakers": len(speakers), "women_speakers": int(sum(speakers.values())),
         "men_speakers": int(len(speakers) - sum(speakers.values())),
         "updates": e.updates, "runs": e.runs,
+        # one score for every client (e.g. nothing was inverted: the prior): it reads nothing, whatever its intervals say
+        "constant": bool(np.ptp(np.array(list(e.client_score.values()))) == 0) if e.client_score else True,
     })
     return out

@@ -190,6 +190,7 @@ def _threat_row(name: str, s: dict) -> dict:
         if m is not None:
             row.update({f"{col}_asr": m["balanced"], f"{col}_lo": m["balanced_ci"][0], f"{col}_hi": m["balanced_ci"][1],
                         f"{col}_paper_asr": m["asr"], f"{col}_speakers": m["speakers"], f"{col}_p": m.get("p_value"),
+                        f"{col}_constant": m.get("constant", False),
                         f"{col}_auc": m["auc"], f"{col}_tpr1": m.get("tpr_at_fpr", {}).get("0.01")})
     return row
 
@@ -201,6 +202,8 @@ def write_threat_report(out: Path, cells: dict[str, dict], title: str) -> None:
     def cell(r: dict, col: str) -> str:
         if f"{col}_asr" not in r:
             return "n/a"
+        if r.get(f"{col}_constant"):
+            return "50.0, one score for all clients (nothing read)"
         p = r.get(f"{col}_p")
         return (f"{pp(r[f'{col}_asr'])}{ci_pp([r[f'{col}_lo'], r[f'{col}_hi']])}, AUC {num(r[f'{col}_auc'])}"
                 + ("" if p is None else f", p {p:.2f}"))

@@ -199,7 +199,8 @@ def _attack_table(summaries: list[dict]) -> list[str]:
             pooled = " | ".join(f"{pp(m['balanced_pooled'].get(k))}{ci_pp(m['balanced_pooled_ci'].get(k))}"
                                 if k in m["balanced_pooled"] else "-" for k in ks)
             paper = pct(PAPER_ASR.get((s["private"], s["algorithm"]))) if name == "cnn" else ""
-            lines.append(f"| {s['private_corpus']} | {s['algorithm']} | {s['shadow_mode']} | {_label(s, name)} | "
+            const = " (one score for all: reads nothing)" if m.get("constant") else ""
+            lines.append(f"| {s['private_corpus']} | {s['algorithm']} | {s['shadow_mode']} | {_label(s, name)}{const} | "
                          f"{pp(m['asr'])}{_ci(m)} | {pp(m['balanced'])}{ci_pp(m['balanced_ci'])} | {pp(m['majority'])} | "
                          f"{num(m['auc'])}{_ci_auc(m)} | {_tpr(m, '0.1')} | {_tpr(m, '0.01')} | "
                          + (pooled + " | " if ks else "") + f"{_control(m)} | {_population(m)} | {paper} |")
