@@ -44,7 +44,7 @@ def _private(signal: float, rng: np.random.Generator) -> tuple[ServerView, Popul
             c = s * SHARDS + j
             reads[c], truth[c], spk[c] = stat[s] + rng.normal(0, 0.3, DIM), int(female[s]), f"p/{s}"
             updates += [UpdateInfo(r, -1, c, 8, 1, 0.1, "gradient", "float32", {}) for r in range(1, 4)]
-    view = ServerView(None, updates, LocalSettings("fedsgd", 0.1, 20, 1, "sgd", 0.2))
+    view = ServerView(None, updates, LocalSettings(algorithm="fedsgd", lr=0.1, batch_size=20, local_epochs=1, optimizer="sgd", dropout=0.2))
     return view, Population(truth, spk), reads
 
 

@@ -1,6 +1,7 @@
 """Real speech end to end (the EmoDB copy beside the project): from audio to report with honest
-figures, a new attack through the registry, no attack reading what the server never received, and
-a corpus of uneven speakers (2 to 80 utterances, genders unbalanced) that runs instead of crashing."""
+figures, FedAvg's attacks (round-matched, inversion of multi-step updates) inside the experiment, a new
+attack through the registry, no attack reading what the server never received, and a corpus of uneven
+speakers (2 to 80 utterances, genders unbalanced) that runs instead of crashing."""
 
 from __future__ import annotations
 
@@ -97,6 +98,36 @@ def test_emodb_end_to_end_from_audio_to_report(cell):
     assert [r["mix"] for r in study][:1] == ["1 : 1"] and any(r["own"]["asr_only"] for r in study)
 
 
+@pytest.fixture(scope="module")
+def fedavg_cell(tmp_path_factory, feature_cache):
+    """One FedAvg fold with the paper's local settings (Adam, lr 5e-4, one local epoch)."""
+    from fed_ser.experiments.attack import main
+
+    tmp = tmp_path_factory.mktemp("emodb-fedavg")
+    args = [f"data.roots.emodb={EMODB}", *CELL, "fl=fedavg", "attack.cnn_control_permutations=0", "folds=[0]",
+            f"out_dir={tmp / 'cell'}", f"data.prepared_dir={tmp / 'prepared'}", f"data.cache={feature_cache}"]
+    main(args)
+    return tmp / "cell", args
+
+
+def test_fedavg_updates_are_attacked_by_round_matching_and_inversion(fedavg_cell):
+    """``fl=fedavg`` runs the round-matched attack and the feature-space attack on what the FedAvg inversion
+    recovered, each with its control, and the report says how much was recovered."""
+    out, _ = fedavg_cell
+    res = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    assert res["algorithm"] == "fedavg"
+    for name in ("round-matched", "feature-space"):
+        m = res["attacks"][name]
+        assert m["clients"] >= 4 and m["permutations"] >= 1 and m["balanced_ci"][0] <= m["balanced"] <= m["balanced_ci"][1], name
+    inversion = res["folds"][0]["inversion"]
+    # one Adam step a client (~7 rows < B=20): the magnitudes are read, most utterances within 10% of a true one
+    assert not inversion["sign_patterns_only"]
+    assert inversion["recovered_within_10pct"] >= 0.3 * inversion["utterances_in_batches"]
+    assert "round-matched shadow updates (FedAvg)" in report and "## What the inversion recovered" in report
+    assert res["folds"][0]["attack_fits"]["round-matched"]["chosen"]["transform"] in ("raw", "sign", "adam")
+
+
 def test_a_new_attack_through_the_registry_appears_in_the_report(cell):
     out, _ = cell
     report = (out / "report.md").read_text()
@@ -105,14 +136,16 @@ def test_a_new_attack_through_the_registry_appears_in_the_report(cell):
     assert "update-norm" in res["attacks"] and res["attacks"]["update-norm"]["permutations"] >= 1
 
 
-def test_no_attack_reads_what_the_server_never_received(cell, tmp_path):
+@pytest.mark.parametrize("which,expected", [("cell", {"cnn", "profile", "feature-space"}),
+                                            ("fedavg_cell", {"cnn", "profile", "feature-space", "round-matched"})])
+def test_no_attack_reads_what_the_server_never_received(which, expected, request, tmp_path):
     """The private clients' genders, speakers and features (none of it travels in a message) permuted or
-    replaced: every attack's scores stay bit-identical."""
+    replaced: every attack's scores stay bit-identical (FedSGD and FedAvg)."""
     from fed_ser.experiments.attack import attack_fold, train_federations
     from fed_ser.experiments.config import load_config
     from fed_ser.experiments.evaluation import AttackStage
 
-    out, args = cell
+    out, args = request.getfixturevalue(which)
     cfg = load_config([*args, "attack.with_control=false"], "experiment")
     tm, priv_fl, shadow_fl = train_federations(cfg, 0, out)  # the cell's recorded runs, reused
     data = FederatedData.load(tm.private_data)
@@ -129,7 +162,7 @@ def test_no_attack_reads_what_the_server_never_received(cell, tmp_path):
     fake.save(tmp_path / "private-permuted.npz")
     runs = [attack_fold(cfg, 0, t, priv_fl, shadow_fl, AttackStage(cfg))
             for t in (tm, dataclasses.replace(tm, private_data=tmp_path / "private-permuted.npz"))]
-    assert set(runs[0].scores) == set(runs[1].scores) and {"cnn", "profile", "feature-space"} <= set(runs[0].scores)
+    assert set(runs[0].scores) == set(runs[1].scores) and expected <= set(runs[0].scores)
     for name in runs[0].scores:
         assert np.array_equal(runs[0].scores[name].p, runs[1].scores[name].p), name
     # while the evaluation, which reads the truth, does change

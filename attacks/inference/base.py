@@ -25,19 +25,10 @@ import numpy as np
 
 from attacks.inference.evaluate import Scores
 from attacks.inference.inversion import Recovered
+from attacks.inference.simulate import LocalSettings
 from fed_ser.recording.store import UpdateInfo, UpdateStore
 
-
-@dataclass(frozen=True)
-class LocalSettings:
-    """The protocol's local settings, known to the server (the paper's white-box attacker)."""
-
-    algorithm: str  # fedsgd | fedavg
-    lr: float
-    batch_size: int
-    local_epochs: int
-    optimizer: str
-    dropout: float
+__all__ = ["Attack", "AttackerData", "LocalSettings", "ServerView"]
 
 
 @dataclass

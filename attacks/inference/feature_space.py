@@ -47,6 +47,7 @@ from attacks.inference.base import AttackerData, ServerView
 from attacks.inference.evaluate import Scores
 from attacks.inference.inversion import Recovered
 from attacks.inference.settings import DRAWS_FROM
+from attacks.inference.unrolled import SIGN_MAGNITUDE, reads_magnitude
 
 
 def emotion_means(X: np.ndarray, y: np.ndarray, n_classes: int = 4) -> np.ndarray:
@@ -261,8 +262,15 @@ class FeatureSpace:
         rows = attacker.client >= 0 if self.draws_from == "speakers" else attacker.train
         sizes = view.sizes if len(view.updates) else np.array([view.local.batch_size])
         raw = None if attacker.X_raw is None else attacker.X_raw[rows]
-        return train_feature_space_attack(attacker.X[rows], attacker.y[rows], attacker.client[rows],
-                                          np.where(attacker.client_female, "F", "M"), batch_size=view.local.batch_size,
+        X, batch = attacker.X[rows], view.local.batch_size
+        if view.local.algorithm == "fedavg":  # a FedAvg update carries every row of its client
+            batch = 10**9
+            if not reads_magnitude(view.local, int(np.median(sizes))):
+                # several Adam steps leave only the samples' sign patterns (attacks.inference.unrolled): the
+                # classifier learns on what the inversion returns, the signs of the attacker's own rows
+                X, raw = SIGN_MAGNITUDE * np.sign(X), None
+        return train_feature_space_attack(X, attacker.y[rows], attacker.client[rows],
+                                          np.where(attacker.client_female, "F", "M"), batch_size=batch,
                                           pools=self.pools, draws=self.draws, l2=self.l2, seed=self.seed,
                                           speaker=attacker.row_speaker[rows], sizes=sizes, draws_from=self.draws_from, raw=raw)
 

@@ -16,6 +16,7 @@ from attacks.inference.base import Attack
 from attacks.inference.cnn import PaperCNN
 from attacks.inference.feature_space import FeatureSpace
 from attacks.inference.profile import InputProfile
+from attacks.inference.round_matched import RoundMatched
 
 #: name -> ``from_settings(attack settings) -> Attack | None`` (None: turned off).
 ATTACKS: dict[str, Callable[[Mapping], Attack | None]] = {
@@ -23,6 +24,7 @@ ATTACKS: dict[str, Callable[[Mapping], Attack | None]] = {
     "profile": InputProfile.from_settings,
     "feature-space": FeatureSpace.from_settings,
     "aggregate": RoundSumDifferencing.from_settings,
+    "round-matched": RoundMatched.from_settings,
 }
 
 

@@ -39,15 +39,20 @@ What it uses of the private federation: the recorded global models, each update 
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from torch.nn import functional as F
 
+from attacks.inference.base import AttackerData, ServerView
+from attacks.inference.evaluate import Scores
 from attacks.inference.simulate import LocalSettings, model_at, simulate_deltas
 from fed_ser.recording.store import UpdateInfo, UpdateStore
 
@@ -319,3 +324,73 @@ def _check_kind(updates: Sequence[UpdateInfo], settings: LocalSettings) -> None:
     if odd:
         raise ValueError(f"round-matched attack: updates of kind {sorted(odd)} under fl.algorithm={settings.algorithm} "
                          f"(expected {want!r})")
+
+
+class RoundMatched:
+    """The round-matched attack as an :class:`~attacks.inference.base.Attack` (``attack.round_matched``):
+    it applies to FedAvg runs whose global models were recorded. Its fit reads the view (the attacked
+    rounds and sizes); the simulations do not depend on the attacker's labels, so the control's
+    relabellings of one attacker and view reuse them and refit only the classifier."""
+
+    name: ClassVar[str] = "round-matched"
+    fit_reads_view: ClassVar[bool] = True
+    costly: ClassVar[bool] = False
+    labels: ClassVar[dict[str, str]] = {"round-matched": "round-matched shadow updates (FedAvg)"}
+    #: the last simulation, by what it depends on (the attacker's rows, the store, the targets, the settings): one entry
+    _simulated: ClassVar[dict[tuple, RoundMatchedAttack]] = {}
+
+    def __init__(self, *, per_update: int = 32, seed: int = 0):
+        self.per_update, self.seed = per_update, seed
+        self.fitted: RoundMatchedAttack | None = None
+        self._summaries: dict[str, np.ndarray] = {}  # transform -> the view's standardised summaries (shared by the controls)
+
+    @classmethod
+    def from_settings(cls, attack: Mapping) -> RoundMatched | None:
+        rm = attack["round_matched"]
+        if not bool(rm["enabled"]):
+            return None
+        return cls(per_update=int(rm["per_update"]), seed=int(attack["seed"]))
+
+    def applies(self, attacker: AttackerData, view: ServerView) -> bool:
+        if view.local.algorithm != "fedavg" or not view.updates or view.store is None:
+            return False
+        if view.store.global_record(view.updates[0].round) is None:
+            return False
+        female = attacker.speaker_female()
+        return len(set(female.values())) == 2
+
+    @staticmethod
+    def speakers_of(attacker: AttackerData) -> AttackerSpeakers:
+        """The attacker's client rows with their speakers and genders."""
+        rows = attacker.client >= 0
+        return AttackerSpeakers(attacker.X[rows], attacker.y[rows], attacker.row_speaker[rows], attacker.speaker_female())
+
+    def fit(self, attacker: AttackerData, view: ServerView) -> None:
+        assert view.store is not None
+        targets = tuple((u.round, u.num_examples) for u in view.updates)
+        rows = attacker.client >= 0
+        digest = hashlib.sha256(np.ascontiguousarray(attacker.X[rows]).tobytes())
+        digest.update(np.ascontiguousarray(attacker.y[rows]).tobytes())
+        digest.update("\0".join(map(str, attacker.row_speaker[rows])).encode())
+        key = (digest.hexdigest(), str(view.store.path), targets, view.local, self.per_update, self.seed)
+        base = self._simulated.get(key)
+        if base is None:
+            base = RoundMatchedAttack(view.local, per_update=self.per_update, seed=self.seed)
+            base.simulate(self.speakers_of(attacker), lambda r: _global(view.store, r), targets)
+            base.summary_cache = {}
+            type(self)._simulated = {key: base}  # one held: the next view's simulations replace it
+        self._summaries = base.summary_cache
+        self.fitted = copy.copy(base).fit_classifier(attacker.speaker_female())
+
+    def score(self, view: ServerView) -> dict[str, Scores]:
+        if self.fitted is None or view.store is None:
+            raise RuntimeError("the round-matched attack is not fitted")
+        kind = self.fitted.chosen["transform"]
+        if kind not in self._summaries:
+            self._summaries[kind] = self.fitted.summaries(view.store, view.updates)
+        Z = self._summaries[kind]
+        return {"round-matched": Scores(self.fitted.p_female(Z), view.clients, self.fitted.scorer(Z))}
+
+    def describe(self) -> dict:
+        return {} if self.fitted is None else {"chosen": dict(self.fitted.chosen),
+                                               "history": {k: v for k, v in self.fitted.history.items() if k != "cv"}}

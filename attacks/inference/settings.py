@@ -139,6 +139,21 @@ class FeatureSpaceSettings:
 
 
 @dataclass
+class RoundMatchedSettings:
+    """``attack.round_matched``: the round-matched shadow attack on FedAvg updates
+    (:mod:`attacks.inference.round_matched`): the attacked round replayed from its global model on the
+    attacker's speakers, the real update classified against the simulated ones."""
+
+    enabled: bool = True  # runs where it applies: fl.algorithm=fedavg with recorded global models
+    per_update: int = 32  # virtual clients simulated for each distinct (round, num-examples) attacked
+
+    def __post_init__(self) -> None:
+        if self.per_update < 4:
+            raise ValueError(f"attack.round_matched.per_update: must be >= 4 (cross-validation holds out a woman and a "
+                             f"man), got {self.per_update}")
+
+
+@dataclass
 class AttackSettings(AttackConfig):
     """The ``attack`` group: the CNN's :class:`AttackConfig`, the evaluation, the control, the other attacks."""
 
@@ -154,6 +169,7 @@ class AttackSettings(AttackConfig):
     aggregate_observer: bool = False  # also attack as an observer of the round sums only (SecAgg+, the global models)
     profile: ProfileSettings = field(default_factory=ProfileSettings)
     feature_space: FeatureSpaceSettings = field(default_factory=FeatureSpaceSettings)
+    round_matched: RoundMatchedSettings = field(default_factory=RoundMatchedSettings)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -112,6 +112,9 @@ def train_attack(store: UpdateStore, updates: list[UpdateInfo], labels: np.ndarr
         p_val = predict(model, Subset(ds, val_idx), cfg.batch_size)[0] if len(val_idx) else np.zeros(0)
         val_uar = _uar(labels[val_idx], p_val) if len(val_idx) else float("nan")
         history.append({"epoch": epoch + 1, "train_loss": total / max(len(train_idx), 1), "val_uar": val_uar})
+        if not np.isfinite(history[-1]["train_loss"]):
+            raise ValueError(f"the attack CNN's loss is {history[-1]['train_loss']} in epoch {epoch + 1}: the shadow "
+                             "updates it trains on are not finite (a diverged shadow federation)")
         if progress:
             print(f"[attack] epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} shadow-val UAR {val_uar:.3f}", flush=True)
         sched.step(val_uar)

@@ -38,11 +38,10 @@ from fed_ser.experiments.evaluation import (
     AttackStage,
     FoldAttacks,
     attacker_data,
-    local_settings,
     pooled_summary,
     population,
 )
-from fed_ser.experiments.recovery import check_inversion_settings, invert_aggregates, recover_batches, recovery_report
+from fed_ser.experiments.recovery import check_inversion_settings, invert_aggregates, local_settings, recover_batches, recovery_report
 from fed_ser.experiments.report import write_grid_report, write_run_report
 from fed_ser.experiments.signal import client_signal, signal_probes
 from fed_ser.experiments.threat_model import ThreatModel, check_threat_model, shadow_fold, threat_model, train_recorded
@@ -96,7 +95,8 @@ def server_view(cfg: DictConfig, fold: int, priv_fl: dict, priv_data: FederatedD
         inversion = {**recovery_report(view.recovered, updates, priv_data), "seconds": time.perf_counter() - t0}
         print(f"[attack] fold {fold}: recovered {inversion['recovered']} of {inversion['utterances_in_batches']} "
               f"utterances ({inversion['complete_updates']} of {inversion['updates']} batches whole, "
-              f"{inversion['share_exact']:.1%} exact) in {inversion['seconds']:.0f} s", flush=True)
+              f"{inversion['share_exact']:.1%} exact, {inversion['recovered_within_10pct']} within 10%) "
+              f"in {inversion['seconds']:.0f} s", flush=True)
     if cfg.attack.feature_space.enabled and cfg.attack.aggregate_observer:
         secagg = bool(cfg.fl.secagg)
         members = {r["round"]: tuple(r.get("clients", ())) for r in priv_fl["rounds"]} if secagg else None

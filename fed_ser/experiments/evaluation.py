@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from omegaconf import DictConfig
 
-from attacks.inference.base import Attack, AttackerData, LocalSettings, ServerView
+from attacks.inference.base import Attack, AttackerData, ServerView
 from attacks.inference.evaluate import Evaluation, Population, Scores, average_evaluations, evaluate_attack, merge_evaluations, summarize
 from attacks.inference.registry import build_attacks, make_attack
 from fed_ser.core.statistics import Interval, balanced_accuracy, cluster_resamples, permutation_p_value, speaker_labellings
@@ -52,12 +52,6 @@ def attacker_data(data: FederatedData, store: UpdateStore | None = None, updates
     return AttackerData(X=data.X, y=data.y, client=data.client, client_speaker=client_speakers(data),
                         client_female=data.client_gender == "F", store=store, updates=updates, train=data.split == TRAIN,
                         X_raw=data.X_raw)
-
-
-def local_settings(cfg: DictConfig) -> LocalSettings:
-    """The protocol's local settings as the server knows them."""
-    return LocalSettings(algorithm=str(cfg.fl.algorithm), lr=float(cfg.fl.lr), batch_size=int(cfg.fl.batch_size),
-                         local_epochs=int(cfg.fl.local_epochs), optimizer=str(cfg.fl.optimizer), dropout=float(cfg.model.dropout))
 
 
 def population(data: FederatedData, clients: Iterable[int], fold: int) -> Population:
@@ -123,7 +117,14 @@ class AttackStage:
                 described[name] = {"not_run": str(e)}
                 print(f"[attack] {name}: not run: {e}", flush=True)
                 continue
-            scores.update(fitted.score(view))
+            read = fitted.score(view)
+            bad = [ev for ev, sc in read.items() if not np.isfinite(sc.p).all()]
+            if bad:  # e.g. a diverged federation's NaN updates read through a classifier: no score to evaluate
+                described[name] = {"not_run": f"its scores ({', '.join(bad)}) are not finite: the recorded updates "
+                                              "it read hold NaN/inf (a diverged training)"}
+                print(f"[attack] {name}: not run: {described[name]['not_run']}", flush=True)
+                continue
+            scores.update(read)
             described[name] = fitted.describe()
             labels.update(getattr(fitted, "labels", {}))
         return scores, described, labels
@@ -147,7 +148,8 @@ class AttackStage:
                         continue  # not run on the true labels; or e.g. the relabelled shadow updates hold one gender
                     print(f"[attack] fold {fold}: control {j + 1}/{min(n, len(relabellings))} of {name}", flush=True)
                     for ev_name, s in self._fit(name, relabelled, view).score(view).items():
-                        controls.setdefault(ev_name, []).append(evaluate(s))
+                        if ev_name in scores:
+                            controls.setdefault(ev_name, []).append(evaluate(s))
         return FoldAttacks(scores, evaluations, controls, attacker.fingerprint(), len(relabellings), described, labels,
                            updates=len(view.updates), shadow_updates=len(attacker.updates))
 

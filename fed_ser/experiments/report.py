@@ -282,8 +282,8 @@ def write_run_report(out: Path, summary: dict) -> None:
             f"{summary['features']}\n\n" + "".join(f"{w}\n\n" for w in warnings(summary))
             + f"{summary['threat_model']}.\n\nFolds: {folds}.{shared} Wall time "
             f"{summary['wall_seconds']:.0f} s.\n\n![balanced accuracy](asr.png)\n\n![ROC](roc.png)\n\n")
-    atomic_write_text(out / "report.md", head + _tables([summary]) + _not_run(summary) + _signal_section(summary)
-                      + _threshold_section(summary))
+    atomic_write_text(out / "report.md", head + _tables([summary]) + _not_run(summary) + _inversion_section(summary)
+                      + _signal_section(summary) + _threshold_section(summary))
     _figure(out / "asr.png", [summary])
     _roc_figure(out / "roc.png", [summary])
 
@@ -295,6 +295,32 @@ def _not_run(summary: dict) -> str:
     return "\n## Attacks not run\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
+def _inversion_section(summary: dict) -> str:
+    """How much of the attacked clients' utterances the inversion recovered, summed over the folds (checked
+    against their true rows: evaluation only)."""
+    inv = [f["inversion"] for f in summary["folds"] if f.get("inversion")]
+    if not inv:
+        return ""
+    total = lambda k: sum(int(i.get(k, 0)) for i in inv)
+    n = max(total("utterances_in_batches"), 1)
+    share = lambda k: f"{total(k)} ({100 * total(k) / n:.1f}%)"
+    rows = [("utterances behind the inverted updates", str(total("utterances_in_batches"))),
+            ("returned by the inversion", share("recovered")),
+            ("exactly (max-abs error < 0.1% of the largest feature)", share("recovered_exactly"))]
+    if any("recovered_within_10pct" in i for i in inv):
+        rows += [("within 10% relative L2 error of a true utterance", share("recovered_within_10pct")),
+                 ("within 25%", share("recovered_within_25pct")),
+                 ("with >= 95% of the signs of a true utterance", share("recovered_signs_95pct"))]
+    signs = all(i.get("sign_patterns_only") for i in inv)
+    seconds = sum(float(i.get("seconds", 0.0)) for i in inv)
+    note = (" Several local Adam steps leave only each sample's sign pattern: the inversion returns signs, and the "
+            "feature-space classifier learns on the signs of the attacker's features." if signs else "")
+    return (f"\n## What the inversion recovered\n\n{total('updates')} updates inverted in {seconds:.0f} s "
+            f"({seconds / max(total('updates'), 1):.2f} s an update).{note} Utterances are counted per update (a client's "
+            "utterance recovered from two updates counts twice).\n\n| recovered | utterances |\n|---|---|\n"
+            + "".join(f"| {a} | {b} |\n" for a, b in rows))
+
+
 def _signal_section(summary: dict) -> str:
     """Where the gender signal is kept or lost: the probes on the attacked clients' own statistics
     beside the feature-space attack (its classifier trained on the attacker's data)."""
@@ -303,6 +329,8 @@ def _signal_section(summary: dict) -> str:
         return ""
     ad = summary["attacks"].get("feature-space-adaptive") or {}
     rows = [("linear probe on the clients' true emotion-conditional means", pp(sig["probe_true"])),
+            *([("the same probe on the means of their features' signs (all several Adam steps leave)", pp(sig["probe_true_signs"]))]
+              if "probe_true_signs" in sig else []),
             ("the same probe on the statistics the inversion recovered", pp(sig["probe_recovered"])),
             ("the probe on true means, speakers relabelled (chance)", pp(sig["probe_true_shuffled"])),
             ("feature-space attack, classifier trained on the attacker's data (balanced [95% CI], AUC)",
