@@ -26,7 +26,9 @@ def test_the_readmes_flwr_run_lines_run_as_printed(corpora, feature_cache, tmp_p
     cfg = load_config([f"data.root={corpora}", "data.scale=0.05", "data.seed=3", f"data.cache={feature_cache}",
                        f"data.prepared_dir={tmp_path / 'prepared'}", "dataset=crema_d"])
     prepared = prepare(cfg, ["crema_d"], 0).resolve()  # the same 72 clients, at a small scale
-    run = lines[2].replace("'$P'", f"'{prepared}'").replace("fl.rounds=5", f"fl.rounds=2 out_dir='{tmp_path / 'run'}'")
+    # its store in its own folder too (pyproject's recorder.dir is the project's runs/flwr-run)
+    settings = f"fl.rounds=2 out_dir='{tmp_path / 'run'}' recorder.dir='{tmp_path / 'run' / 'updates'}'"
+    run = lines[2].replace("'$P'", f"'{prepared}'").replace("fl.rounds=5", settings)
     script = "\n".join(["set -e", f"cd {ROOT}", lines[1], run])
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "PIP_NO_INDEX": "1", "UV_OFFLINE": "1"}
     try:

@@ -330,7 +330,7 @@ def _signal_section(summary: dict) -> str:
     ad = summary["attacks"].get("feature-space-adaptive") or {}
     rows = [("linear probe on the clients' true emotion-conditional means", pp(sig["probe_true"])),
             *([("the same probe on the means of their features' signs (all several Adam steps leave)", pp(sig["probe_true_signs"]))]
-              if "probe_true_signs" in sig else []),
+              if sig.get("probe_true_signs") is not None else []),
             ("the same probe on the statistics the inversion recovered", pp(sig["probe_recovered"])),
             ("the probe on true means, speakers relabelled (chance)", pp(sig["probe_true_shuffled"])),
             ("feature-space attack, classifier trained on the attacker's data (balanced [95% CI], AUC)",

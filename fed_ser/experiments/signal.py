@@ -54,7 +54,7 @@ def signal_probes(signals: list[dict], seed: int = 0, relabellings: int = 5) -> 
               for lab in speaker_labellings(own, relabellings, seed)]
     chance = [c for c in chance if np.isfinite(c)]
     return {"probe_true": probe(S["true"], S["label"], S["speaker"]),
-            "probe_true_signs": probe(S["true_signs"], S["label"], S["speaker"]),
+            "probe_true_signs": probe(S["true_signs"], S["label"], S["speaker"]) if "true_signs" in S else None,
             "probe_recovered": probe(S["recovered"], S["label"], S["speaker"]),
             "probe_true_shuffled": float(np.mean(chance)) if chance else float("nan"),
             "probe_true_shuffled_runs": len(chance),
