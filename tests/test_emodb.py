@@ -104,7 +104,7 @@ def fedavg_cell(tmp_path_factory, feature_cache):
     from fed_ser.experiments.attack import main
 
     tmp = tmp_path_factory.mktemp("emodb-fedavg")
-    args = [f"data.roots.emodb={EMODB}", *CELL, "fl=fedavg", "attack.cnn_control_permutations=0", "folds=[0]",
+    args = [f"data.roots.emodb={EMODB}", *CELL, "fl=fedavg", "attack.cnn_control_permutations=0", "attack.round_matched.per_update=8", "folds=[0]",
             f"out_dir={tmp / 'cell'}", f"data.prepared_dir={tmp / 'prepared'}", f"data.cache={feature_cache}"]
     main(args)
     return tmp / "cell", args

@@ -227,7 +227,10 @@ def _layer_table(summaries: list[dict]) -> list[str]:
 
 def _ser_cell(ser: dict) -> str:
     ci = ser.get("uar_ci")
-    return f"{pct(ser['uar'])}" + ("" if not ci else f" [{pp(ci[0])}, {pp(ci[1])}] over {ser['test_speakers']} speakers")
+    if not ci:  # no per-speaker counts: the folds' mean, alone
+        return pct(ser["uar"])
+    # the interval's own point: UAR over the held-out speakers pooled (the folds' mean weighs folds, not speakers)
+    return f"{pct(ser['uar_pooled'])} [{pp(ci[0])}, {pp(ci[1])}] over {ser['test_speakers']} speakers"
 
 
 def _tables(summaries: list[dict]) -> str:
