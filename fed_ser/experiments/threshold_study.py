@@ -4,7 +4,9 @@ The feature-space attack's adaptive variant puts its threshold between the two c
 attacked clients' scores (:meth:`attacks.inference.feature_space.FeatureSpaceAttack.adapted`). That
 assumes both genders are among the attacked clients, in not too unequal numbers. This study draws
 attacked populations from a cell's clients at set mixes (1:1, 1:3, 1:9 and one gender only, either
-way round), sets the threshold on each drawn population's own scores, and reports the balanced
+way round), sets the threshold on each drawn population's own scores, fold by fold (each fold's
+attack has its own classifier, and the headline's adaptive variant adapts within its fold: one
+threshold over several folds' scores would mix their scales), and reports the balanced
 accuracy at that threshold beside the one at the attacker's own threshold (its headline figure),
 so a reader sees where the adaptive threshold fails.
 """
@@ -48,6 +50,7 @@ def threshold_study(scores: list[Scores], female: list[dict[int, int]], keys: li
     """
     p = np.concatenate([s.p for s in scores])
     clients = np.concatenate([s.clients + k for s, k in zip(scores, keys)])
+    fold_of = np.concatenate([np.full(len(s.p), f) for f, s in enumerate(scores)])
     truth = {c: v for f in female for c, v in f.items()}
     z = logit(np.clip(p, 1e-12, 1 - 1e-12))
     women = np.array(sorted(c for c in set(clients.tolist()) if truth[c]))
@@ -63,8 +66,11 @@ def threshold_study(scores: list[Scores], female: list[dict[int, int]], keys: li
             size = len(pop)
             sel = np.isin(clients, pop)
             labels = np.array([truth[c] for c in clients[sel]])
-            t = two_means_threshold(z[sel])
-            for out, q in ((own, p[sel]), (adaptive, expit(z[sel] - t))):
+            zs, folds, moved = z[sel], fold_of[sel], np.empty(int(sel.sum()))
+            for f in np.unique(folds):
+                here = folds == f
+                moved[here] = zs[here] - two_means_threshold(zs[here])
+            for out, q in ((own, p[sel]), (adaptive, expit(moved))):
                 success = client_success(lambda idx, q=q: float(q[idx].mean()), clients[sel], labels, trials, 1, seed)
                 cs = sorted(success)
                 values = np.array([success[c] for c in cs])
