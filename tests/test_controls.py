@@ -116,3 +116,34 @@ def test_a_planted_leak_is_caught_by_its_control(monkeypatch):
     assert m["balanced"] == 1.0
     assert m["control"]["above_chance"] and m["control"]["balanced"] == 1.0
     assert m["p_value"] == 1.0
+
+
+class _Diverged(_Fake):
+    """An attack reading a diverged run's NaN updates: its classifier refuses them (``raise_``) or hands them on."""
+
+    def __init__(self, name: str, reads: dict[int, np.ndarray], raise_: bool):
+        super().__init__(name, reads)
+        self.raise_ = raise_
+
+    def score(self, view: ServerView) -> dict[str, Scores]:
+        if self.raise_:
+            raise ValueError("Input X contains NaN.")
+        return {self.name: Scores(np.full(len(view.clients), np.nan), view.clients)}
+
+
+def test_an_attack_that_reads_nan_is_not_run_and_the_others_are(monkeypatch):
+    """A diverged federation's updates: an attack whose scoring fails, or whose scores are NaN, is reported as not
+    run with its reason (no control evaluated for it), and the other attacks and their controls run as before."""
+    rng = np.random.default_rng(0)
+    attacker = _attacker(rng)
+    view, truth, reads = _private(2.0, rng)
+    for name in list(registry.ATTACKS):
+        monkeypatch.delitem(registry.ATTACKS, name)
+    monkeypatch.setitem(registry.ATTACKS, "fake", lambda a: _Fake("fake", reads))
+    monkeypatch.setitem(registry.ATTACKS, "raises", lambda a: _Diverged("raises", reads, True))
+    monkeypatch.setitem(registry.ATTACKS, "nan", lambda a: _Diverged("nan", reads, False))
+    cfg = OmegaConf.create({"attack": {"trials": 5, "seed": 0, "pool_rounds": [1], "control_permutations": 3,
+                                       "cnn_control_permutations": 1}})
+    fold = AttackStage(cfg).run(attacker, view, truth, fold=0, control=True)
+    assert set(fold.evaluations) == {"fake"} and len(fold.controls["fake"]) == 3 and set(fold.controls) == {"fake"}
+    assert "NaN" in fold.described["raises"]["not_run"] and "not finite" in fold.described["nan"]["not_run"]

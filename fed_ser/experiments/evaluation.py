@@ -113,11 +113,11 @@ class AttackStage:
                 continue
             try:
                 fitted = self._fit(name, attacker, view)
-            except ValueError as e:  # e.g. a diverged shadow federation: the other attacks still run, the report says why
+                read = fitted.score(view)
+            except ValueError as e:  # e.g. a diverged federation's NaN updates: the other attacks still run, the report says why
                 described[name] = {"not_run": str(e)}
                 print(f"[attack] {name}: not run: {e}", flush=True)
                 continue
-            read = fitted.score(view)
             bad = [ev for ev, sc in read.items() if not np.isfinite(sc.p).all()]
             if bad:  # e.g. a diverged federation's NaN updates read through a classifier: no score to evaluate
                 described[name] = {"not_run": f"its scores ({', '.join(bad)}) are not finite: the recorded updates "
@@ -147,7 +147,12 @@ class AttackStage:
                     if (name in described and "not_run" in described[name]) or not attack.applies(relabelled, view):
                         continue  # not run on the true labels; or e.g. the relabelled shadow updates hold one gender
                     print(f"[attack] fold {fold}: control {j + 1}/{min(n, len(relabellings))} of {name}", flush=True)
-                    for ev_name, s in self._fit(name, relabelled, view).score(view).items():
+                    try:
+                        read = self._fit(name, relabelled, view).score(view)
+                    except ValueError as e:
+                        print(f"[attack] fold {fold}: control {j + 1} of {name} not run: {e}", flush=True)
+                        continue
+                    for ev_name, s in read.items():
                         if ev_name in scores:
                             controls.setdefault(ev_name, []).append(evaluate(s))
         return FoldAttacks(scores, evaluations, controls, attacker.fingerprint(), len(relabellings), described, labels,
