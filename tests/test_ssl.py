@@ -5,9 +5,9 @@ builds it); the checks that need no s3prl run everywhere."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,16 +51,33 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: out / f"{name}.ckpt" for name in UPSTREAMS}
 
 
-LIMIT = 48  # utterances per extraction test: enough for shape, spread and determinism
+LIMIT = 16  # utterances per upstream: enough for shape, spread and determinism
 
 
-def _extract(name, ckpt, corpora, cache, limit: int = LIMIT) -> float:
-    t0 = time.perf_counter()
-    run = subprocess.run([str(ENV / "fed-ser-extract"), *_overrides(name, ckpt, corpora, cache), "corpora=[crema_d]",
-                          f"limit={limit}"],
+def _extract(name, ckpt, corpora, cache, corpus: str) -> None:
+    """``fed-ser-extract`` as its console script runs it: every utterance of ``corpus``."""
+    run = subprocess.run([str(ENV / "fed-ser-extract"), *_overrides(name, ckpt, corpora, cache), f"corpora=[{corpus}]"],
                          capture_output=True, text=True, env=CLEAN_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
-    return time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def extracted(checkpoints, corpora, tmp_path_factory) -> tuple[Path, dict]:
+    """Each upstream's extraction into a fresh cache and its re-run on that cache, and APC's once more into
+    another fresh cache: fed-ser-extract's runs, in one process of the s3prl env (tests/s3prl_extract.py),
+    which loads torch and s3prl once instead of once a run. Returns the caches' folder and each run's record."""
+    root = tmp_path_factory.mktemp("s3prl-extract")
+    jobs = []
+    for name in UPSTREAMS:
+        for run, cache in [("first", "a"), ("again", "a")] + ([("fresh", "b")] if name == "apc" else []):
+            folder = root / name / cache
+            jobs.append({"id": f"{name}-{run}", "cache": str(folder),
+                         "args": [*_overrides(name, checkpoints[name], corpora, folder), "corpora=[crema_d]", f"limit={LIMIT}"]})
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    run = subprocess.run([str(ENV / "python"), str(ROOT / "tests" / "s3prl_extract.py"), str(root / "jobs.json"), str(root / "done.json")],
+                         capture_output=True, text=True, env=CLEAN_ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root, json.loads((root / "done.json").read_text())
 
 
 def _cached(name, ckpt, wavs, cache) -> np.ndarray:
@@ -70,26 +87,28 @@ def _cached(name, ckpt, wavs, cache) -> np.ndarray:
 
 @needs_env
 @pytest.mark.parametrize("name", list(UPSTREAMS))
-def test_upstream_extracts_mean_pooled_last_layer_deterministically_and_caches(name, checkpoints, corpora, tmp_path):
+def test_upstream_extracts_mean_pooled_last_layer_deterministically_and_caches(name, checkpoints, extracted, corpora):
+    root, done = extracted
+    first, again = done[f"{name}-first"], done[f"{name}-again"]
+    assert first["error"] is None, first["error"]
     wavs = load_corpus("crema_d", corpora / "crema_d")[0].path.tolist()[:LIMIT]
-    first = _extract(name, checkpoints[name], corpora, tmp_path / "a")
-    X = _cached(name, checkpoints[name], wavs, tmp_path / "a")
+    X = _cached(name, checkpoints[name], wavs, root / name / "a")
     assert X.shape == (len(wavs), UPSTREAMS[name].dim) and np.isfinite(X).all()
     assert np.std(X, axis=0).max() > 0  # utterances differ
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.npy")}
-    again = _extract(name, checkpoints[name], corpora, tmp_path / "a")  # everything cached: nothing rewritten
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.npy")} == stamps
-    print(f"{name}: {len(wavs)} utterances extracted in {first:.1f} s, cached re-run {again:.1f} s")
+    assert len(first["stamps"]) == len(wavs)
+    assert again["error"] is None, again["error"]
+    assert again["stamps"] == first["stamps"]  # everything cached: nothing rewritten
+    print(f"{name}: {len(wavs)} utterances extracted in {first['seconds']:.1f} s, cached re-run {again['seconds']:.1f} s")
     if name == "apc":  # a fresh cache gives the same vectors
-        _extract(name, checkpoints[name], corpora, tmp_path / "b")
-        assert np.array_equal(X, _cached(name, checkpoints[name], wavs, tmp_path / "b"))
+        assert done["apc-fresh"]["error"] is None, done["apc-fresh"]["error"]
+        assert np.array_equal(X, _cached(name, checkpoints[name], wavs, root / name / "b"))
 
 
 @needs_env
 def test_fl_pipeline_trains_on_s3prl_features(checkpoints, corpora, tmp_path):
-    _extract("npc", checkpoints["npc"], corpora, tmp_path / "cache", limit=0)
+    _extract("npc", checkpoints["npc"], corpora, tmp_path / "cache", "iemocap")  # the smallest corpus (160 utterances)
     cfg = load_config(_overrides("npc", checkpoints["npc"], corpora, tmp_path / "cache", tmp_path / "prep"))
-    data = FederatedData.load(prepare(cfg, ["crema_d"], fold=0))  # main env: read from the cache only
+    data = FederatedData.load(prepare(cfg, ["iemocap"], fold=0))  # main env: read from the cache only
     assert data.X.shape[1] == 512
     store = UpdateStore(tmp_path / "updates", mode="a")
     s = RunSettings(prepared="", algorithm="fedsgd", rounds=5, fraction=0.3, lr=0.1)
