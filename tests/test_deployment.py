@@ -111,17 +111,17 @@ def test_tls_authenticated_federation_keeps_outsiders_out_runs_secagg_then_train
     # records no update, only the round's unmasked (locally noised) sum
     secure = _settings(prepared, tmp_path / "secagg", rounds=1, nodes=3, round_timeout=120.0, secagg=True,
                        flower_dp_mode="local")
-    # the round timeout must outlast round 1 on a loaded 2-core CI box; round 2 then waits it out for the node
-    # killed after round 1
-    s = _settings(prepared, tmp_path / "run", rounds=2, nodes=3, round_timeout=30.0)
+    # the round timeout must outlast round 1 (a few seconds: the SuperNodes poll every 3 s) on a loaded 2-core CI
+    # box; round 2 then waits it out for the node killed after round 1, and so does the last round's evaluation
+    s = _settings(prepared, tmp_path / "run", rounds=2, nodes=3, round_timeout=12.0)
     with LocalFederation(tmp_path / "fed", 4, registered=[0, 1, 2], gateway_nodes=(1,)) as fed:
         assert fed.certs is not None and fed.keys is not None and fed.isolation == "netns"  # secure unless asked otherwise
         attempts = _attempt(fed, tmp_path / "outsider", f"127.0.0.1:{fed.port}", inside=False)
         attempts += _attempt(fed, tmp_path / "node-side", f"127.0.0.1:{fed.gateway_port}", inside=True)
+        listed = fed.flwr("supernode", "list", "fedser").stdout
+        out_secagg = fed.run(secure.to_run_config(), timeout=400).stdout  # while the outsiders try
         outcomes = _outcome(attempts)
         on_host, at_gateway = outcomes[:2], outcomes[2:]
-        listed = fed.flwr("supernode", "list", "fedser").stdout
-        out_secagg = fed.run(secure.to_run_config(), timeout=400).stdout
         run = fed.start_run(s.to_run_config())
         ckpt = tmp_path / "run" / "checkpoint.npz"
         deadline = time.monotonic() + 300
