@@ -23,7 +23,7 @@ def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([a.ravel() for a in arrays.values()])
 
 
-SIZES = [7, 20, 35, 12, 16, 140, 9, 15, 18, 11]  # two below the batch size of 20: sample rate < 1, where Opacus calibrates slowly
+SIZES = [7, 20, 35, 12, 16, 140, 9, 15, 18, 11]  # two above the batch size of 20: sample rate < 1, where Opacus calibrates slowly
 
 
 def _dp_settings(calibrate: str, mode: str = "sample") -> RunSettings:
