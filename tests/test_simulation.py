@@ -1,23 +1,53 @@
-"""A short Flower simulation on Ray, through the same CLI path a user runs."""
+"""Short Flower simulations on Ray, through the same CLI path a user runs.
+
+They attach to one Ray cluster started for this module (``simulation.ray_address``, as a user with a
+cluster runs them): each run then connects to it instead of starting and stopping a local Ray of its
+own. A run's own local Ray (the default) is what tests/test_threats.py and tests/test_audit.py run.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from fed_ser.data.federated import FederatedData
+from fed_ser.deployment.federation import free_port, wait_for_port
 from fed_ser.experiments.cli import load_config, run_fl, run_vectorized_fl, seconds_per_round
 from fed_ser.experiments.prepare import prepare
 from fed_ser.recording.store import UpdateStore, max_difference
 
 
 @pytest.fixture(scope="module")
-def cfg_and_data(corpora, feature_cache, tmp_path_factory):
+def ray_cluster():
+    """A local Ray head (``ray start --head``): its address, its session's log folder and its process."""
+    port = free_port()
+    temp = Path(tempfile.mkdtemp(prefix="ray-"))  # short: Ray's socket paths must fit in 107 bytes
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats", "--block"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, 120, head, "ray head")
+        yield f"127.0.0.1:{port}", temp / "session_latest" / "logs", head
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the processes it started
+        head.wait(60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cfg_and_data(corpora, feature_cache, tmp_path_factory, ray_cluster):
     prepared_dir = tmp_path_factory.mktemp("prepared")
     cfg = load_config([f"data.root={corpora}", "data.scale=0.05", "data.seed=3", f"data.cache={feature_cache}",
                        f"data.prepared_dir={prepared_dir}", "dataset=iemocap", "shards.iemocap=2",
-                       "fl.fraction=0.25", "fl.eval_every=2", "fl.rounds=3"])
+                       "fl.fraction=0.25", "fl.eval_every=2", "fl.rounds=3", f"simulation.ray_address={ray_cluster[0]}"])
     return cfg, prepare(cfg, ["iemocap"], fold=1)
 
 
@@ -68,38 +98,18 @@ def test_resume_refuses_a_folder_of_another_run(cfg_and_data, tmp_path):
         run_fl(cfg, prepared, str(out))
 
 
-def test_simulation_attaches_to_a_running_ray_cluster(cfg_and_data, tmp_path):
-    """`simulation.ray_address=...` runs the clients on an existing cluster (here a local head)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from fed_ser.deployment.federation import free_port, wait_for_port
-
+def test_simulation_attaches_to_a_running_ray_cluster(cfg_and_data, ray_cluster, tmp_path):
+    """`simulation.ray_address=...` runs the clients on an existing cluster (here a local head), which outlives the run."""
     cfg, prepared = cfg_and_data
-    port = free_port()
-    ray = str(Path(sys.executable).parent / "ray")
-    head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                             "--include-dashboard=false", "--disable-usage-stats", "--block"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_port(port, 120, head, "ray head")
-        cfg.fl.rounds = 2
-        cfg.simulation.ray_address = f"127.0.0.1:{port}"
-        res = run_fl(cfg, prepared, str(tmp_path / "run"), str(tmp_path / "run" / "updates"))
-        assert res["final"]["round"] == 2 and len(UpdateStore(tmp_path / "run" / "updates")) == 8
-        assert head.poll() is None  # the cluster outlives the run (it was not started by it)
-    finally:
-        import os
-        import signal
-
-        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the processes it started
-        head.wait(60)
-        # `ray start` leaves /tmp/ray/ray_current_cluster behind; simulate() starts its own local
-        # Ray (address="local") so a stale file cannot redirect later runs, but do not leave it
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()
+    address, logs, head = ray_cluster
+    drivers = lambda: {p.name for p in logs.glob(f"python-core-driver-*_{os.getpid()}.log")}
+    before = drivers()
+    cfg.fl.rounds = 2
+    assert cfg.simulation.ray_address == address
+    res = run_fl(cfg, prepared, str(tmp_path / "run"), str(tmp_path / "run" / "updates"))
+    assert res["final"]["round"] == 2 and len(UpdateStore(tmp_path / "run" / "updates")) == 8
+    assert len(drivers() - before) == 1  # this run's driver joined the cluster (a local Ray of its own logs elsewhere)
+    assert head.poll() is None  # the cluster outlives the run (it was not started by it)
 
 
 def _gradients(store: UpdateStore, rnd: int) -> dict:
@@ -121,7 +131,7 @@ def test_flowers_dp_as_shipped_and_what_the_curious_server_still_records(cfg_and
     runs = {}
     for mode in ("none", "central-fixed", "client-fixed", "local"):  # central-adaptive: tests/test_threats.py
         c = load_config([f"data.prepared_dir={cfg.data.prepared_dir}", "fl.fraction=0.25", "fl.rounds=1", "fl.eval_every=1",
-                         f"flower_dp={mode.replace('-', '_')}", f"flower_dp.clip={clip}"])
+                         f"flower_dp={mode.replace('-', '_')}", f"flower_dp.clip={clip}", f"simulation.ray_address={cfg.simulation.ray_address}"])
         out = tmp_path / mode
         res = run_fl(c, prepared, str(out), str(out / "updates"))
         runs[mode] = (res, _gradients(UpdateStore(out / "updates"), 1))
@@ -164,7 +174,7 @@ def test_secagg_plus_gives_the_server_only_sums_equal_to_the_weighted_mean_withi
     cfg, prepared = cfg_and_data
     clip = 0.05
     cfg = load_config([f"data.prepared_dir={cfg.data.prepared_dir}", "fl.fraction=0.25", "fl.rounds=2", "fl.eval_every=2",
-                       "fl.secagg=true", "flower_dp=client_fixed", f"flower_dp.clip={clip}"])
+                       "fl.secagg=true", "flower_dp=client_fixed", f"flower_dp.clip={clip}", f"simulation.ray_address={cfg.simulation.ray_address}"])
     out = tmp_path / "secagg"
     res = run_fl(cfg, prepared, str(out), str(out / "updates"))
     s = run_settings(cfg, prepared, str(out))
