@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fed_ser.experiments.config import load_config
@@ -20,11 +21,27 @@ SETTINGS = [
 ]
 
 
+class _Summary:
+    """Four numbers a waveform, in openSMILE's place: a run's key is made of settings and the prepared data's
+    name, never of what a feature is, so the data sets are built from the real corpora without the extraction."""
+
+    name, version, dim = "summary", "1", 4
+
+    def __call__(self, wave: np.ndarray, rate: int) -> np.ndarray:
+        return np.array([wave.mean(), wave.std(), np.abs(wave).max(), len(wave) / rate])
+
+
+def _summary() -> _Summary:
+    return _Summary()
+
+
 @pytest.fixture()
-def cell(feature_cache, tmp_path, monkeypatch):
+def cell(tmp_path, monkeypatch):
     """An experiment whose FL runs are stubs that only record that they ran (and where)."""
+    import fed_ser.experiments.prepare as prepare
     import fed_ser.experiments.threat_model as experiment
 
+    monkeypatch.setattr(prepare, "feature_factory", lambda features: _summary)
     ran = []
 
     def fake_run(cfg, prepared, out_dir, recorder_dir=""):
@@ -37,7 +54,7 @@ def cell(feature_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "run_fl", fake_run)
     monkeypatch.setattr(experiment, "run_vectorized_fl", fake_run)
     synthetic = str(tmp_path / "corpora") + "/scale${data.scale}-seed${data.seed}-style${data.gender_style}"
-    base = [f"data.root={synthetic}", "data.scale=0.02", "data.seed=3", f"data.cache={feature_cache}",
+    base = [f"data.root={synthetic}", "data.scale=0.02", "data.seed=3", f"data.cache={tmp_path / 'cache'}", "data.workers=1",
             f"data.prepared_dir={tmp_path / 'prepared'}", "shards.iemocap=2", "shards.msp_improv=2", "fl.rounds=3",
             f"out_dir={tmp_path / 'cell'}"]
 
