@@ -43,14 +43,6 @@ def _overrides(name: str, ckpt: Path, corpora: Path, cache: Path, prepared: Path
     return out + ([f"data.prepared_dir={prepared}"] if prepared else [])
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("s3prl-ckpt")
-    subprocess.run([str(ENV / "python"), str(ROOT / "tests" / "s3prl_checkpoints.py"), str(out)], check=True,
-                   capture_output=True, env=CLEAN_ENV)
-    return {name: out / f"{name}.ckpt" for name in UPSTREAMS}
-
-
 LIMIT = 16  # utterances per upstream: enough for shape, spread and determinism
 
 
@@ -62,11 +54,13 @@ def _extract(name, ckpt, corpora, cache, corpus: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def extracted(checkpoints, corpora, tmp_path_factory) -> tuple[Path, dict]:
-    """Each upstream's extraction into a fresh cache and its re-run on that cache, and APC's once more into
-    another fresh cache: fed-ser-extract's runs, in one process of the s3prl env (tests/s3prl_extract.py),
-    which loads torch and s3prl once instead of once a run. Returns the caches' folder and each run's record."""
-    root = tmp_path_factory.mktemp("s3prl-extract")
+def s3prl_run(corpora, tmp_path_factory) -> tuple[dict[str, Path], Path, dict]:
+    """One process of the s3prl env (tests/s3prl_extract.py), which loads torch and s3prl once: it writes each
+    upstream's checkpoint (tests/s3prl_checkpoints.py), then runs fed-ser-extract for each upstream into a fresh
+    cache, again on that cache, and APC's once more into another fresh cache. Returns the checkpoints, the
+    caches' folder and each run's record."""
+    root = tmp_path_factory.mktemp("s3prl")
+    checkpoints = {name: root / "ckpt" / f"{name}.ckpt" for name in UPSTREAMS}
     jobs = []
     for name in UPSTREAMS:
         for run, cache in [("first", "a"), ("again", "a")] + ([("fresh", "b")] if name == "apc" else []):
@@ -74,10 +68,10 @@ def extracted(checkpoints, corpora, tmp_path_factory) -> tuple[Path, dict]:
             jobs.append({"id": f"{name}-{run}", "cache": str(folder),
                          "args": [*_overrides(name, checkpoints[name], corpora, folder), "corpora=[crema_d]", f"limit={LIMIT}"]})
     (root / "jobs.json").write_text(json.dumps(jobs))
-    run = subprocess.run([str(ENV / "python"), str(ROOT / "tests" / "s3prl_extract.py"), str(root / "jobs.json"), str(root / "done.json")],
-                         capture_output=True, text=True, env=CLEAN_ENV)
+    run = subprocess.run([str(ENV / "python"), str(ROOT / "tests" / "s3prl_extract.py"), str(root / "jobs.json"), str(root / "done.json"),
+                          str(root / "ckpt")], capture_output=True, text=True, env=CLEAN_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
-    return root, json.loads((root / "done.json").read_text())
+    return checkpoints, root, json.loads((root / "done.json").read_text())
 
 
 def _cached(name, ckpt, wavs, cache) -> np.ndarray:
@@ -87,8 +81,8 @@ def _cached(name, ckpt, wavs, cache) -> np.ndarray:
 
 @needs_env
 @pytest.mark.parametrize("name", list(UPSTREAMS))
-def test_upstream_extracts_mean_pooled_last_layer_deterministically_and_caches(name, checkpoints, extracted, corpora):
-    root, done = extracted
+def test_upstream_extracts_mean_pooled_last_layer_deterministically_and_caches(name, s3prl_run, corpora):
+    checkpoints, root, done = s3prl_run
     first, again = done[f"{name}-first"], done[f"{name}-again"]
     assert first["error"] is None, first["error"]
     wavs = load_corpus("crema_d", corpora / "crema_d")[0].path.tolist()[:LIMIT]
@@ -105,7 +99,8 @@ def test_upstream_extracts_mean_pooled_last_layer_deterministically_and_caches(n
 
 
 @needs_env
-def test_fl_pipeline_trains_on_s3prl_features(checkpoints, corpora, tmp_path):
+def test_fl_pipeline_trains_on_s3prl_features(s3prl_run, corpora, tmp_path):
+    checkpoints = s3prl_run[0]
     _extract("npc", checkpoints["npc"], corpora, tmp_path / "cache", "iemocap")  # the smallest corpus (160 utterances)
     cfg = load_config(_overrides("npc", checkpoints["npc"], corpora, tmp_path / "cache", tmp_path / "prep"))
     data = FederatedData.load(prepare(cfg, ["iemocap"], fold=0))  # main env: read from the cache only
