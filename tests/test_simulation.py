@@ -87,15 +87,14 @@ def test_short_fedsgd_simulation_records_every_update_and_resumes(cfg_and_data, 
     run_vectorized_fl(cfg, prepared, str(vec), str(vec / "updates"))
     assert max_difference(store, UpdateStore(vec / "updates")) < 1e-5
 
-
-def test_resume_refuses_a_folder_of_another_run(cfg_and_data, tmp_path):
-    cfg, prepared = cfg_and_data
-    out = tmp_path / "run"
-    cfg.fl.rounds = 1
-    run_fl(cfg, prepared, str(out))
+    # a run of other settings refuses to resume that folder (the ServerApp's check: no recorder here, so no
+    # check before the simulation starts), and leaves it as it was
     cfg.model.dropout = 0.4
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(RuntimeError, match="different settings"):
         run_fl(cfg, prepared, str(out))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    cfg.model.dropout = 0.2
 
 
 def test_simulation_attaches_to_a_running_ray_cluster(cfg_and_data, ray_cluster, tmp_path):
@@ -133,7 +132,8 @@ def test_flowers_dp_as_shipped_and_what_the_curious_server_still_records(cfg_and
         c = load_config([f"data.prepared_dir={cfg.data.prepared_dir}", "fl.fraction=0.25", "fl.rounds=1", "fl.eval_every=1",
                          f"flower_dp={mode.replace('-', '_')}", f"flower_dp.clip={clip}", f"simulation.ray_address={cfg.simulation.ray_address}"])
         out = tmp_path / mode
-        res = run_fl(c, prepared, str(out), str(out / "updates"))
+        # without DP, the reference: the vectorised engine records what Flower does (the test above)
+        res = (run_vectorized_fl if mode == "none" else run_fl)(c, prepared, str(out), str(out / "updates"))
         runs[mode] = (res, _gradients(UpdateStore(out / "updates"), 1))
     plain = runs["none"][1]
     assert len(plain) == 4 and "privacy" not in runs["none"][0]
