@@ -99,11 +99,12 @@ def test_upstream_extracts_mean_pooled_last_layer_deterministically_and_caches(n
 
 
 @needs_env
-def test_fl_pipeline_trains_on_s3prl_features(s3prl_run, corpora, tmp_path):
-    checkpoints = s3prl_run[0]
-    _extract("npc", checkpoints["npc"], corpora, tmp_path / "cache", "iemocap")  # the smallest corpus (160 utterances)
+def test_fl_pipeline_trains_on_s3prl_features(s3prl_run, tmp_path):
+    checkpoints, corpora = s3prl_run[0], tmp_path / "corpora"
+    # synthetic EmoDB, the smallest corpus (10 speakers, a few utterances each): fed-ser-extract writes it first
+    _extract("npc", checkpoints["npc"], corpora, tmp_path / "cache", "emodb")
     cfg = load_config(_overrides("npc", checkpoints["npc"], corpora, tmp_path / "cache", tmp_path / "prep"))
-    data = FederatedData.load(prepare(cfg, ["iemocap"], fold=0))  # main env: read from the cache only
+    data = FederatedData.load(prepare(cfg, ["emodb"], fold=0))  # main env: read from the cache only
     assert data.X.shape[1] == 512
     store = UpdateStore(tmp_path / "updates", mode="a")
     s = RunSettings(prepared="", algorithm="fedsgd", rounds=5, fraction=0.3, lr=0.1)
