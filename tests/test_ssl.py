@@ -43,7 +43,7 @@ def _overrides(name: str, ckpt: Path, corpora: Path, cache: Path, prepared: Path
     return out + ([f"data.prepared_dir={prepared}"] if prepared else [])
 
 
-LIMIT = 16  # utterances per upstream: enough for shape, spread and determinism
+LIMIT = 8  # utterances per upstream: enough for shape, spread and determinism
 
 
 def _extract(name, ckpt, corpora, cache, corpus: str) -> None:
