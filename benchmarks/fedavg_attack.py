@@ -12,7 +12,13 @@ ran the cells. The cells of 2026-12-07 (docs/results.md) were run as::
         attack.cnn_control_permutations=0 out_dir=runs/experiment/table-emodb-fedavg-adam-e2-s4
 
     .venv/bin/python benchmarks/fedavg_attack.py --table runs/experiment/table-* runs/experiment/emodb-real-emobase-fedavg-*
-    .venv/bin/python benchmarks/fedavg_attack.py --figure docs/fedavg_epochs.png runs/experiment/table-* ...
+    .venv/bin/python benchmarks/fedavg_attack.py --figure docs/fedavg_epochs.png benchmarks/results/fedavg_attack_2026-12-06.jsonl
+
+``benchmarks/results/fedavg_attack_2026-12-06.jsonl`` holds the first measurements of the two attacks
+(2026-12-06, commits fd79fd1-53e4aa3), made by this script's earlier version, which ran the attacks on
+recorded cells itself (the same speaker bootstrap, relabelling controls and balanced accuracy, its own
+copy of them; the inversion before 83adfa2's stricter grouping of rows; the feature-space classifier
+there is called ``inversion``). Given as a file, its rows join the table and the figure, marked as such.
 """
 
 from __future__ import annotations
@@ -46,10 +52,37 @@ def read_cell(path: Path) -> dict | None:
             "wall_seconds": res["wall_seconds"]}
 
 
+def read_legacy(path: Path) -> list[dict]:
+    """The 2026-12-06 measurements (JSON lines of this script's earlier version) as cells of :func:`read_cell`'s
+    shape; the last line of a cell and attack wins (later runs repeated one attack of a cell)."""
+    merged: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        run = json.loads(line)
+        st = run["settings"]
+        cell = merged.setdefault(run["cell"], {
+            "cell": f"{run['cell']} (2026-12-06)", "shadow": "speakers", "optimizer": st["optimizer"], "lr": float(st["lr"]),
+            "epochs": int(st["local_epochs"]), "shards": int(run["cell"].rsplit("-s", 1)[1]), "rows": float(st["client_size"]),
+            "steps": int(round(st["steps"])), "ser": {"uar_pooled": st["ser_uar"], "uar_ci": [float("nan")] * 2},
+            "attacks": {}, "folds": [], "legacy_seconds": {}, "legacy_recovery": "-"})
+        for r in run["results"]:
+            name = "feature-space" if r["attack"] == "inversion" else r["attack"]
+            cell["attacks"][name] = {"balanced": r["balanced"], "balanced_ci": r["ci"], "auc": r["auc"], "speakers": r["speakers"],
+                                     "clients": r["clients"], "control": {"balanced": r["control"]}, "p_value": r["p"],
+                                     "permutations": r["control_runs"]}
+            cell["legacy_seconds"][name] = r["seconds_per_update"]
+            if "recovery" in r:
+                rec = r["recovery"]
+                cell["legacy_recovery"] = (f"{100 * rec['within_10pct'] / rec['utterances']:.0f}% / {100 * rec['within_25pct'] / rec['utterances']:.0f}% "
+                                           f"/ {100 * rec['sign_95pct'] / rec['utterances']:.0f}% of {rec['utterances']}")
+    return list(merged.values())
+
+
 def seconds_per_update(cell: dict, attack: str) -> float | None:
     """What the attack cost per attacked update in this cell (its fit on the true labels and its scoring;
     the controls not counted): the simulations and the classifier for the round-matched attack, the
     inversion for the feature-space attacks."""
+    if "legacy_seconds" in cell:
+        return cell["legacy_seconds"].get(attack)
     updates = sum(int(f.get("private_updates", 0)) for f in cell["folds"])
     if not updates:
         return None
@@ -63,6 +96,8 @@ def seconds_per_update(cell: dict, attack: str) -> float | None:
 
 def recovery(cell: dict) -> str:
     """Utterances recovered within 10% / 25% relative error of a true one, and sign patterns >= 95% right."""
+    if "legacy_recovery" in cell:
+        return cell["legacy_recovery"]
     inv = [f["inversion"] for f in cell["folds"] if f.get("inversion")]
     total = sum(i["utterances_in_batches"] for i in inv)
     if not total or "recovered_within_10pct" not in inv[0]:
@@ -101,7 +136,8 @@ def table(cells: list[dict]) -> str:
 
 def figure(cells: list[dict], path: Path, shards: int = 4) -> None:
     """Balanced accuracy (speaker-level 95% interval) against local epochs, per optimiser and attack, for the
-    cells with ``shards`` shards a speaker and the attacker's own speakers as shadow data."""
+    cells with ``shards`` shards a speaker and the attacker's own speakers as shadow data (where a setting was
+    measured twice, the experiment's own cell over the 2026-12-06 line)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,8 +146,12 @@ def figure(cells: list[dict], path: Path, shards: int = 4) -> None:
     chosen = [c for c in cells if c["shards"] == shards and c["shadow"] == "speakers"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, opt in zip(axes, ("adam", "sgd")):
-        for k, name in enumerate(("round-matched", "feature-space", "feature-space-adaptive", "cnn")):
-            pts = sorted((c["epochs"], c["attacks"][name]) for c in chosen if c["optimizer"] == opt and name in c["attacks"])
+        for k, name in enumerate(("round-matched", "feature-space", "feature-space-adaptive")):
+            best: dict[int, dict] = {}  # per local epochs, the experiment's own cell over a 2026-12-06 one
+            for c in sorted(chosen, key=lambda c: "legacy_seconds" not in c):
+                if c["optimizer"] == opt and name in c["attacks"]:
+                    best[c["epochs"]] = c["attacks"][name]
+            pts = sorted(best.items(), key=lambda kv: kv[0])
             if not pts:
                 continue
             x = [e + 0.06 * (k - 1.5) for e, _ in pts]
@@ -119,7 +159,10 @@ def figure(cells: list[dict], path: Path, shards: int = 4) -> None:
             err = [[100 * (m["balanced"] - m["balanced_ci"][0]) for _, m in pts], [100 * (m["balanced_ci"][1] - m["balanced"]) for _, m in pts]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
         ax.axhline(50, color="grey", lw=0.8, ls="--")
-        ax.set(title=f"EmoDB FedAvg, {opt} clients", xlabel="local epochs", xticks=[1, 2, 5])
+        old = sorted({c["epochs"] for c in chosen if c["optimizer"] == opt and "legacy_seconds" in c}
+                     - {c["epochs"] for c in chosen if c["optimizer"] == opt and "legacy_seconds" not in c})
+        note = f"\n(epochs {', '.join(map(str, old))}: the 2026-12-06 measurements)" if old else ""
+        ax.set(title=f"EmoDB FedAvg, {opt} clients{note}", xlabel="local epochs", xticks=[1, 2, 5])
     axes[0].set_ylabel("balanced accuracy, % (95% speaker CI)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -128,12 +171,15 @@ def figure(cells: list[dict], path: Path, shards: int = 4) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("cells", nargs="+", type=Path, help="experiment cell folders (results.json, config.yaml)")
+    ap.add_argument("cells", nargs="+", type=Path, help="experiment cell folders (results.json, config.yaml), or the 2026-12-06 JSON lines")
     ap.add_argument("--table", action="store_true", help="print the markdown table")
     ap.add_argument("--figure", type=Path, help="write the balanced-accuracy-against-local-epochs figure here")
     args = ap.parse_args(argv)
     cells = []
     for path in args.cells:
+        if path.suffix == ".jsonl":
+            cells += read_legacy(path)
+            continue
         cell = read_cell(path)
         if cell is None:
             print(f"[fedavg_attack] {path}: no finished results.json, skipped", file=sys.stderr)
