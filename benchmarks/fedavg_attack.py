@@ -110,6 +110,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _num(x: float | None, digits: int) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
 def table(cells: list[dict]) -> str:
     """The markdown table: one row per cell and attack."""
     head = ("| cell | shadow | optimiser, lr | local epochs | rows a client (steps) | SER UAR [95% CI] | attack "
@@ -127,8 +131,8 @@ def table(cells: list[dict]) -> str:
             lines.append(
                 f"| {c['cell']} | {c['shadow']} | {c['optimizer']}, {c['lr']:g} | {c['epochs']} | {c['rows']:.1f} ({c['steps']}) "
                 f"| {_pct(ser.get('uar_pooled'))} [{_pct(ser['uar_ci'][0])}, {_pct(ser['uar_ci'][1])}] | {name} "
-                f"| {_pct(m['balanced'])} [{_pct(m['balanced_ci'][0])}, {_pct(m['balanced_ci'][1])}] | {m['auc']:.2f} "
-                f"| {m['speakers']} ({m['clients']}) | {_pct(ctl.get('balanced'))}, {m.get('p_value', float('nan')):.3f} "
+                f"| {_pct(m['balanced'])} [{_pct(m['balanced_ci'][0])}, {_pct(m['balanced_ci'][1])}] | {_num(m.get('auc'), 2)} "
+                f"| {m['speakers']} ({m['clients']}) | {_pct(ctl.get('balanced'))}, {_num(m.get('p_value'), 3)} "
                 f"({m.get('permutations', 0)}) | {'-' if cost is None else f'{cost:.2f}'} "
                 f"| {recovery(c) if name.startswith('feature-space') else '-'} |")
     return head + "\n".join(lines) + "\n"

@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import pytest
 from omegaconf import OmegaConf
 
 from attacks.inference import registry
 from attacks.inference.base import AttackerData, LocalSettings, ServerView
-from attacks.inference.evaluate import Population, Scores
+from attacks.inference.evaluate import NotFinite, Population, Scores
 from fed_ser.experiments.evaluation import AttackStage, pooled_summary
 from fed_ser.recording.store import UpdateInfo
 
@@ -121,13 +122,15 @@ def test_a_planted_leak_is_caught_by_its_control(monkeypatch):
 class _Diverged(_Fake):
     """An attack reading a diverged run's NaN updates: its classifier refuses them (``raise_``) or hands them on."""
 
-    def __init__(self, name: str, reads: dict[int, np.ndarray], raise_: bool):
+    def __init__(self, name: str, reads: dict[int, np.ndarray], raise_: str | None):
         super().__init__(name, reads)
         self.raise_ = raise_
 
     def score(self, view: ServerView) -> dict[str, Scores]:
-        if self.raise_:
-            raise ValueError("Input X contains NaN.")
+        if self.raise_ == "nan":
+            raise NotFinite("the attacked updates hold NaN")
+        if self.raise_ == "bug":
+            raise ValueError("operands could not be broadcast together")
         return {self.name: Scores(np.full(len(view.clients), np.nan), view.clients)}
 
 
@@ -140,10 +143,14 @@ def test_an_attack_that_reads_nan_is_not_run_and_the_others_are(monkeypatch):
     for name in list(registry.ATTACKS):
         monkeypatch.delitem(registry.ATTACKS, name)
     monkeypatch.setitem(registry.ATTACKS, "fake", lambda a: _Fake("fake", reads))
-    monkeypatch.setitem(registry.ATTACKS, "raises", lambda a: _Diverged("raises", reads, True))
-    monkeypatch.setitem(registry.ATTACKS, "nan", lambda a: _Diverged("nan", reads, False))
+    monkeypatch.setitem(registry.ATTACKS, "raises", lambda a: _Diverged("raises", reads, "nan"))
+    monkeypatch.setitem(registry.ATTACKS, "nan", lambda a: _Diverged("nan", reads, None))
     cfg = OmegaConf.create({"attack": {"trials": 5, "seed": 0, "pool_rounds": [1], "control_permutations": 3,
                                        "cnn_control_permutations": 1}})
     fold = AttackStage(cfg).run(attacker, view, truth, fold=0, control=True)
     assert set(fold.evaluations) == {"fake"} and len(fold.controls["fake"]) == 3 and set(fold.controls) == {"fake"}
     assert "NaN" in fold.described["raises"]["not_run"] and "not finite" in fold.described["nan"]["not_run"]
+    # any other error while scoring is a bug: it stops the run instead of reading as "not run"
+    monkeypatch.setitem(registry.ATTACKS, "bug", lambda a: _Diverged("bug", reads, "bug"))
+    with pytest.raises(ValueError, match="broadcast"):
+        AttackStage(cfg).run(attacker, view, truth, fold=0, control=False)

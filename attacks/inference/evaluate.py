@@ -75,6 +75,15 @@ def attack_success_rate(p_female: np.ndarray, clients: np.ndarray, labels: np.nd
     return float(np.mean(list(success.values()))) if success else float("nan")
 
 
+class CannotRun(ValueError):
+    """An attack cannot run on these data (e.g. its fit meets one gender only): the driver reports it as not run,
+    with this message, and runs the others. Any other error while scoring is a bug and propagates."""
+
+
+class NotFinite(CannotRun):
+    """Raised by an attack that meets recorded updates holding NaN/inf (a diverged training)."""
+
+
 @dataclass
 class Scores:
     """What an attack read from the server's view, before anyone compares it with the truth.

@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from attacks.inference.base import AttackerData, ServerView
-from attacks.inference.evaluate import Scores, client_success
+from attacks.inference.evaluate import NotFinite, Scores, client_success
 from fed_ser.recording.store import UpdateInfo, UpdateStore
 
 
@@ -62,6 +62,9 @@ class ProfileAttack:
 
     def p_female(self, profiles: np.ndarray) -> np.ndarray:
         """P(female) for each row of ``profiles``."""
+        if not np.isfinite(profiles).all():
+            raise NotFinite("input profiles of the attacked updates contain NaN/inf: the recorded updates are not finite "
+                            "(the training diverged)")
         return self.clf.predict_proba((profiles - self.mean) / self.std)[:, 1]
 
 
@@ -73,7 +76,7 @@ def train_profile_attack(profiles: np.ndarray, labels: np.ndarray, layer: str = 
     if len(set(np.asarray(labels).tolist())) < 2:
         raise ValueError("attack training data holds one gender only")
     if not np.isfinite(profiles).all():
-        raise ValueError("shadow input profiles contain NaN/inf: the shadow federation's recorded updates are not finite "
+        raise NotFinite("shadow input profiles contain NaN/inf: the shadow federation's recorded updates are not finite "
                          "(its training diverged, e.g. on un-normalised features)")
     if l2 <= 0:
         raise ValueError(f"attack.profile.l2 must be > 0, got {l2}")

@@ -52,7 +52,7 @@ from sklearn.linear_model import LogisticRegression
 from torch.nn import functional as F
 
 from attacks.inference.base import AttackerData, ServerView
-from attacks.inference.evaluate import Scores
+from attacks.inference.evaluate import NotFinite, Scores
 from attacks.inference.simulate import LocalSettings, model_at, simulate_deltas
 from fed_ser.recording.store import UpdateInfo, UpdateStore
 
@@ -372,7 +372,8 @@ class RoundMatched:
         digest = hashlib.sha256(np.ascontiguousarray(attacker.X[rows]).tobytes())
         digest.update(np.ascontiguousarray(attacker.y[rows]).tobytes())
         digest.update("\0".join(map(str, attacker.row_speaker[rows])).encode())
-        key = (digest.hexdigest(), str(view.store.path), targets, view.local, self.per_update, self.seed)
+        stat = view.store.data_path.stat()  # the store's contents, not only its path (a run recorded again in place)
+        key = (digest.hexdigest(), str(view.store.path), stat.st_size, stat.st_mtime_ns, targets, view.local, self.per_update, self.seed)
         base = self._simulated.get(key)
         if base is None:
             base = RoundMatchedAttack(view.local, per_update=self.per_update, seed=self.seed)
@@ -389,6 +390,8 @@ class RoundMatched:
         if kind not in self._summaries:
             self._summaries[kind] = self.fitted.summaries(view.store, view.updates)
         Z = self._summaries[kind]
+        if not np.isfinite(Z).all():
+            raise NotFinite("summaries of the attacked updates contain NaN/inf: the recorded updates are not finite")
         return {"round-matched": Scores(self.fitted.p_female(Z), view.clients, self.fitted.scorer(Z))}
 
     def describe(self) -> dict:

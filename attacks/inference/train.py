@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from attacks.inference.data import LayerStats, UpdateDataset, shadow_stats
+from attacks.inference.evaluate import NotFinite
 from attacks.inference.model import AttackModel
 from attacks.inference.settings import PRECISIONS, AttackConfig
 from fed_ser.recording.store import UpdateInfo, UpdateStore
@@ -113,7 +114,7 @@ def train_attack(store: UpdateStore, updates: list[UpdateInfo], labels: np.ndarr
         val_uar = _uar(labels[val_idx], p_val) if len(val_idx) else float("nan")
         history.append({"epoch": epoch + 1, "train_loss": total / max(len(train_idx), 1), "val_uar": val_uar})
         if not np.isfinite(history[-1]["train_loss"]):
-            raise ValueError(f"the attack CNN's loss is {history[-1]['train_loss']} in epoch {epoch + 1}: the shadow "
+            raise NotFinite(f"the attack CNN's loss is {history[-1]['train_loss']} in epoch {epoch + 1}: the shadow "
                              "updates it trains on are not finite (a diverged shadow federation)")
         if progress:
             print(f"[attack] epoch {epoch + 1}: loss {history[-1]['train_loss']:.4f} shadow-val UAR {val_uar:.3f}", flush=True)

@@ -25,7 +25,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from attacks.inference.base import Attack, AttackerData, ServerView
-from attacks.inference.evaluate import Evaluation, Population, Scores, average_evaluations, evaluate_attack, merge_evaluations, summarize
+from attacks.inference.evaluate import CannotRun, Evaluation, Population, Scores, average_evaluations, evaluate_attack, merge_evaluations, summarize
 from attacks.inference.registry import build_attacks, make_attack
 from fed_ser.core.statistics import Interval, balanced_accuracy, cluster_resamples, permutation_p_value, speaker_labellings
 from fed_ser.data.federated import TRAIN, FederatedData
@@ -97,7 +97,10 @@ class AttackStage:
         if key in self.fitted:
             return self.fitted[key]
         attack = make_attack(name, self.cfg.attack)
-        attack.fit(attacker, view)
+        try:
+            attack.fit(attacker, view)
+        except ValueError as e:  # data this attack cannot be fitted on (one gender, a diverged shadow federation)
+            raise e if isinstance(e, CannotRun) else CannotRun(str(e)) from e
         if not attack.fit_reads_view:
             self.fitted[key] = attack
         return attack
@@ -111,10 +114,10 @@ class AttackStage:
                                                "nothing inverted)"}
                 print(f"[attack] {name}: {described[name]['not_run']}", flush=True)
                 continue
-            try:
+            try:  # an attack that cannot be fitted on these data (e.g. a diverged shadow federation) is not run
                 fitted = self._fit(name, attacker, view)
                 read = fitted.score(view)
-            except ValueError as e:  # e.g. a diverged federation's NaN updates: the other attacks still run, the report says why
+            except CannotRun as e:  # not fittable here, or NaN updates met: the other attacks still run, the report says why
                 described[name] = {"not_run": str(e)}
                 print(f"[attack] {name}: not run: {e}", flush=True)
                 continue
@@ -149,8 +152,9 @@ class AttackStage:
                     print(f"[attack] fold {fold}: control {j + 1}/{min(n, len(relabellings))} of {name}", flush=True)
                     try:
                         read = self._fit(name, relabelled, view).score(view)
-                    except ValueError as e:
+                    except CannotRun as e:
                         print(f"[attack] fold {fold}: control {j + 1} of {name} not run: {e}", flush=True)
+                        described[name]["control_skipped"] = described[name].get("control_skipped", 0) + 1
                         continue
                     for ev_name, s in read.items():
                         if ev_name in scores:
