@@ -185,7 +185,7 @@ def _threat_row(name: str, s: dict) -> dict:
            "epsilon_aggregate": s.get("epsilon_aggregate"), "guarantee": s.get("guarantee", ""),
            "seconds_per_round": s.get("seconds_per_round")}
     for attack, col in (("feature-space", "server_fs"), ("server-sum-differencing", "server_fs"), ("cnn", "server_cnn"),
-                        ("profile", "server_profile"), ("aggregate-observer", "aggregate")):
+                        ("profile", "server_profile"), ("round-matched", "server_rm"), ("aggregate-observer", "aggregate")):
         m = a.get(attack)
         if m is not None:
             row.update({f"{col}_asr": m["balanced"], f"{col}_lo": m["balanced_ci"][0], f"{col}_hi": m["balanced_ci"][1],
@@ -198,6 +198,7 @@ def _threat_row(name: str, s: dict) -> dict:
 def write_threat_report(out: Path, cells: dict[str, dict], title: str) -> None:
     """The threat-model matrix: ``matrix.md``, ``matrix.csv``, ``matrix.json`` rows and ``asr_vs_epsilon.png``."""
     rows = [_threat_row(name, s) for name, s in cells.items()]
+    rm = any("server_rm_asr" in r for r in rows)  # FedAvg rows: the round-matched attack has its column
 
     def cell(r: dict, col: str) -> str:
         if f"{col}_asr" not in r:
@@ -216,12 +217,14 @@ def write_threat_report(out: Path, cells: dict[str, dict], title: str) -> None:
              "max over clients, against that observer (none: no guarantee). SecAgg+ rows: the server sees the round sums "
              "only; its feature-space cell is the differencing attack on the sums it unmasks, before any noise it adds, "
              "and the aggregates column reads the global models.", "",
-             "| defence | SER UAR | server: feature-space | server: CNN | server: profile | aggregates: differencing "
+             "| defence | SER UAR | server: feature-space | server: CNN | server: profile "
+             + ("| server: round-matched " if rm else "") + "| aggregates: differencing "
              "| epsilon vs server | epsilon vs aggregates | s/round |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if rm else "")]
     for r in rows:
         lines.append(f"| {r['defence']} | {num(r['ser_uar'], True)} | {cell(r, 'server_fs')} | {cell(r, 'server_cnn')} | "
-                     f"{cell(r, 'server_profile')} | {cell(r, 'aggregate')} | {_eps(r['epsilon_server'])} | "
+                     f"{cell(r, 'server_profile')} | " + (f"{cell(r, 'server_rm')} | " if rm else "")
+                     + f"{cell(r, 'aggregate')} | {_eps(r['epsilon_server'])} | "
                      f"{_eps(r['epsilon_aggregate'])} | {num(r['seconds_per_round'])} |")
     lines += ["", "What each epsilon guarantees:", ""] + [f"- {r['defence']}: {r['guarantee'] or 'no DP'}" for r in rows]
     atomic_write_text(out / "matrix.md", "\n".join(lines) + "\n")
