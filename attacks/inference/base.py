@@ -127,7 +127,8 @@ class Attack(Protocol):
     costly: ClassVar[bool]
 
     def applies(self, attacker: AttackerData, view: ServerView) -> bool:
-        """Whether this attack can run here (e.g. the CNN needs shadow updates and client updates)."""
+        """Whether this attack can run here (e.g. the CNN needs shadow updates and client updates). An attack may
+        also define ``why_not(attacker, view) -> str``, the reason the report gives when this is False."""
         ...
 
     def fit(self, attacker: AttackerData, view: ServerView) -> None: ...

@@ -359,6 +359,16 @@ class RoundMatched:
         female = attacker.speaker_female()
         return len(set(female.values())) == 2
 
+    def why_not(self, attacker: AttackerData, view: ServerView) -> str:
+        """Why :meth:`applies` is False here (for the report's "Attacks not run")."""
+        if view.local.algorithm != "fedavg":
+            return "reads FedAvg updates only (this run is FedSGD: the feature-space attack inverts its gradients)"
+        if not view.updates or view.store is None:
+            return "no client updates recorded (SecAgg+: the server sees sums only)"
+        if view.store.global_record(view.updates[0].round) is None:
+            return "the rounds' global models were not recorded"
+        return "the attacker's speakers are of one gender"
+
     @staticmethod
     def speakers_of(attacker: AttackerData) -> AttackerSpeakers:
         """The attacker's client rows with their speakers and genders."""

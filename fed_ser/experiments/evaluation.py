@@ -110,8 +110,9 @@ class AttackStage:
         scores, described, labels = {}, {}, {}
         for name, attack in build_attacks(self.cfg.attack).items():
             if not attack.applies(attacker, view):
-                described[name] = {"not_run": "does not apply to these data (e.g. no shadow updates of both genders, "
-                                               "nothing inverted)"}
+                why = getattr(attack, "why_not", None)  # an attack may say why (e.g. FedAvg only)
+                described[name] = {"not_run": why(attacker, view) if why else "does not apply to these data (e.g. no shadow "
+                                   "updates of both genders, nothing inverted)"}
                 print(f"[attack] {name}: {described[name]['not_run']}", flush=True)
                 continue
             try:  # an attack that cannot be fitted on these data (e.g. a diverged shadow federation) is not run
