@@ -128,7 +128,7 @@ class Attack(Protocol):
 
     def applies(self, attacker: AttackerData, view: ServerView) -> bool:
         """Whether this attack can run here (e.g. the CNN needs shadow updates and client updates). An attack may
-        also define ``why_not(attacker, view) -> str``, the reason the report gives when this is False."""
+        also define ``why_not(attacker, view) -> str | None``, the reason the report gives when this is False."""
         ...
 
     def fit(self, attacker: AttackerData, view: ServerView) -> None: ...

@@ -336,8 +336,9 @@ class RoundMatched:
     fit_reads_view: ClassVar[bool] = True
     costly: ClassVar[bool] = False
     labels: ClassVar[dict[str, str]] = {"round-matched": "round-matched shadow updates (FedAvg)"}
-    #: the last simulation, by what it depends on (the attacker's rows, the store, the targets, the settings): one entry
-    _simulated: ClassVar[dict[tuple, RoundMatchedAttack]] = {}
+    #: the last simulation, by what it depends on (the attacker's rows, the store, the targets, the settings), with the
+    #: view's standardised summaries per transform (label-free too): one entry
+    _simulated: ClassVar[dict[tuple, tuple[RoundMatchedAttack, dict[str, np.ndarray]]]] = {}
 
     def __init__(self, *, per_update: int = 32, seed: int = 0):
         self.per_update, self.seed = per_update, seed
@@ -352,22 +353,19 @@ class RoundMatched:
         return cls(per_update=int(rm["per_update"]), seed=int(attack["seed"]))
 
     def applies(self, attacker: AttackerData, view: ServerView) -> bool:
-        if view.local.algorithm != "fedavg" or not view.updates or view.store is None:
-            return False
-        if view.store.global_record(view.updates[0].round) is None:
-            return False
-        female = attacker.speaker_female()
-        return len(set(female.values())) == 2
+        return self.why_not(attacker, view) is None
 
-    def why_not(self, attacker: AttackerData, view: ServerView) -> str:
-        """Why :meth:`applies` is False here (for the report's "Attacks not run")."""
+    def why_not(self, attacker: AttackerData, view: ServerView) -> str | None:
+        """Why this attack cannot run here (for the report's "Attacks not run"), or None when it can."""
         if view.local.algorithm != "fedavg":
             return "reads FedAvg updates only (this run is FedSGD: the feature-space attack inverts its gradients)"
         if not view.updates or view.store is None:
             return "no client updates recorded (SecAgg+: the server sees sums only)"
         if view.store.global_record(view.updates[0].round) is None:
             return "the rounds' global models were not recorded"
-        return "the attacker's speakers are of one gender"
+        if len(set(attacker.speaker_female().values())) < 2:
+            return "the attacker's speakers are of one gender"
+        return None
 
     @staticmethod
     def speakers_of(attacker: AttackerData) -> AttackerSpeakers:
@@ -384,13 +382,11 @@ class RoundMatched:
         digest.update("\0".join(map(str, attacker.row_speaker[rows])).encode())
         stat = view.store.data_path.stat()  # the store's contents, not only its path (a run recorded again in place)
         key = (digest.hexdigest(), str(view.store.path), stat.st_size, stat.st_mtime_ns, targets, view.local, self.per_update, self.seed)
-        base = self._simulated.get(key)
-        if base is None:
+        if key not in self._simulated:
             base = RoundMatchedAttack(view.local, per_update=self.per_update, seed=self.seed)
             base.simulate(self.speakers_of(attacker), lambda r: _global(view.store, r), targets)
-            base.summary_cache = {}
-            type(self)._simulated = {key: base}  # one held: the next view's simulations replace it
-        self._summaries = base.summary_cache
+            type(self)._simulated = {key: (base, {})}  # one held: the next view's simulations replace it
+        base, self._summaries = self._simulated[key]
         self.fitted = copy.copy(base).fit_classifier(attacker.speaker_female())
 
     def score(self, view: ServerView) -> dict[str, Scores]:

@@ -8,6 +8,7 @@ never an input of an attack's score).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 from omegaconf import DictConfig
@@ -19,7 +20,7 @@ from attacks.inference.simulate import LocalSettings
 from attacks.inference.unrolled import invert_fedavg
 from fed_ser.data.federated import TRAIN, FederatedData
 from fed_ser.experiments.settings import attack_settings
-from fed_ser.recording.store import UpdateStore
+from fed_ser.recording.store import UpdateInfo, UpdateStore
 
 
 def _workers(cfg: DictConfig, jobs: int) -> int:
@@ -34,23 +35,25 @@ def recover_batches(cfg: DictConfig, store: UpdateStore, updates: list, seed: in
     :func:`attacks.inference.unrolled.invert_fedavg` with the protocol's local settings (deterministic)."""
     if updates and updates[0].kind == "delta":
         return _recover_fedavg(cfg, store, updates)
-
-    def jobs():
-        at, params = None, None  # one global model held at a time (updates are in round order; any other only re-reads)
-        for u in updates:
-            if u.round != at:
-                rec = store.global_record(u.round)
-                if rec is None:
-                    raise ValueError(f"{store.path}: round {u.round} has no recorded global model (recorded before "
-                                     "fed-ser stored it for FedSGD); run the FL again to use the feature-space attack")
-                at, params = u.round, store.read(rec)
-            batch = min(int(cfg.fl.batch_size), u.num_examples) if u.kind == "gradient" else u.num_examples
-            yield InversionJob(store.attack_input(u), params, batch, (seed, u.round, u.client))
-
+    jobs = (InversionJob(store.attack_input(u), params, min(int(cfg.fl.batch_size), u.num_examples), (seed, u.round, u.client))
+            for u, params in _at_global_models(store, updates))
     fs = attack_settings(cfg).feature_space
-    out = invert_all(jobs(), float(cfg.model.dropout), ransac_draws=fs.ransac_draws,
+    out = invert_all(jobs, float(cfg.model.dropout), ransac_draws=fs.ransac_draws,
                      stall=fs.ransac_stall, give_up=fs.ransac_give_up, workers=_workers(cfg, len(updates)))
     return list(tqdm(out, total=len(updates), desc="inverting updates", unit="update", mininterval=5))
+
+
+def _at_global_models(store: UpdateStore, updates: list) -> Iterator[tuple[UpdateInfo, dict[str, np.ndarray]]]:
+    """Each update with the global model of its round, one model held at a time (updates come in round order)."""
+    at, params = None, None
+    for u in updates:
+        if u.round != at:
+            rec = store.global_record(u.round)
+            if rec is None:
+                raise ValueError(f"{store.path}: round {u.round} has no recorded global model (recorded before "
+                                 "fed-ser stored it); run the FL again to use the feature-space attack")
+            at, params = u.round, store.read(rec)
+        yield u, params
 
 
 def local_settings(cfg: DictConfig) -> LocalSettings:
@@ -61,15 +64,9 @@ def local_settings(cfg: DictConfig) -> LocalSettings:
 
 def _recover_fedavg(cfg: DictConfig, store: UpdateStore, updates: list) -> list[Recovered]:
     settings = local_settings(cfg)
-    out, at, params = [], None, None
-    for u in tqdm(updates, desc="inverting FedAvg updates", unit="update", mininterval=5):
-        if u.round != at:
-            rec = store.global_record(u.round)
-            if rec is None:
-                raise ValueError(f"{store.path}: round {u.round} has no recorded global model; the FedAvg inversion needs it")
-            at, params = u.round, store.read(rec)
-        out.append(invert_fedavg(store.read(u), params, u.num_examples, settings))
-    return out
+    pairs = tqdm(_at_global_models(store, updates), total=len(updates), desc="inverting FedAvg updates", unit="update",
+                 mininterval=5)
+    return [invert_fedavg(store.read(u), params, u.num_examples, settings) for u, params in pairs]
 
 
 def recovery_report(recovered: list[Recovered], updates: list, data: FederatedData) -> dict:
